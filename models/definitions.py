@@ -1,0 +1,138 @@
+"""Torch definitions of the reference models (CIFAR-10, 32x32 inputs).
+
+- ResNet-20 / ResNet-56: He et al. 2016 ("Deep Residual Learning", section 4.2), 3 stages of
+  16/32/64 channels, n basic blocks per stage (depth 6n+2). Downsampling blocks use a 1x1
+  projection shortcut with BatchNorm (option B), which is also what the SLP seed's code uses.
+- MobileNetV2: Sandler et al. 2018, inverted residuals with ReLU6, with the usual CIFAR strides
+  (stem stride 1, the first stride-2 stage of ImageNet made stride 1), width multiplier as given.
+
+These definitions are only needed to train and export; onnxprune itself never imports them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth: int, num_classes: int = 10) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError("CIFAR ResNet depth must be 6n+2")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        layers: list[nn.Module] = []
+        in_ch = 16
+        for stage, ch in enumerate((16, 32, 64)):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                layers.append(BasicBlock(in_ch, ch, stride))
+                in_ch = ch
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)  # each block starts as the identity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layers(x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def resnet20(num_classes: int = 10) -> CifarResNet:
+    return CifarResNet(20, num_classes)
+
+
+def resnet56(num_classes: int = 10) -> CifarResNet:
+    return CifarResNet(56, num_classes)
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new_v + divisor if new_v < 0.9 * v else new_v
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = in_ch * expand
+        self.use_res = stride == 1 and in_ch == out_ch
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(in_ch, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, out_ch, 1, bias=False),
+            nn.BatchNorm2d(out_ch),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class CifarMobileNetV2(nn.Module):
+    # (expansion t, channels c, repeats n, stride s); ImageNet's first two strides made 1 for 32x32.
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+    def __init__(self, width: float = 1.0, num_classes: int = 10) -> None:
+        super().__init__()
+        in_ch = _make_divisible(32 * width)
+        last = _make_divisible(1280 * max(1.0, width))
+        features: list[nn.Module] = [nn.Conv2d(3, in_ch, 3, 1, 1, bias=False), nn.BatchNorm2d(in_ch), nn.ReLU6(inplace=True)]
+        for t, c, n, s in self.SETTINGS:
+            out_ch = _make_divisible(c * width)
+            for i in range(n):
+                features.append(InvertedResidual(in_ch, out_ch, s if i == 0 else 1, t))
+                in_ch = out_ch
+        features += [nn.Conv2d(in_ch, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*features)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(0.1), nn.Linear(last, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
+def mobilenetv2(width: float = 0.5, num_classes: int = 10) -> CifarMobileNetV2:
+    return CifarMobileNetV2(width, num_classes)
+
+
+MODELS = {"resnet20": resnet20, "resnet56": resnet56, "mobilenetv2": mobilenetv2}

@@ -1,0 +1,161 @@
+"""Loading and saving ONNX models.
+
+- Loading validates what the rest of onnxprune relies on (parseable protobuf, a supported opset,
+  something to prune) and runs shape inference on a weight-free skeleton of the model, so a
+  multi-GB model costs no more to infer than a small one and symbolic dims (a dynamic batch) survive.
+- Saving is atomic: everything is written under a temporary name in the target folder and renamed,
+  so a crash never leaves a half-written model; models whose weights exceed the protobuf limit, or
+  that came with external data, keep their weights in a ``<name>.data`` file beside the output.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from onnxprune.errors import OnnxPruneError
+
+SUPPORTED_OPSETS = range(11, 22)
+COMPUTE_OPS = {"Conv", "Gemm", "MatMul"}
+PROTOBUF_LIMIT = 2**31 - 1
+# Initializers at most this large keep their values in the skeleton: shape inference needs the
+# values of Reshape shapes, axes, pads and the like, never those of weights.
+_SKELETON_MAX_ELEMENTS = 64
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return None
+
+
+def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Read, validate and shape-infer an ONNX model. Raises OnnxPruneError with a one-line reason."""
+    path = Path(path)
+    if not path.exists():
+        raise OnnxPruneError(f"no such file: {path}")
+    if path.is_dir():
+        raise OnnxPruneError(f"{path} is a folder, not an ONNX file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise OnnxPruneError(f"{path} is not a readable ONNX model (truncated or not ONNX: {_first_line(exc)})") from None
+    if not model.HasField("graph") or not model.graph.node or model.ir_version == 0:
+        raise OnnxPruneError(f"{path} is not an ONNX model (no graph, nodes or IR version in it)")
+    validate_model(model, name=str(path))
+    if any(external_data_helper.uses_external_data(t) for t in model.graph.initializer):
+        try:
+            external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError) as exc:
+            raise OnnxPruneError(f"{path}: cannot read its external data ({_first_line(exc)})") from None
+        model.metadata_props.add(key="onnxprune.external_data", value="1")
+    return infer_shapes(model)
+
+
+def validate_model(model: onnx.ModelProto, name: str = "model") -> None:
+    opset = default_opset(model)
+    if opset is None:
+        raise OnnxPruneError(f"{name} imports no default-domain opset")
+    if opset not in SUPPORTED_OPSETS:
+        raise OnnxPruneError(
+            f"{name} uses opset {opset}; supported opsets are {SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}"
+            " (convert it with onnx.version_converter)"
+        )
+    if not any(node.op_type in COMPUTE_OPS for node in model.graph.node):
+        raise OnnxPruneError(f"{name} has no Conv, Gemm or MatMul node: nothing for onnxprune to prune")
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return ``model`` with ``value_info`` filled by ONNX shape inference (in place, also returned).
+
+    Inference runs on a skeleton whose large initializers are replaced by typed graph inputs, so
+    its cost does not depend on the size of the weights.
+    """
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(_without_large_initializers(model))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception as exc:  # onnx raises several unrelated types here
+        raise OnnxPruneError(f"shape inference failed: {_first_line(exc)}") from None
+    known = {vi.name for vi in model.graph.input} | {vi.name for vi in model.graph.output}
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(vi for vi in inferred.graph.value_info if vi.name not in known)
+    return model
+
+
+def _without_large_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    graph = skeleton.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    input_names = {vi.name for vi in model.graph.input}
+    for init in model.graph.initializer:
+        size = 1
+        for d in init.dims:
+            size *= d
+        if size <= _SKELETON_MAX_ELEMENTS and not external_data_helper.uses_external_data(init):
+            graph.initializer.append(init)
+        elif init.name not in input_names:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return skeleton
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], external_data: bool | None = None) -> Path:
+    """Write ``model`` atomically to ``path``; weights go to ``<name>.data`` beside it when needed.
+
+    ``external_data=None`` decides by itself: external when the model came with external data or
+    would not fit in one protobuf.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external_data is None:
+        external_data = _had_external_data(model) or _weight_bytes(model) > PROTOBUF_LIMIT - 2**24
+    model = _strip_internal_metadata(model)
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(prefix=".onnxprune-", dir=path.parent) as tmp:
+        tmp_model = Path(tmp) / path.name
+        if external_data:
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            os.replace(Path(tmp) / data_name, path.parent / data_name)
+        else:
+            onnx.save_model(model, str(tmp_model))
+        os.replace(tmp_model, path)
+    return path
+
+
+def _had_external_data(model: onnx.ModelProto) -> bool:
+    return any(p.key == "onnxprune.external_data" for p in model.metadata_props)
+
+
+def _strip_internal_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The loader's ``onnxprune.external_data`` marker is for ``save_model`` only: never written out."""
+    if not _had_external_data(model):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    kept = [p for p in copy.metadata_props if p.key != "onnxprune.external_data"]
+    del copy.metadata_props[:]
+    copy.metadata_props.extend(kept)
+    return copy
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
