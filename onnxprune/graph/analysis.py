@@ -369,6 +369,8 @@ def _find_chain(flow: _Dataflow, blocks: list[ResidualBlock], notes: list[str]):
     for b in sorted(blocks, key=lambda b: len(b.branch_nodes), reverse=True):
         for name in b.branch_nodes:
             branch_of[name] = b.index  # smaller (inner) blocks overwrite outer ones
+    tensors = flow.graph.tensors()
+    joined = {b.branch_output: b.output for b in blocks if b.branch_output}
     convs: list[ChainConv] = []
     conv_nodes: list[gs.Node] = []
     shortcut_convs: list[str] = []
@@ -383,6 +385,8 @@ def _find_chain(flow: _Dataflow, blocks: list[ResidualBlock], notes: list[str]):
             shortcut_convs.append(node.name)
             continue
         act = activation_after(node.outputs[0], flow.graph_outputs)
+        if act is None and node.outputs[0].name in joined:  # conv -> join -> activation (ResNet)
+            act = activation_after(tensors[joined[node.outputs[0].name]], flow.graph_outputs)
         convs.append(ChainConv(
             index=len(convs), name=node.name, kernel=list(info.kernel), stride=list(info.stride),
             dilation=list(info.dilation), pads=list(info.pads), groups=info.groups, in_channels=info.in_channels,
@@ -393,12 +397,11 @@ def _find_chain(flow: _Dataflow, blocks: list[ResidualBlock], notes: list[str]):
         ))
         conv_nodes.append(node)
     join_blocks = {b.join: b for b in blocks}
-    links = [_link(flow, i, conv_nodes[i], conv_nodes[i + 1], join_blocks, convs) for i in range(len(conv_nodes) - 1)]
+    links = [_link(flow, i, conv_nodes[i], conv_nodes[i + 1], join_blocks) for i in range(len(conv_nodes) - 1)]
     return convs, shortcut_convs, links
 
 
-def _link(flow: _Dataflow, i: int, prev: gs.Node, conv: gs.Node, join_blocks: dict[str, ResidualBlock],
-          convs: list[ChainConv]) -> Link:
+def _link(flow: _Dataflow, i: int, prev: gs.Node, conv: gs.Node, join_blocks: dict[str, ResidualBlock]) -> Link:
     """Walk back from ``conv``'s input to ``prev``'s output through activations and identity joins."""
     link = Link(source=i, activations=[], joins=[], barrier=None)
     tensor = conv.inputs[0]
@@ -406,17 +409,17 @@ def _link(flow: _Dataflow, i: int, prev: gs.Node, conv: gs.Node, join_blocks: di
         tensor = through_noops(tensor)
         producer = tensor.inputs[0] if tensor.inputs else None
         if producer is prev:
-            if link.activations and convs[i].activation is None:
-                convs[i].activation = link.activations[-1]
             return link
         if producer is None:
             link.barrier = "graph input"
             return link
         block = join_blocks.get(producer.name)
         if block is not None:
-            if block.shortcut != "identity" or block.branch_output is None:
+            if block.branch_output is None:
                 link.barrier = f"{block.shortcut} join {block.join}"
                 return link
+            if block.shortcut != "identity":  # a merged conv cannot absorb a projection; walk on for the activation
+                link.barrier = f"{block.shortcut} join {block.join}"
             link.joins.append(block.index)
             tensor = next(t for t in producer.inputs if t.name == block.branch_output or through_noops(t).name == block.branch_output)
             continue

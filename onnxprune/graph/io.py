@@ -129,7 +129,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], external_da
         if external_data:
             onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
-            os.replace(Path(tmp) / data_name, path.parent / data_name)
+            if (Path(tmp) / data_name).exists():  # absent when every tensor is under the threshold
+                os.replace(Path(tmp) / data_name, path.parent / data_name)
         else:
             onnx.save_model(model, str(tmp_model))
         os.replace(tmp_model, path)

@@ -1,0 +1,88 @@
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune.errors import OnnxPruneError
+from onnxprune.graph.io import load_model, save_model
+from tests.builders import GraphBuilder, residual_block
+from tests.conftest import run
+
+
+def small_model(opset: int = 17) -> onnx.ModelProto:
+    g = GraphBuilder(("batch", 4, 8, 8), opset=opset)
+    return g.build([residual_block(g, g.relu(g.conv(g.input, 16)))])
+
+
+def test_load_keeps_symbolic_batch_and_infers_shapes(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(small_model(), path)
+    model = load_model(path)
+    shapes = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in model.graph.value_info}
+    assert shapes and all(s[0] == "batch" for s in shapes.values())
+    assert all(s[1:] == [16, 8, 8] for s in shapes.values())
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"hello, I am not a model", "not a readable ONNX model"),
+    (b"", "not an ONNX model"),
+])
+def test_not_onnx_is_refused(tmp_path, content, message):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(OnnxPruneError, match=message):
+        load_model(path)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = tmp_path / "t.onnx"
+    path.write_bytes(small_model().SerializeToString()[:-300])
+    with pytest.raises(OnnxPruneError, match="truncated|not an ONNX"):
+        load_model(path)
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(OnnxPruneError, match="no such file"):
+        load_model(tmp_path / "missing.onnx")
+    with pytest.raises(OnnxPruneError, match="folder"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("opset", [10, 22])
+def test_unsupported_opset_is_refused(tmp_path, opset):
+    model = small_model()
+    model.opset_import[0].version = opset
+    onnx.save(model, tmp_path / "m.onnx")
+    with pytest.raises(OnnxPruneError, match=f"opset {opset}; supported opsets are 11 to 21"):
+        load_model(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17, 18, 21])
+def test_supported_opsets_load(tmp_path, opset):
+    onnx.save(small_model(opset), tmp_path / "m.onnx")
+    assert load_model(tmp_path / "m.onnx").opset_import[0].version == opset
+
+
+def test_model_without_compute_is_refused(tmp_path):
+    g = GraphBuilder()
+    onnx.save(g.build([g.relu(g.input)]), tmp_path / "m.onnx")
+    with pytest.raises(OnnxPruneError, match="no Conv, Gemm or MatMul"):
+        load_model(tmp_path / "m.onnx")
+
+
+def test_external_data_round_trip(tmp_path, rng):
+    model = small_model()
+    src = tmp_path / "src" / "m.onnx"
+    src.parent.mkdir()
+    onnx.save(model, src, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    loaded = load_model(src)
+    out = save_model(loaded, tmp_path / "out" / "copy.onnx")
+    assert (tmp_path / "out" / "copy.onnx.data").exists()
+    assert not any(p.key.startswith("onnxprune.") for p in onnx.load(out, load_external_data=False).metadata_props)
+    x = rng.normal(size=(2, 4, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(run(str(src), {"input": x})[0], run(str(out), {"input": x})[0])
+
+
+def test_save_is_atomic_and_leaves_no_temporaries(tmp_path):
+    path = save_model(small_model(), tmp_path / "a.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx"]
+    onnx.checker.check_model(onnx.load(path))
