@@ -816,8 +816,18 @@ EXPECTED: dict[str, tuple[int, int]] = {
     "vit_b_16": (24, 0),            # 12 encoder blocks x (attention + MLP) residual adds
 }
 
+# "num_params" of the torchvision weights' metadata (default-kwargs models, 1000 classes)
+_TORCHVISION_NUM_PARAMS: dict[str, int] = {
+    "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
+    "mobilenet_v2": 3_504_872, "mobilenet_v3_small": 2_542_856, "efficientnet_b0": 5_288_548,
+    "regnet_x_400mf": 5_495_976, "convnext_tiny": 28_589_128, "vit_b_16": 86_567_656,
+}
+
 SMALL_KW: dict[str, dict] = {
     **{name: {"width_mult": 0.25} for name in BUILDERS if name != "vit_b_16"},
+    # 0.5 halves the group width (16 -> 8) and so keeps RegNet's groups per stage (2, 4, 10, 25);
+    # at 0.25 the 8-channel first stage would collapse to groups=1.
+    "regnet_x_400mf": {"width_mult": 0.5},
     "vit_b_16": {"image_size": 32, "hidden_dim": 64, "mlp_dim": 128, "num_heads": 4},
 }
 
@@ -922,15 +932,18 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     ok = True
     for name, builder in BUILDERS.items():
-        full = count_residual_blocks(builder())
+        full_model = builder()
+        full = count_residual_blocks(full_model)
+        nparams = sum(p.numel() for p in full_model.parameters())
         small_model = builder(**SMALL_KW[name]).eval()
         small = count_residual_blocks(small_model)
         with torch.no_grad():
             out = small_model(torch.randn(2, 3, INPUT_SIZE[name], INPUT_SIZE[name]))
-        nparams = sum(p.numel() for p in builder().parameters())
-        good = full == EXPECTED[name] == small and tuple(out.shape) == (2, 1000)
+        good = (full == EXPECTED[name] == small and tuple(out.shape) == (2, 1000)
+                and nparams == _TORCHVISION_NUM_PARAMS[name])
         ok &= good
         print(f"{name:20s} expected={EXPECTED[name]} full={full} small={small} "
-              f"params={nparams:,} out={tuple(out.shape)} {'OK' if good else 'MISMATCH'}")
+              f"params={nparams:,} (torchvision {_TORCHVISION_NUM_PARAMS[name]:,}) "
+              f"out={tuple(out.shape)} {'OK' if good else 'MISMATCH'}")
     assert ok, "zoo self-check failed"
     print("all OK")

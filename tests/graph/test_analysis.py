@@ -169,3 +169,29 @@ def test_maxpool_and_squeeze_excite_are_barriers():
     assert len(main) == 5
     assert [b["op"] for b in s.barriers][:1] == ["MaxPool"]
     assert any(b["op"] == "Mul" for b in s.barriers)
+
+
+def test_tf2onnx_style_graph_nhwc_same_padding_identity_shortcuts():
+    """What TensorFlow/Keras exporters produce: NHWC input behind a Transpose, SAME padding,
+    Identity nodes on shortcuts, unnamed nodes, opset 13."""
+    g = GraphBuilder(("unk__1", 16, 16, 3), opset=13)
+    g.channels[g.input] = 3
+    x = g.node("Transpose", [g.input], 3, perm=[0, 3, 1, 2])
+    x = g.node("Clip", [g.conv(x, 8), g.const(np.array(0, np.float32)), g.const(np.array(6, np.float32))])
+    for _ in range(2):
+        y = g.node("Relu", [g.conv(x, 8)])
+        y = g.conv(y, 8)
+        x = g.relu(g.add(g.node("Identity", [x]), y))
+    out = g.node("Transpose", [x], 8, perm=[0, 2, 3, 1])
+    model = g.build([out])
+    for node in model.graph.node:
+        node.name = ""
+        for attr in node.attribute:
+            if attr.name == "pads":
+                node.attribute.remove(attr)
+                node.attribute.append(helper.make_attribute("auto_pad", "SAME_UPPER"))
+                break
+    s = analyze(model)
+    assert [(b.shortcut, b.removable) for b in s.residual_blocks] == [("identity", True)] * 2
+    assert s.convs[0].activation == "ReLU6" and len(s.convs) == 5
+    assert [(sp["source"], sp["target"]) for sp in s.spans] == [(0, 2), (2, 4)]

@@ -86,3 +86,12 @@ def test_save_is_atomic_and_leaves_no_temporaries(tmp_path):
     path = save_model(small_model(), tmp_path / "a.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx"]
     onnx.checker.check_model(onnx.load(path))
+
+
+def test_weights_over_the_protobuf_limit_go_to_external_data(tmp_path, monkeypatch):
+    import onnxprune.graph.io as io
+
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 2**24 + 1000)  # pretend ~1 kB is the 2 GB limit
+    path = save_model(small_model(), tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").exists()
+    onnx.checker.check_model(str(path))
