@@ -11,3 +11,29 @@ from onnxprune.graph.io import load_model
 def analyze(model_path: str | os.PathLike[str]) -> Structure:
     """Residual blocks and the conv chain of the model at ``model_path`` (see onnxprune.graph.analysis)."""
     return analyze_model(load_model(model_path))
+
+
+def apply(model_path: str | os.PathLike[str], plan_path: str | os.PathLike[str],
+          out_path: str | os.PathLike[str]) -> dict:
+    """Apply the plan at ``plan_path`` to the model, verify the result, write it to ``out_path``.
+
+    Nothing is written when the plan is refused or the result fails verification.
+    """
+    from pathlib import Path
+
+    from onnxprune.errors import OnnxPruneError
+    from onnxprune.graph.io import save_model
+    from onnxprune.plan import apply_plan, load_plan
+    from onnxprune.verify import verify
+
+    if Path(out_path).resolve() == Path(model_path).resolve():
+        raise OnnxPruneError("the output path is the input model: onnxprune never overwrites its input")
+    original = load_model(model_path)
+    plan = load_plan(plan_path)
+    rewritten, summary = apply_plan(original, plan)
+    verification = verify(original, rewritten, expect_identical=plan.empty)
+    if not verification.passed:
+        raise OnnxPruneError(f"the rewritten model failed verification; nothing written. {verification.summary()}")
+    save_model(rewritten, out_path)
+    return {"output": str(out_path), "plan": summary, "verification": verification.to_dict(),
+            "verification_text": verification.summary()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -21,6 +22,7 @@ and writes a verified ONNX file.
 
 verbs:
   analyze   residual blocks, shortcuts, removability, cost, and the conv chain of a model
+  apply     apply a plan (blocks to remove, activations to drop, convs to merge) and verify the result
 """
 
 
@@ -41,6 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="path of the .onnx file (external data is read from beside it)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a table")
     p.set_defaults(run=_analyze)
+
+    p = verbs.add_parser(
+        "apply", help="apply a plan to a model, verify the result and write it",
+        description="Apply PLAN (JSON) to MODEL and write the verified result to OUT. A plan lists "
+        "'remove_blocks' (join names from analyze --json), 'replace_with_shortcut' (projection blocks), "
+        "'drop_activations' (activation node names, or the conv they follow) and 'merge' (lists of "
+        "consecutive chain conv names; activations between them are dropped, identity residuals they "
+        "cover are folded in). A plan for another model, a node that does not exist, a block that is not "
+        "removable or a merge across a barrier is refused before anything is written. The result is "
+        "checked with onnx.checker, run with onnxruntime and compared with the original on random inputs.",
+    )
+    p.add_argument("model", help="the original .onnx file (never modified)")
+    p.add_argument("plan", help="the plan .json file")
+    p.add_argument("-o", "--output", required=True, help="where to write the rewritten .onnx file")
+    p.add_argument("--json", action="store_true", help="print one JSON object (plan summary, verification)")
+    p.set_defaults(run=_apply)
     return parser
 
 
@@ -56,6 +74,22 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apply(args: argparse.Namespace) -> int:
+    result = api.apply(args.model, args.plan, args.output)
+    if args.json:
+        result.pop("verification_text")
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        summary = result["plan"]
+        print(f"removed {len(summary['removed_blocks'])} blocks, replaced {len(summary['replaced_with_shortcut'])} "
+              f"by their shortcut, dropped {len(summary['dropped_activations'])} activations, "
+              f"merged {len(summary['merged'])} conv runs")
+        print(result["verification_text"])
+        print(f"wrote {result['output']}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -65,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"onnxprune: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader (head, less) went away: not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("onnxprune: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,208 @@
+"""Plans: what to remove, drop and merge in a model, as a JSON file that pipelines review, store
+and replay. ``apply_plan`` turns (model, plan) into a new model, or refuses before anything is
+written.
+
+A plan written by hand may hold only some of the lists, with node names as ``analyze --json``
+prints them:
+
+    {"remove_blocks": ["/layers/layers.4/Add"], "drop_activations": ["/conv1/Relu"],
+     "merge": [["/layer1/conv1/Conv", "/layer1/conv2/Conv"]]}
+
+Plans that onnxprune writes also carry ``schema``, ``model.fingerprint`` (a hash of the graph's
+structure: a plan made for another model, or for an older version of it, is refused), ``method``
+and ``predicted``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxprune.errors import OnnxPruneError
+from onnxprune.graph import rewrite
+from onnxprune.graph.analysis import Structure, analyze_graph
+from onnxprune.graph.normalize import to_graph, to_model
+
+SCHEMA = 1
+_LISTS = ("remove_blocks", "replace_with_shortcut", "drop_activations", "merge")
+_KNOWN_KEYS = set(_LISTS) | {"schema", "model", "method", "predicted", "notes"}
+
+
+class PlanError(OnnxPruneError):
+    """The plan cannot be applied to this model; nothing was written."""
+
+
+@dataclass
+class Plan:
+    remove_blocks: list[str] = field(default_factory=list)
+    replace_with_shortcut: list[str] = field(default_factory=list)
+    drop_activations: list[str] = field(default_factory=list)
+    merge: list[list[str]] = field(default_factory=list)
+    fingerprint: str | None = None
+    method: str | None = None
+    predicted: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "model": {"fingerprint": self.fingerprint},
+            "method": self.method,
+            **{name: getattr(self, name) for name in _LISTS},
+            "predicted": self.predicted,
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> Plan:
+        if not isinstance(data, dict):
+            raise PlanError("a plan is a JSON object")
+        unknown = set(data) - _KNOWN_KEYS
+        if unknown:
+            raise PlanError(f"unknown plan keys {sorted(unknown)}; known: {sorted(_KNOWN_KEYS)}")
+        if data.get("schema", SCHEMA) != SCHEMA:
+            raise PlanError(f"plan schema {data.get('schema')} is not supported (this onnxprune reads schema {SCHEMA})")
+        plan = cls(fingerprint=(data.get("model") or {}).get("fingerprint"), method=data.get("method"),
+                   predicted=data.get("predicted") or {}, notes=list(data.get("notes") or []))
+        for name in ("remove_blocks", "replace_with_shortcut", "drop_activations"):
+            values = data.get(name, [])
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                raise PlanError(f"plan key {name!r} must be a list of node names")
+            setattr(plan, name, values)
+        runs = data.get("merge", [])
+        if not isinstance(runs, list) or not all(isinstance(r, list) and all(isinstance(v, str) for v in r) for r in runs):
+            raise PlanError("plan key 'merge' must be a list of lists of conv names")
+        plan.merge = runs
+        return plan
+
+    @property
+    def empty(self) -> bool:
+        return not any(getattr(self, name) for name in _LISTS)
+
+
+def load_plan(path: str | os.PathLike[str]) -> Plan:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PlanError(f"no such plan file: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{path} is not valid JSON: {exc}") from None
+    return Plan.from_dict(data)
+
+
+def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def fingerprint(model: onnx.ModelProto) -> str:
+    """A hash of the graph's structure (nodes, their names, ops and tensors; inputs, outputs), not its weights."""
+    h = hashlib.sha256()
+    for vi in list(model.graph.input) + list(model.graph.output):
+        h.update(f"io:{vi.name};".encode())
+    for node in model.graph.node:
+        h.update(f"{node.name}|{node.op_type}|{','.join(node.input)}|{','.join(node.output)};".encode())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def apply_plan(model: onnx.ModelProto, plan: Plan) -> tuple[onnx.ModelProto, dict]:
+    """The rewritten model and a summary of what changed. Raises PlanError before any change is kept."""
+    if plan.fingerprint is not None and plan.fingerprint != fingerprint(model):
+        raise PlanError("the plan was made for another model (or an older version of this one): fingerprints differ")
+    if plan.empty:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy, {"removed_blocks": [], "replaced_with_shortcut": [], "dropped_activations": [], "merged": [],
+                      "changes_function": False}
+    graph = to_graph(model)
+    structure = analyze_graph(graph, model)
+    _validate(plan, structure)
+    try:
+        summary = _apply(graph, plan, structure)
+    except rewrite.RewriteError as exc:
+        raise PlanError(str(exc)) from None
+    return to_model(rewrite.finish(graph), model), summary
+
+
+def _validate(plan: Plan, s: Structure) -> None:
+    blocks = {b.join: b for b in s.residual_blocks}
+    for join in plan.remove_blocks + plan.replace_with_shortcut:
+        if join not in blocks:
+            raise PlanError(f"{join!r} is not the join of a residual block (see: onnxprune analyze --json)")
+    removed = set(plan.remove_blocks)
+    for join in plan.remove_blocks:
+        b = blocks[join]
+        if not b.removable:
+            raise PlanError(f"block {join} is not removable: {b.reason}")
+        parent = b.parent
+        while parent is not None:
+            if s.residual_blocks[parent].join in removed:
+                raise PlanError(f"block {join} lies inside block {s.residual_blocks[parent].join}, which is removed too")
+            parent = s.residual_blocks[parent].parent
+    for join in plan.replace_with_shortcut:
+        if blocks[join].shortcut != "projection":
+            raise PlanError(f"block {join} has a {blocks[join].shortcut} shortcut, not a projection")
+    conv_index = {c.name: c.index for c in s.convs}
+    gone = {name for join in plan.remove_blocks + plan.replace_with_shortcut for name in blocks[join].branch_nodes}
+    used: set[str] = set()
+    for run in plan.merge:
+        for name in run:
+            if name not in conv_index:
+                raise PlanError(f"merge names {name!r}, which is not a conv of the main chain")
+            if name in gone:
+                raise PlanError(f"merge names {name!r}, which belongs to a block the plan removes")
+            if name in used:
+                raise PlanError(f"conv {name!r} appears in two merges")
+            used.add(name)
+        positions = [conv_index[n] for n in run]
+        if positions != list(range(positions[0], positions[0] + len(positions))):
+            raise PlanError(f"merge {run} is not a run of consecutive chain convs")
+        for link in s.links[positions[0]:positions[-1]]:
+            if link.barrier:
+                raise PlanError(f"merge {run} crosses a barrier ({link.barrier}) after conv {s.convs[link.source].name}")
+
+
+def covered_join(s: Structure, run: list[str]) -> str | None:
+    """The join of the identity block whose span the run covers exactly, if any (its identity folds in)."""
+    index = {c.name: c.index for c in s.convs}
+    first, last = index[run[0]], index[run[-1]]
+    for span in s.spans:
+        if span["source"] == first - 1 and span["target"] == last:
+            return s.residual_blocks[span["block"]].join
+    return None
+
+
+def _apply(graph: gs.Graph, plan: Plan, s: Structure) -> dict:
+    blocks = {b.join: b for b in s.residual_blocks}
+    activations = [rewrite.activation_of(graph, name) for name in plan.drop_activations]
+    for act in activations:
+        rewrite.drop_activation(graph, act)
+    rewrite.finish(graph)
+    merged = []
+    for run in plan.merge:
+        join = covered_join(s, run)
+        node = rewrite.merge_run(graph, run, through_join=join)
+        rewrite.finish(graph)
+        merged.append({"convs": run, "into": node.name, "kernel": node.attrs["kernel_shape"],
+                       "stride": node.attrs["strides"], "groups": node.attrs["group"], "identity_folded": join})
+    for join in plan.remove_blocks:
+        rewrite.remove_block(graph, blocks[join])
+    for join in plan.replace_with_shortcut:
+        rewrite.replace_with_shortcut(graph, blocks[join])
+    return {
+        "removed_blocks": list(plan.remove_blocks),
+        "replaced_with_shortcut": list(plan.replace_with_shortcut),
+        "dropped_activations": [act.kind + ":" + act.nodes[-1].name for act in activations],
+        "merged": merged,
+        "changes_function": not plan.empty,
+    }

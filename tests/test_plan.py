@@ -1,0 +1,117 @@
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from onnxprune.graph.analysis import analyze_model
+from onnxprune.graph.io import infer_shapes
+from onnxprune.plan import Plan, PlanError, apply_plan, fingerprint
+from onnxprune.verify import random_feeds, verify
+from tests.builders import GraphBuilder, residual_block
+from tests.conftest import run
+
+
+def resnet(seed=0, blocks=3):
+    g = GraphBuilder(("batch", 3, 12, 12), seed=seed)
+    x = g.relu(g.conv(g.input, 8))
+    for _ in range(blocks):
+        x = residual_block(g, x)
+    x = residual_block(g, x, projection=True, stride=2, cout=16)
+    return infer_shapes(g.build([g.conv(x, 4, k=1)]))
+
+
+def test_empty_plan_is_bit_identical():
+    model = resnet()
+    out, summary = apply_plan(model, Plan())
+    v = verify(model, out, expect_identical=True)
+    assert v.passed and v.identical and not summary["changes_function"]
+
+
+def test_removing_a_block_equals_the_graph_built_without_it():
+    def build(with_second_block: bool):
+        g = GraphBuilder(("batch", 3, 12, 12), seed=5)  # same seed: the shared part draws the same weights
+        x = residual_block(g, g.relu(g.conv(g.input, 8)))
+        # Removal rewires the join's readers (the trailing Relu) to the block's input.
+        x = residual_block(g, x) if with_second_block else g.relu(x)
+        return infer_shapes(g.build([x]))
+
+    full, reference = build(True), build(False)
+    s = analyze_model(full)
+    pruned, _ = apply_plan(full, Plan(remove_blocks=[s.residual_blocks[1].join]))
+    feeds = random_feeds(full)
+    expected = run(reference, feeds)[0]
+    # BN is folded in the pruned model and not in the reference: equal to float32 rounding.
+    np.testing.assert_allclose(run(pruned, feeds)[0], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert len(analyze_model(infer_shapes(pruned)).residual_blocks) == 1
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), blocks=st.integers(1, 4), data=st.data())
+def test_removing_any_set_of_removable_blocks_verifies(seed, blocks, data):
+    model = resnet(seed, blocks)
+    s = analyze_model(model)
+    removable = [b.join for b in s.residual_blocks if b.removable]
+    chosen = data.draw(st.lists(st.sampled_from(removable), unique=True))
+    out, summary = apply_plan(model, Plan(remove_blocks=chosen))
+    assert verify(model, out).passed
+    after = analyze_model(infer_shapes(out))
+    assert len(after.residual_blocks) == len(s.residual_blocks) - len(chosen)
+    removed_macs = sum(b.macs for b in s.residual_blocks if b.join in chosen)
+    assert after.macs == s.macs - removed_macs
+
+
+def test_merging_a_whole_identity_block_folds_the_identity():
+    g = GraphBuilder(("batch", 8, 10, 10), seed=3)
+    x = g.relu(g.conv(g.input, 8))
+    a = g.conv(x, 8)  # no activation inside the block: the run is linear
+    y = g.add(x, g.conv(a, 8, k=1))
+    model = infer_shapes(g.build([g.relu(y)]))
+    s = analyze_model(model)
+    run_names = [c.name for c in s.convs[1:3]]
+    out, summary = apply_plan(model, Plan(merge=[run_names]))
+    assert summary["merged"][0]["identity_folded"] == s.residual_blocks[0].join
+    after = analyze_model(infer_shapes(out))
+    assert after.residual_blocks == [] and len(after.convs) == 2 and after.convs[1].kernel == [3, 3]
+    feeds = random_feeds(model)
+    a_out, b_out = run(model, feeds)[0], run(out, feeds)[0]
+    np.testing.assert_allclose(b_out, a_out, rtol=1e-5, atol=1e-5 * np.abs(a_out).max())  # 1x1 after: no border band
+
+
+def test_refusals_before_anything_is_written():
+    model = resnet()
+    s = analyze_model(model)
+    projection = next(b.join for b in s.residual_blocks if b.shortcut == "projection")
+    with pytest.raises(PlanError, match="not the join of a residual block"):
+        apply_plan(model, Plan(remove_blocks=["no_such_node"]))
+    with pytest.raises(PlanError, match="not removable"):
+        apply_plan(model, Plan(remove_blocks=[projection]))
+    with pytest.raises(PlanError, match="another model"):
+        apply_plan(model, Plan(fingerprint="sha256:0"))
+    with pytest.raises(PlanError, match="barrier"):
+        last, proj_conv = s.convs[-3].name, s.convs[-2].name  # across the projection join
+        apply_plan(model, Plan(merge=[[s.convs[-4].name, s.convs[-3].name, s.convs[-2].name, s.convs[-1].name]]))
+    with pytest.raises(PlanError, match="consecutive"):
+        apply_plan(model, Plan(merge=[[s.convs[1].name, s.convs[3].name]]))
+
+
+def test_plan_round_trips_through_json_and_rejects_typos():
+    model = resnet()
+    plan = Plan(remove_blocks=["a"], fingerprint=fingerprint(model), method="slp")
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    with pytest.raises(PlanError, match="unknown plan keys"):
+        Plan.from_dict({"remove_block": ["x"]})
+    with pytest.raises(PlanError, match="schema"):
+        Plan.from_dict({"schema": 99})
+
+
+def test_dropping_an_activation_by_node_or_conv_name():
+    model = resnet()
+    s = analyze_model(model)
+    conv = s.convs[1]
+    for name in (conv.name, conv.activation_nodes[0]):
+        out, summary = apply_plan(model, Plan(drop_activations=[name]))
+        assert summary["dropped_activations"] == [f"Relu:{conv.activation_nodes[0]}"]
+        relus = [sum(n.op_type == "Relu" for n in m.graph.node) for m in (model, out)]
+        assert relus[1] == relus[0] - 1
+        assert verify(model, out).passed
