@@ -31,30 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import zoo  # noqa: E402
 
 EXPORTERS = ("torchscript", "dynamo")
-
-
-def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give constant-initialised tensors random values (keeps the architecture)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-        return torch.rand(t.shape, generator=g) * (hi - lo) + lo
-
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(rnd(m.running_mean, -0.1, 0.1))
-                m.running_var.copy_(rnd(m.running_var, 0.5, 1.5))
-                m.weight.copy_(rnd(m.weight, 0.5, 1.5))
-                m.bias.copy_(rnd(m.bias, -0.1, 0.1))
-            elif isinstance(m, nn.LayerNorm):
-                m.weight.copy_(rnd(m.weight, 0.5, 1.5))
-                m.bias.copy_(rnd(m.bias, -0.1, 0.1))
-        for name, p in model.named_parameters():
-            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):  # zeros / constants
-                scale = 0.5 if name.endswith("layer_scale") else 0.05
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
+perturb = zoo.perturb
 
 
 def graph_stats(path: Path) -> dict:

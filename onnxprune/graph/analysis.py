@@ -24,6 +24,7 @@ import math
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -347,7 +348,8 @@ def _why_not_removable(flow: _Dataflow, block: ResidualBlock, block_input: gs.Va
 
 
 def _count_params(nodes: list[gs.Node], kind: dict[str, str]) -> int:
-    """Elements of the constants the nodes read, directly or through constant-only nodes, each once."""
+    """Parameters: elements of the floating-point, non-scalar constants the nodes read (directly or
+    through constant-only nodes), each counted once. Shapes, axes and scalars are not parameters."""
     sizes: dict[str, int] = {}
     seen: set[str] = set()
     stack = [t for n in nodes for t in n.inputs]
@@ -357,7 +359,9 @@ def _count_params(nodes: list[gs.Node], kind: dict[str, str]) -> int:
             continue
         seen.add(t.name)
         if isinstance(t, gs.Constant):
-            sizes[t.name] = math.prod(t.shape)
+            size = math.prod(t.shape)
+            if size > 1 and np.issubdtype(np.dtype(t.dtype), np.floating):
+                sizes[t.name] = size
         elif kind.get(t.name) == "const" and t.inputs:
             stack.extend(t.inputs[0].inputs)
     return sum(sizes.values())

@@ -59,18 +59,19 @@ def fold_constant_nodes(graph: gs.Graph) -> int:
     for node in list(graph.nodes):
         if len(node.outputs) != 1 or node.outputs[0].name in graph_outputs:
             continue
-        if node.op == "Constant":
-            value = _constant_node_value(node)
-        elif node.op == "Identity" and isinstance(node.inputs[0], gs.Constant):
-            value = np.asarray(node.inputs[0].values)
-        else:
-            continue
-        if value is None:
-            continue
         out = node.outputs[0]
-        node.outputs.clear()
-        out.to_constant(value)
-        folded += 1
+        if node.op == "Identity" and isinstance(node.inputs[0], gs.Constant):
+            shared = node.inputs[0]  # readers share the initializer instead of a copy of it
+            for reader in list(out.outputs):
+                for k, t in enumerate(reader.inputs):
+                    if t is out:
+                        reader.inputs[k] = shared
+            node.outputs.clear()
+            folded += 1
+        elif node.op == "Constant" and (value := _constant_node_value(node)) is not None:
+            node.outputs.clear()
+            out.to_constant(value)
+            folded += 1
     return folded
 
 

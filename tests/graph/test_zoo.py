@@ -19,23 +19,6 @@ ACTIVATIONS = {
 }
 
 
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    cache: dict[tuple, object] = {}
-
-    def get(name: str, exporter: str, small: bool = True):
-        key = (name, exporter, small)
-        if key not in cache:
-            kwargs = zoo.SMALL_KW[name] if small else {}
-            size = zoo.INPUT_SIZE[name] if small else 224
-            path = tmp_path_factory.mktemp("zoo") / f"{name}_{exporter}.onnx"
-            zoo.export(zoo.BUILDERS[name](**kwargs), path, exporter, size)
-            cache[key] = path
-        return cache[key]
-
-    return get
-
-
 def check_structure(path, name):
     s = analyze_model(load_model(path))
     blocks = s.residual_blocks
