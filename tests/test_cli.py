@@ -51,3 +51,27 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(tmp_path):
 def test_help_lists_the_verbs():
     proc = subprocess.run([sys.executable, "-m", "onnxprune", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "analyze" in proc.stdout
+
+
+def test_apply_writes_a_verified_model_and_refuses_bad_plans(resnet_file, tmp_path, capsys):
+    blocks = json.loads(subprocess.run([sys.executable, "-m", "onnxprune", "analyze", str(resnet_file), "--json"],
+                                       capture_output=True, text=True, check=True).stdout)["residual_blocks"]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"remove_blocks": [blocks[0]["join"]]}))
+    out = tmp_path / "out.onnx"
+    assert main(["apply", str(resnet_file), str(plan), "-o", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["verification"]["passed"] and result["plan"]["removed_blocks"] == [blocks[0]["join"]]
+    assert out.exists() and len(json.loads(subprocess.run(
+        [sys.executable, "-m", "onnxprune", "analyze", str(out), "--json"], capture_output=True, text=True,
+        check=True).stdout)["residual_blocks"]) == 1
+
+    for bad in ({"remove_blocks": ["nope"]}, {"remove_blocks": [blocks[1]["join"]]}, {"merge": [["a", "b"]]},
+                {"remove_block": []}):
+        plan.write_text(json.dumps(bad))
+        refused = tmp_path / "refused.onnx"
+        assert main(["apply", str(resnet_file), str(plan), "-o", str(refused)]) == 1
+        assert not refused.exists()
+        assert capsys.readouterr().err.startswith("onnxprune: error:")
+    assert main(["apply", str(resnet_file), str(plan), "-o", str(resnet_file)]) == 1
+    assert "never overwrites its input" in capsys.readouterr().err
