@@ -115,3 +115,31 @@ def test_dropping_an_activation_by_node_or_conv_name():
         relus = [sum(n.op_type == "Relu" for n in m.graph.node) for m in (model, out)]
         assert relus[1] == relus[0] - 1
         assert verify(model, out).passed
+
+
+def test_replace_projection_block_by_its_shortcut():
+    model = resnet()
+    s = analyze_model(model)
+    projection = next(b for b in s.residual_blocks if b.shortcut == "projection")
+    out, summary = apply_plan(model, Plan(replace_with_shortcut=[projection.join]))
+    assert summary["replaced_with_shortcut"] == [projection.join] and summary["changes_function"]
+    assert verify(model, out).passed
+    after = analyze_model(infer_shapes(out))
+    assert after.macs == s.macs - projection.macs and len(after.residual_blocks) == len(s.residual_blocks) - 1
+    with pytest.raises(PlanError, match="not a projection"):
+        apply_plan(model, Plan(replace_with_shortcut=[s.residual_blocks[0].join]))
+
+
+def test_apply_keeps_external_data_beside_the_output(tmp_path):
+    import onnx
+
+    from onnxprune import api
+
+    model = resnet()
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"remove_blocks": [analyze_model(model).residual_blocks[0].join]}))
+    src = tmp_path / "src.onnx"
+    onnx.save(model, src, save_as_external_data=True, location="src.weights", size_threshold=0)
+    result = api.apply(src, plan, tmp_path / "out" / "pruned.onnx")
+    assert result["verification"]["passed"]
+    assert (tmp_path / "out" / "pruned.onnx.data").exists()
