@@ -6,7 +6,8 @@ Usage (from the repository root):
 The CIFAR-10 JPEG tarballs are decoded once into a uint8 cache (``--cache``). Training is plain
 SGD with Nesterov momentum, a linear warm-up then a cosine schedule, random crop (4-pixel zero
 padding) and horizontal flip, chosen so that each model trains in about 90 minutes on 2 cores.
-The exported ONNX file carries its preprocessing (``onnxprune.preprocess``) and class names
+A checkpoint is written to the cache after every epoch; running the same command again resumes
+from it (wall times then include only the epochs actually run). The exported ONNX file carries its preprocessing (``onnxprune.preprocess``) and class names
 (``onnxprune.labels``) in ``metadata_props``.
 """
 
@@ -147,16 +148,27 @@ def main() -> None:
 
     log_path = args.out / "logs" / f"{args.model}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = log_path.open("w")
+    checkpoint = args.cache / f"{args.model}_seed{args.seed}_e{args.epochs}.pt"
+    first_epoch, step, elapsed = 0, 0, 0.0
+    if checkpoint.exists():  # resume: the schedule depends only on the step, so it continues exactly
+        state = torch.load(checkpoint)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        first_epoch, step, elapsed = state["epoch"], state["step"], state["elapsed"]
+    log = log_path.open("a" if first_epoch else "w")
 
     def say(msg: str) -> None:
         print(msg, flush=True)
         log.write(msg + "\n")
         log.flush()
 
-    say(f"{args.model}: {sum(p_.numel() for p_ in model.parameters())} params, {vars(args)}")
-    start, step = time.time(), 0
-    for epoch in range(args.epochs):
+    if first_epoch:
+        say(f"resumed from {checkpoint} after epoch {first_epoch}")
+    else:
+        say(f"{args.model}: {sum(p_.numel() for p_ in model.parameters())} params, {vars(args)}")
+    start = time.time() - elapsed
+    for epoch in range(first_epoch, args.epochs):
         model.train()
         perm = torch.randperm(len(x_train), generator=gen)
         loss_sum = 0.0
@@ -175,6 +187,8 @@ def main() -> None:
         if (epoch + 1) % 4 == 0 or epoch + 1 == args.epochs:
             msg += f" test acc {evaluate(model, x_test, y_test):.4f}"
         say(msg)
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "epoch": epoch + 1,
+                    "step": step, "elapsed": time.time() - start}, checkpoint)
     train_minutes = (time.time() - start) / 60
     acc = evaluate(model, x_test, y_test)
     onnx_path = args.out / f"{args.model}.onnx"
