@@ -37,3 +37,31 @@ def apply(model_path: str | os.PathLike[str], plan_path: str | os.PathLike[str],
     save_model(rewritten, out_path)
     return {"output": str(out_path), "plan": summary, "verification": verification.to_dict(),
             "verification_text": verification.summary()}
+
+
+def evaluate(model_path: str | os.PathLike[str], data: str | None = None, reference: str | None = None,
+             samples: int | None = None, seed: int = 0, batch: int = 64, labels: str | None = None,
+             preprocess: dict | None = None, provider: str = "auto") -> dict:
+    """Top-1 accuracy on ``data`` (when it has labels) and agreement with ``reference``."""
+    from onnxprune.data.preprocess import preprocess_of, Preprocess
+    from onnxprune.data.sources import load_data
+    from onnxprune.errors import OnnxPruneError
+    from onnxprune.evaluate import evaluate_logits, logits_of
+    from onnxprune.runtime.session import create_session
+
+    model = load_model(model_path)
+    prep = None
+    if preprocess and any(v is not None for v in preprocess.values()):
+        prep = (preprocess_of(model) or Preprocess()).with_overrides(**preprocess)
+    dataset = load_data(data, model, samples=samples, seed=seed, preprocess=prep, labels=labels)
+    if dataset.labels is None and reference is None:
+        raise OnnxPruneError("nothing to evaluate: the data has no labels (give --labels) and no --reference was given")
+    session = create_session(model, provider)
+    logits = logits_of(session, dataset, batch)
+    reference_logits = None
+    if reference is not None:
+        reference_logits = logits_of(create_session(load_model(reference), provider), dataset, batch)
+    result = evaluate_logits(logits, dataset.labels, reference_logits)
+    result.update(model=str(model_path), reference=reference, data=dataset.source, random_data=dataset.random,
+                  provider=session.provider)
+    return result

@@ -23,6 +23,7 @@ and writes a verified ONNX file.
 verbs:
   analyze   residual blocks, shortcuts, removability, cost, and the conv chain of a model
   apply     apply a plan (blocks to remove, activations to drop, convs to merge) and verify the result
+  eval      top-1 accuracy on labelled data, and agreement with a reference model
 """
 
 
@@ -59,7 +60,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="where to write the rewritten .onnx file")
     p.add_argument("--json", action="store_true", help="print one JSON object (plan summary, verification)")
     p.set_defaults(run=_apply)
+
+    p = verbs.add_parser(
+        "eval", help="top-1 accuracy, and agreement with a reference model",
+        description="Run MODEL with onnxruntime over --data and report top-1 accuracy (when the data has labels) "
+        "and, with --reference, the share of samples where both models' top-1 agree and the mean KL divergence "
+        "KL(reference || model) of their softmax outputs.",
+    )
+    p.add_argument("model", help="the .onnx file to evaluate")
+    add_data_arguments(p)
+    p.add_argument("--reference", help="the original .onnx model to compare with")
+    add_provider_argument(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_eval)
     return parser
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data", "calibration / evaluation data (see README: data)")
+    g.add_argument("--data", help="a .npy/.npz file, a folder of images (labels from sub-folder names), a tar of "
+                   "images, or 'random' (random inputs, labelled as such in every output)")
+    g.add_argument("--labels", help="a .npy file of integer labels, overriding the data's own")
+    g.add_argument("--samples", type=int, help="use a seeded random subset of this many samples")
+    g.add_argument("--seed", type=int, default=0, help="seed of the subset and of random inputs (default 0)")
+    g.add_argument("--batch", type=int, default=64, help="samples per onnxruntime run (default 64)")
+    g.add_argument("--mean", type=_floats, help="per-channel mean for uint8 images, e.g. 0.485,0.456,0.406 "
+                   "(default: the model's onnxprune.preprocess metadata)")
+    g.add_argument("--std", type=_floats, help="per-channel std for uint8 images")
+    g.add_argument("--scale", type=float, help="factor applied to uint8 pixels before mean/std (e.g. 0.00392157)")
+    g.add_argument("--layout", choices=["NCHW", "NHWC"], help="the model input's layout")
+    g.add_argument("--size", type=_ints, help="resize images to H,W")
+
+
+def add_provider_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
+                   help="onnxruntime execution provider; auto takes CUDA when a session really gets it, else CPU "
+                   "(the provider used is reported)")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _preprocess_overrides(args: argparse.Namespace) -> dict:
+    return {"mean": args.mean, "std": args.std, "scale": args.scale, "layout": args.layout, "size": args.size}
+
+
+def _eval(args: argparse.Namespace) -> int:
+    result = api.evaluate(args.model, args.data, reference=args.reference, samples=args.samples, seed=args.seed,
+                          batch=args.batch, labels=args.labels, preprocess=_preprocess_overrides(args),
+                          provider=args.provider)
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    print(f"data: {result['data']}")
+    print(f"onnxruntime provider: {result['provider']}")
+    if "accuracy" in result:
+        print(f"top-1 accuracy: {100 * result['accuracy']:.2f}% on {result['samples']} samples")
+    if "agreement" in result:
+        print(f"top-1 agreement with {result['reference']}: {100 * result['agreement']:.2f}%, "
+              f"mean KL {result['mean_kl']:.4g}")
+        if "reference_accuracy" in result:
+            print(f"reference top-1 accuracy: {100 * result['reference_accuracy']:.2f}%")
+    return 0
 
 
 def _analyze(args: argparse.Namespace) -> int:

@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from onnxprune.graph.io import PROTOBUF_LIMIT
+from onnxprune.runtime.session import create_session
 
 _NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
              onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_,
@@ -68,12 +68,6 @@ def random_feeds(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[
     return feeds
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def _interface(model: onnx.ModelProto) -> list[tuple]:
     def describe(vi):
         t = vi.type.tensor_type
@@ -82,7 +76,7 @@ def _interface(model: onnx.ModelProto) -> list[tuple]:
 
 
 def verify(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
-           expect_identical: bool = False) -> Verification:
+           expect_identical: bool = False, provider: str = "cpu") -> Verification:
     """Check ``rewritten`` and compare it with ``original`` on ``feeds`` (random inputs when None)."""
     try:
         if rewritten.ByteSize() < PROTOBUF_LIMIT:
@@ -96,16 +90,16 @@ def verify(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: dict[st
     feeds = feeds if feeds is not None else random_feeds(original)
     result = Verification(passed=False, checker=checker, interface=interface, provider=None, inputs=inputs)
     try:
-        session_a, session_b = _session(original), _session(rewritten)
-        result.provider = session_b.get_providers()[0]
-        outs_a, outs_b = session_a.run(None, feeds), session_b.run(None, feeds)
+        session_a, session_b = create_session(original, provider), create_session(rewritten, provider)
+        result.provider = session_b.provider
+        outs_a, outs_b = session_a.run(feeds), session_b.run(feeds)
     except Exception as exc:  # onnxruntime's errors are not one type either
         result.interface = f"{interface}; onnxruntime failed: {str(exc).strip().splitlines()[0][:200]}"
         return result
     same_outputs = all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(outs_a, outs_b))
     if not same_outputs:
         result.interface = "output shapes or dtypes changed"
-    for name, a, b in zip([o.name for o in session_a.get_outputs()], outs_a, outs_b):
+    for name, a, b in zip(session_a.output_names, outs_a, outs_b):
         if a.shape != b.shape:
             continue
         a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()

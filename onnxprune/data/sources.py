@@ -1,0 +1,249 @@
+"""Calibration and evaluation data for every verb (``--data``).
+
+Accepted: ``.npy`` / ``.npz`` arrays, a folder of images (labels from sub-folder names), a tar of
+images, or ``random`` (clearly labelled as such wherever it is used). A float array shaped like the
+model's input is fed as it is; a uint8 image array (NHWC or NCHW) goes through the model's
+``onnxprune.preprocess`` metadata or the flags that override it. In an ``.npz`` the images are
+under ``x`` or the model's input name, the labels (optional) under ``y``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxprune.data.preprocess import Preprocess, class_names, preprocess_of
+from onnxprune.errors import OnnxPruneError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".gif", ".tif", ".tiff"}
+RANDOM = "random"
+_ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+                  onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
+                  onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT8: np.uint8}
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    name: str
+    shape: tuple[int | None, ...]  # None: symbolic (a dynamic batch)
+    dtype: np.dtype
+
+
+@dataclass
+class Dataset:
+    inputs: dict[str, np.ndarray]  # every array has the samples on axis 0
+    labels: np.ndarray | None
+    source: str  # what a report says the data was
+    random: bool = False
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def batches(self, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        for start in range(0, len(self), batch_size):
+            feeds = {k: v[start:start + batch_size] for k, v in self.inputs.items()}
+            yield feeds, None if self.labels is None else self.labels[start:start + batch_size]
+
+
+def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
+    initializers = {t.name for t in model.graph.initializer}
+    out = []
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        t = vi.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+        out.append(ModelInput(vi.name, shape, np.dtype(_ONNX_TO_NUMPY.get(t.elem_type, np.float32))))
+    return out
+
+
+def load_data(spec: str | os.PathLike[str] | None, model: onnx.ModelProto, samples: int | None = None,
+              seed: int = 0, preprocess: Preprocess | None = None, labels: str | os.PathLike[str] | None = None,
+              default_random_samples: int = 64) -> Dataset:
+    """The data set named by ``spec`` as model inputs; ``samples`` keeps a seeded random subset."""
+    if samples is not None and samples < 1:
+        raise OnnxPruneError(f"--samples must be at least 1, not {samples}")
+    inputs = model_inputs(model)
+    if spec is None or str(spec) == RANDOM:
+        return _random(inputs, samples or default_random_samples, seed)
+    path = Path(spec)
+    if not path.exists():
+        raise OnnxPruneError(f"no such data: {path} (give a .npy/.npz file, an image folder, a tar of images, or 'random')")
+    prep = _preprocess(model, preprocess)
+    names = class_names(model)
+    if path.is_dir():
+        images, y = _decode(_folder_images(path), prep, names)
+        dataset = _from_array(images, y, inputs, prep, f"image folder {path}")
+    elif path.suffix == ".npy":
+        dataset = _from_array(_load_npy(path), None, inputs, prep, f"array {path}")
+    elif path.suffix == ".npz":
+        dataset = _from_npz(path, inputs, prep)
+    elif tarfile.is_tarfile(path):
+        images, y = _decode(_tar_images(path), prep, names)
+        dataset = _from_array(images, y, inputs, prep, f"image tar {path}")
+    else:
+        raise OnnxPruneError(f"{path}: not a .npy/.npz file, an image folder or a tar of images")
+    if labels is not None:
+        dataset.labels = _check_labels(_load_npy(Path(labels)), len(dataset), str(labels))
+    if samples is not None and samples < len(dataset):
+        keep = np.sort(np.random.default_rng(seed).choice(len(dataset), samples, replace=False))
+        dataset = Dataset({k: v[keep] for k, v in dataset.inputs.items()},
+                          None if dataset.labels is None else dataset.labels[keep],
+                          f"{dataset.source}, {samples} of {len(dataset)} samples (seed {seed})")
+    return dataset
+
+
+def _random(inputs: list[ModelInput], n: int, seed: int) -> Dataset:
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for inp in inputs:
+        shape = (n,) + tuple(d if d is not None else 1 for d in inp.shape[1:])
+        if np.issubdtype(inp.dtype, np.floating):
+            arrays[inp.name] = rng.standard_normal(shape).astype(inp.dtype)
+        else:
+            arrays[inp.name] = rng.integers(0, 10, shape).astype(inp.dtype)
+    return Dataset(arrays, None, f"RANDOM inputs (N(0,1), {n} samples, seed {seed}): not real data", random=True)
+
+
+def _preprocess(model: onnx.ModelProto, override: Preprocess | None) -> Preprocess | None:
+    return override if override is not None else preprocess_of(model)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise OnnxPruneError(f"cannot read {path} as a .npy array: {exc}") from None
+
+
+def _from_npz(path: Path, inputs: list[ModelInput], prep: Preprocess | None) -> Dataset:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise OnnxPruneError(f"cannot read {path} as a .npz archive: {exc}") from None
+    with archive:
+        keys = set(archive.files)
+        y = archive["y"] if "y" in keys else None
+        if len(inputs) > 1:
+            missing = [i.name for i in inputs if i.name not in keys]
+            if missing:
+                raise OnnxPruneError(f"{path} has no arrays for the model inputs {missing} (it has {sorted(keys)})")
+            arrays = {i.name: _as_input(archive[i.name], i, prep, str(path)) for i in inputs}
+            n = _same_length(arrays, str(path))
+            return Dataset(arrays, _check_labels(y, n, str(path)) if y is not None else None, f"arrays {path}")
+        name = inputs[0].name
+        key = name if name in keys else "x" if "x" in keys else None
+        if key is None:
+            raise OnnxPruneError(f"{path} has no array 'x' or '{name}' (the model's input); it has {sorted(keys)}")
+        return _from_array(archive[key], y, inputs, prep, f"arrays {path}[{key}]")
+
+
+def _from_array(array: np.ndarray, y: np.ndarray | None, inputs: list[ModelInput], prep: Preprocess | None,
+                source: str) -> Dataset:
+    if len(inputs) != 1:
+        raise OnnxPruneError(f"the model has {len(inputs)} inputs; give an .npz with one array per input name")
+    x = _as_input(array, inputs[0], prep, source)
+    return Dataset({inputs[0].name: x}, _check_labels(y, len(x), source) if y is not None else None,
+                   f"{source} ({len(x)} samples)")
+
+
+def _as_input(array: np.ndarray, inp: ModelInput, prep: Preprocess | None, source: str) -> np.ndarray:
+    if array.size == 0 or array.ndim == 0 or len(array) == 0:
+        raise OnnxPruneError(f"{source} is empty")
+    if array.dtype == np.uint8 and np.issubdtype(inp.dtype, np.floating):
+        return _images_to_input(array, inp, prep, source)
+    if np.issubdtype(inp.dtype, np.floating) and not np.issubdtype(array.dtype, np.floating):
+        raise OnnxPruneError(f"{source} has dtype {array.dtype}; the model input {inp.name} takes floats "
+                             "(give floats shaped like the input, or uint8 images)")
+    if not np.issubdtype(inp.dtype, np.floating) and array.dtype != inp.dtype:
+        raise OnnxPruneError(f"{source} has dtype {array.dtype}; the model input {inp.name} takes {inp.dtype}")
+    _check_shape(array.shape, inp, source)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise OnnxPruneError(f"{source} contains NaN or Inf values")
+    return np.ascontiguousarray(array.astype(inp.dtype, copy=False))
+
+
+def _check_shape(shape: tuple, inp: ModelInput, source: str) -> None:
+    expected = inp.shape
+    if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected[1:], shape[1:])):
+        readable = ["?" if d is None else d for d in expected]
+        raise OnnxPruneError(f"{source} has shape {list(shape)}; the model input {inp.name} is {readable}")
+
+
+def _images_to_input(images: np.ndarray, inp: ModelInput, prep: Preprocess | None, source: str) -> np.ndarray:
+    if prep is None:
+        raise OnnxPruneError(f"{source} holds uint8 images but the model has no onnxprune.preprocess metadata: "
+                             "give --mean, --std and --scale (and --layout) to turn them into inputs")
+    if images.ndim != 4:
+        raise OnnxPruneError(f"{source}: uint8 images must be (N, H, W, C) or (N, C, H, W), not {list(images.shape)}")
+    if images.shape[-1] not in (1, 3, 4) and images.shape[1] in (1, 3, 4):
+        images = images.transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    x = prep.apply(images[..., : len(prep.mean)])
+    _check_shape(x.shape, inp, source)
+    return x.astype(inp.dtype, copy=False)
+
+
+def _same_length(arrays: dict[str, np.ndarray], source: str) -> int:
+    lengths = {len(v) for v in arrays.values()}
+    if len(lengths) != 1:
+        raise OnnxPruneError(f"{source}: the input arrays have different sample counts {sorted(lengths)}")
+    return lengths.pop()
+
+
+def _check_labels(y: np.ndarray | None, n: int, source: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
+        raise OnnxPruneError(f"{source}: labels must be {n} integers, got shape {list(y.shape)} of {y.dtype}")
+    return y.astype(np.int64)
+
+
+def _folder_images(root: Path) -> list[tuple[str, bytes, str | None]]:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return [(str(p), p.read_bytes(), p.parent.name if p.parent != root else None) for p in files]
+
+
+def _tar_images(path: Path) -> list[tuple[str, bytes, str | None]]:
+    out = []
+    with tarfile.open(path) as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            parts = member.name.split("/")
+            if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
+                out.append((member.name, tar.extractfile(member).read(), parts[-2] if len(parts) > 1 else None))
+    return out
+
+
+def _decode(files: list[tuple[str, bytes, str | None]], prep: Preprocess | None,
+            names: list[str] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    if not files:
+        raise OnnxPruneError("no image files found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
+    try:
+        from PIL import Image
+    except ImportError:
+        raise OnnxPruneError("decoding images needs Pillow: pip install pillow") from None
+    size = prep.size if prep is not None else None
+    images = []
+    for name, data, _ in files:
+        try:
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+        except OSError as exc:
+            raise OnnxPruneError(f"cannot decode image {name}: {exc}") from None
+        if size is not None and image.size != (size[1], size[0]):
+            image = image.resize((size[1], size[0]), Image.BILINEAR)
+        images.append(np.asarray(image, dtype=np.uint8))
+    if len({im.shape for im in images}) > 1:
+        raise OnnxPruneError("the images have different sizes and the model's preprocessing names no size to resize to")
+    folders = [folder for _, _, folder in files]
+    if any(f is None for f in folders):
+        return np.stack(images), None
+    classes = names if names is not None else sorted(set(folders))
+    unknown = sorted(set(folders) - set(classes))
+    if unknown:
+        raise OnnxPruneError(f"image folders {unknown} are not among the model's class names {classes}")
+    return np.stack(images), np.asarray([classes.index(f) for f in folders], dtype=np.int64)

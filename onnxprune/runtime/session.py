@@ -1,0 +1,82 @@
+"""onnxruntime sessions whose execution provider is chosen and then verified.
+
+onnxruntime-gpu installs on machines without a GPU and silently falls back to the CPU even when
+only CUDA is asked for, so the provider a session really got is read back with
+``get_providers()`` and reported by every verb.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import onnx
+import onnxruntime as ort
+
+from onnxprune.errors import OnnxPruneError
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+SHORT_NAMES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}
+
+
+@dataclass
+class Session:
+    session: ort.InferenceSession
+    provider: str  # what onnxruntime really uses: "cpu", "cuda" or "tensorrt"
+    threads: int | None
+
+    def run(self, feeds: dict, outputs: list[str] | None = None) -> list:
+        return self.session.run(outputs, feeds)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+
+def session_options(threads: int | None = None, spinning: bool = False, optimize: bool = True) -> ort.SessionOptions:
+    """Options for a session; ``spinning=False`` keeps interleaved sessions from stealing each other's cores."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
+
+
+def create_session(model: onnx.ModelProto | str | os.PathLike[str], provider: str = "auto",
+                   threads: int | None = None, spinning: bool = False, optimize: bool = True) -> Session:
+    """A session on ``provider`` ("auto": CUDA when a session really gets it, else CPU).
+
+    Asking for "cuda" or "tensorrt" explicitly and not getting it is an error, never a silent fallback.
+    """
+    if provider not in ("auto", *PROVIDERS):
+        raise OnnxPruneError(f"unknown provider {provider!r}; choose auto, cpu, cuda or tensorrt")
+    available = set(ort.get_available_providers())
+    wanted = "cuda" if provider == "auto" and "CUDAExecutionProvider" in available else provider
+    wanted = "cpu" if wanted == "auto" else wanted
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    options = session_options(threads, spinning, optimize)
+    try:
+        with warnings.catch_warnings():  # the fallback is detected and reported below, not warned about
+            warnings.simplefilter("ignore")
+            session = ort.InferenceSession(source, options, providers=PROVIDERS[wanted])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        if provider == "auto" and wanted != "cpu":
+            return create_session(model, "cpu", threads, spinning, optimize)
+        raise OnnxPruneError(f"onnxruntime could not create a session: {str(exc).strip().splitlines()[0][:300]}") from None
+    used = SHORT_NAMES.get(session.get_providers()[0], session.get_providers()[0])
+    if provider in ("cuda", "tensorrt") and used != provider:
+        raise OnnxPruneError(f"asked for the {provider} provider but onnxruntime runs on {used} "
+                             f"(available: {sorted(available)}); is onnxruntime-gpu installed and a GPU visible?")
+    return Session(session, used, threads)

@@ -1,0 +1,167 @@
+import json
+import tarfile
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+from PIL import Image
+
+from onnxprune import api
+from onnxprune.data.preprocess import Preprocess
+from onnxprune.data.sources import load_data
+from onnxprune.errors import OnnxPruneError
+
+CLASSES = ["red", "green", "blue"]
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+
+
+def colour_model(with_metadata: bool = True) -> onnx.ModelProto:
+    """logits = per-channel mean of the input: a red image is class 0, green 1, blue 2."""
+    eye = numpy_helper.from_array(np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1), "eye")
+    nodes = [helper.make_node("Conv", ["input", "eye"], ["c"], name="conv"),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["logits"], name="flatten")]
+    graph = helper.make_graph(nodes, "colour", [helper.make_tensor_value_info("input", 1, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", 1, ["N", 3])], [eye])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if with_metadata:
+        prep = {"input": "input", "layout": "NCHW", "size": [8, 8], "scale": 1 / 255, "mean": MEAN, "std": STD}
+        model.metadata_props.add(key="onnxprune.preprocess", value=json.dumps(prep))
+        model.metadata_props.add(key="onnxprune.labels", value=json.dumps(CLASSES))
+    return model
+
+
+def colour_images(n_per_class: int = 4, size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for c in range(3):
+        for _ in range(n_per_class):
+            im = np.full((size, size, 3), 30, np.uint8)
+            im[..., c] = 220
+            images.append(im)
+            labels.append(c)
+    return np.stack(images), np.asarray(labels)
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "colour.onnx"
+    onnx.save(colour_model(), path)
+    return path
+
+
+def test_uint8_images_nhwc_and_nchw_follow_the_metadata(tmp_path):
+    x, y = colour_images()
+    np.save(tmp_path / "nhwc.npy", x)
+    np.save(tmp_path / "nchw.npy", x.transpose(0, 3, 1, 2))
+    a = load_data(tmp_path / "nhwc.npy", colour_model())
+    b = load_data(tmp_path / "nchw.npy", colour_model())
+    np.testing.assert_array_equal(a.inputs["input"], b.inputs["input"])
+    expected = ((x[0].astype(np.float32) / 255 - MEAN) / STD).transpose(2, 0, 1)
+    np.testing.assert_allclose(a.inputs["input"][0], expected, rtol=1e-6)
+    assert a.labels is None and not a.random
+
+
+def test_float_array_is_fed_as_it_is(tmp_path):
+    x = np.random.default_rng(0).normal(size=(5, 3, 8, 8))
+    np.save(tmp_path / "x.npy", x)
+    d = load_data(tmp_path / "x.npy", colour_model())
+    assert d.inputs["input"].dtype == np.float32 and np.allclose(d.inputs["input"], x, atol=1e-6)
+
+
+def test_npz_with_x_y_or_the_input_name(tmp_path):
+    x, y = colour_images()
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    np.savez(tmp_path / "b.npz", input=x)
+    assert (load_data(tmp_path / "a.npz", colour_model()).labels == y).all()
+    assert load_data(tmp_path / "b.npz", colour_model()).labels is None
+
+
+def write_images(root, nested: bool = True):
+    x, y = colour_images(2, size=16)  # resized to the model's 8x8 on the way in
+    for k, (im, label) in enumerate(zip(x, y)):
+        folder = root / CLASSES[label] if nested else root
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(folder / f"{k}.png")
+    return y
+
+
+def test_image_folder_with_class_subfolders_and_a_flat_one(tmp_path):
+    y = write_images(tmp_path / "nested")
+    d = load_data(tmp_path / "nested", colour_model())
+    assert sorted(d.labels.tolist()) == sorted(y.tolist()) and d.inputs["input"].shape == (6, 3, 8, 8)
+    write_images(tmp_path / "flat", nested=False)
+    assert load_data(tmp_path / "flat", colour_model()).labels is None
+
+
+def test_tar_of_images(tmp_path):
+    write_images(tmp_path / "imgs")
+    with tarfile.open(tmp_path / "imgs.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "imgs", arcname="imgs")
+    d = load_data(tmp_path / "imgs.tar.gz", colour_model())
+    assert len(d) == 6 and sorted(set(d.labels.tolist())) == [0, 1, 2]
+
+
+def test_random_fallback_is_labelled_and_seeded():
+    a, b = load_data(None, colour_model(), samples=8, seed=3), load_data("random", colour_model(), samples=8, seed=3)
+    assert a.random and "RANDOM" in a.source and len(a) == 8
+    np.testing.assert_array_equal(a.inputs["input"], b.inputs["input"])
+
+
+def test_samples_keep_a_seeded_subset(tmp_path):
+    x, y = colour_images(10)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    a = load_data(tmp_path / "d.npz", colour_model(), samples=7, seed=1)
+    b = load_data(tmp_path / "d.npz", colour_model(), samples=7, seed=1)
+    assert len(a) == 7 and (a.labels == b.labels).all() and "7 of 30" in a.source
+    assert [len(f["input"]) for f, _ in a.batches(3)] == [3, 3, 1]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: np.save(d / "f.npy", np.zeros((2, 3, 9, 8), np.float32)), "has shape"),
+    (lambda d: np.save(d / "f.npy", np.zeros((2, 3, 8, 8), np.int32)), "dtype int32"),
+    (lambda d: np.save(d / "f.npy", np.full((2, 3, 8, 8), np.nan, np.float32)), "NaN or Inf"),
+    (lambda d: np.save(d / "f.npy", np.zeros((0, 3, 8, 8), np.float32)), "empty"),
+    (lambda d: np.save(d / "f.npy", np.zeros((2, 8, 8), np.uint8)), "must be"),
+])
+def test_bad_arrays_are_refused(tmp_path, make, message):
+    make(tmp_path)
+    with pytest.raises(OnnxPruneError, match=message):
+        load_data(tmp_path / "f.npy", colour_model())
+
+
+def test_other_refusals(tmp_path):
+    x, y = colour_images()
+    np.savez(tmp_path / "wrong_names.npz", images=x)
+    with pytest.raises(OnnxPruneError, match="no array 'x' or 'input'"):
+        load_data(tmp_path / "wrong_names.npz", colour_model())
+    np.savez(tmp_path / "bad_y.npz", x=x, y=y[:-1])
+    with pytest.raises(OnnxPruneError, match="labels must be"):
+        load_data(tmp_path / "bad_y.npz", colour_model())
+    np.save(tmp_path / "u8.npy", x)
+    with pytest.raises(OnnxPruneError, match="no onnxprune.preprocess metadata"):
+        load_data(tmp_path / "u8.npy", colour_model(with_metadata=False))
+    assert len(load_data(tmp_path / "u8.npy", colour_model(False), preprocess=Preprocess(mean=MEAN, std=STD))) == 12
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OnnxPruneError, match="no image files"):
+        load_data(tmp_path / "empty", colour_model())
+    write_images(tmp_path / "other")
+    (tmp_path / "other" / "red").rename(tmp_path / "other" / "crimson")
+    with pytest.raises(OnnxPruneError, match="not among the model's class names"):
+        load_data(tmp_path / "other", colour_model())
+    with pytest.raises(OnnxPruneError, match="no such data"):
+        load_data(tmp_path / "missing.npz", colour_model())
+    with pytest.raises(OnnxPruneError, match="at least 1"):
+        load_data(None, colour_model(), samples=0)
+
+
+def test_eval_accuracy_and_agreement(tmp_path, model_file):
+    x, y = colour_images()
+    y_wrong = y.copy()
+    y_wrong[:3] = (y_wrong[:3] + 1) % 3
+    np.savez(tmp_path / "d.npz", x=x, y=y_wrong)
+    result = api.evaluate(model_file, str(tmp_path / "d.npz"), reference=str(model_file))
+    assert result["accuracy"] == pytest.approx(9 / 12) and result["agreement"] == 1.0 and result["mean_kl"] < 1e-12
+    assert result["provider"] == "cpu" and not result["random_data"]
+    with pytest.raises(OnnxPruneError, match="nothing to evaluate"):
+        api.evaluate(model_file, None)
