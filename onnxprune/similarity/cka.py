@@ -126,3 +126,25 @@ class StreamingCKA:
         yy_c = yy - self.n * np.outer(my, my)
         yx_c = yx - self.n * np.outer(my, mx)
         return _ratio(np.linalg.norm(yx_c) ** 2, np.linalg.norm(xx_c) ** 2 * np.linalg.norm(yy_c) ** 2)
+
+
+class StoredCKA:
+    """Keeps the (float32) representations and computes ``cka`` at the end: for wide features
+    (p in the thousands), where three p x p accumulators would cost more than n x p rows."""
+
+    def __init__(self, unbiased: bool = False) -> None:
+        self.unbiased = unbiased
+        self._x: list[np.ndarray] = []
+        self._y: list[np.ndarray] = []
+
+    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        self._x.append(np.asarray(x, np.float32).reshape(len(x), -1))
+        self._y.append(np.asarray(y, np.float32).reshape(len(y), -1))
+
+    def value(self) -> float:
+        return cka(np.concatenate(self._x), np.concatenate(self._y), unbiased=self.unbiased)
+
+
+def accumulator(width: int, unbiased: bool = False) -> StreamingCKA | StoredCKA:
+    """A streaming accumulator for features up to 512 wide (memory independent of n), else stored rows."""
+    return StreamingCKA(unbiased) if width <= 512 and not unbiased else StoredCKA(unbiased)

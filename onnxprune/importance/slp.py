@@ -1,0 +1,153 @@
+"""SLP: similarity-guided layer pruning (Pons et al., "Effective Layer Pruning Through Similarity
+Metric Perspective", arXiv 2405.17081; ALGORITHMS.md section 2).
+
+A removable residual block's score is 1 - CKA(features of the original network, features with the
+block removed), label-free, at the classifier's input. The lowest score is the least important
+block. Scoring runs the original network once per batch, capturing each candidate block's input,
+and then only the part of the network after each candidate (a suffix model) on that input.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxprune.data.sources import Dataset
+from onnxprune.errors import OnnxPruneError
+from onnxprune.graph.analysis import ResidualBlock, Structure, analyze_model
+from onnxprune.graph.io import infer_shapes
+from onnxprune.plan import Plan, apply_plan, fingerprint
+from onnxprune.runtime.capture import suffix_model, with_outputs
+from onnxprune.runtime.session import create_session
+from onnxprune.similarity.cka import accumulator
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BlockScore:
+    join: str
+    score: float
+    macs: int
+    params: int
+
+
+@dataclass
+class ScoreRun:
+    scores: list[BlockScore]
+    provider: str
+    seconds: float
+    samples: int
+
+
+def stage_of(block: ResidualBlock) -> tuple:
+    """Blocks whose output has the same channels and spatial size form a stage."""
+    return tuple(block.output_shape[1:]) if block.output_shape else (block.index,)
+
+
+def removal_candidates(structure: Structure, min_blocks_per_stage: int = 1) -> list[ResidualBlock]:
+    """Removable blocks whose stage keeps at least ``min_blocks_per_stage`` blocks without them."""
+    counts = Counter(stage_of(b) for b in structure.residual_blocks)
+    return [b for b in structure.residual_blocks if b.removable and counts[stage_of(b)] > min_blocks_per_stage]
+
+
+def score_blocks(model: onnx.ModelProto, data: Dataset, blocks: list[ResidualBlock], feature: str,
+                 provider: str = "auto", batch: int = 64, suffix_only: bool = True,
+                 unbiased: bool = False) -> ScoreRun:
+    """SLP scores of ``blocks`` on ``data`` (the same samples for the original and every candidate)."""
+    start = time.perf_counter()
+    if suffix_only:
+        suffixes = [suffix_model(model, b.output, [feature]) for b in blocks]
+        sessions = [create_session(s, provider) for s, _ in suffixes]
+        captured = [feature] + [b.input for b in blocks] + [t for _, side in suffixes for t in side]
+        full = create_session(with_outputs(model, captured), provider)
+    else:
+        pruned = [apply_plan(model, Plan(remove_blocks=[b.join]))[0] for b in blocks]
+        sessions = [create_session(with_outputs(p, [feature]), provider) for p in pruned]
+        full = create_session(with_outputs(model, [feature]), provider)
+    accumulators = None
+    for feeds, _ in data.batches(batch):
+        outs = dict(zip(full.output_names, full.run(feeds)))
+        reference = outs[feature].reshape(len(outs[feature]), -1)
+        if accumulators is None:
+            accumulators = [accumulator(reference.shape[1], unbiased) for _ in blocks]
+        for k, (block, session) in enumerate(zip(blocks, sessions)):
+            if suffix_only:
+                side = suffixes[k][1]
+                feed = {block.output: outs[block.input], **{t: outs[t] for t in side}}
+                features = session.run(feed, [feature])[0]
+            else:
+                features = session.run(feeds, [feature])[0]
+            accumulators[k].update(reference, features)
+    if accumulators is None:
+        raise OnnxPruneError("no calibration data to score with")
+    scores = [BlockScore(b.join, float(1.0 - acc.value()), b.macs, b.params) for b, acc in zip(blocks, accumulators)]
+    return ScoreRun(scores, full.provider, time.perf_counter() - start, len(data))
+
+
+@dataclass
+class SLPResult:
+    model: onnx.ModelProto
+    plan: Plan
+    history: list[dict] = field(default_factory=list)
+    provider: str = "cpu"
+    target_met: bool = True
+    message: str = ""
+
+
+def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, remove_blocks: int | None = None,
+              macs_reduction: float | None = None, min_blocks_per_stage: int = 1, one_shot: bool = False,
+              provider: str = "auto", batch: int = 64, progress: Progress | None = None) -> SLPResult:
+    """Remove the lowest-scoring block, re-score on the pruned network, repeat until ``remove_blocks``
+    blocks are gone or ``macs_reduction`` of the MACs; ``one_shot`` ranks once and removes in that order."""
+    if (remove_blocks is None) == (macs_reduction is None):
+        raise OnnxPruneError("give exactly one stop criterion: --remove-blocks N or --macs-reduction F")
+    if macs_reduction is not None and not 0 < macs_reduction < 1:
+        raise OnnxPruneError(f"--macs-reduction is a fraction between 0 and 1, not {macs_reduction}")
+    say = progress or (lambda _msg: None)
+    original_macs = analyze_model(model).macs
+    current, removed, history, provider_used = model, [], [], provider
+    ranking: list[BlockScore] | None = None
+
+    def done() -> bool:
+        if remove_blocks is not None:
+            return len(removed) >= remove_blocks
+        return 1 - analyze_model(current).macs / original_macs >= macs_reduction
+
+    while not done():
+        structure = analyze_model(current)
+        candidates = removal_candidates(structure, min_blocks_per_stage)
+        if not candidates:
+            break
+        if ranking is None or not one_shot:
+            run = score_blocks(current, data, candidates, feature, provider, batch)
+            provider_used = run.provider
+            ranking = sorted(run.scores, key=lambda s: s.score)
+            say(f"slp: scored {len(candidates)} blocks on {run.samples} samples in {run.seconds:.1f} s ({run.provider})")
+        allowed = {b.join for b in candidates}
+        choice = next((s for s in ranking if s.join in allowed and s.join not in removed), None)
+        if choice is None:
+            break
+        removed.append(choice.join)
+        current = infer_shapes(apply_plan(current, Plan(remove_blocks=[choice.join]))[0])
+        macs = analyze_model(current).macs
+        history.append({"removed": choice.join, "score": choice.score, "macs": macs,
+                        "macs_reduction": 1 - macs / original_macs})
+        say(f"slp: removed {choice.join} (score {choice.score:.5f}); MACs -{100 * (1 - macs / original_macs):.1f}%")
+    plan = Plan(remove_blocks=removed, fingerprint=fingerprint(model), method="slp-one-shot" if one_shot else "slp",
+                predicted={"macs_before": original_macs, "macs_after": analyze_model(current).macs,
+                           "history": history})
+    met = done()
+    message = "" if met else (f"stopped after {len(removed)} blocks: no removable block is left whose stage keeps "
+                              f"{min_blocks_per_stage} block(s)")
+    return SLPResult(current, plan, history, provider_used, met, message)
+
+
+def ranking_table(scores: list[BlockScore]) -> list[tuple[int, BlockScore]]:
+    order = np.argsort([s.score for s in scores], kind="stable")
+    return [(int(rank), scores[i]) for rank, i in enumerate(order, start=1)]

@@ -1,0 +1,130 @@
+"""Capturing intermediate tensors with onnxruntime, and cutting a model into the part that runs
+after a given tensor (a suffix), so a candidate change can be scored without re-running the prefix.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import onnx
+from onnx import helper
+
+
+def _value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    g = model.graph
+    infos = {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    for init in g.initializer:
+        infos.setdefault(init.name, helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return infos
+
+
+def _info(infos: dict[str, onnx.ValueInfoProto], name: str) -> onnx.ValueInfoProto:
+    if name in infos:
+        copy = onnx.ValueInfoProto()
+        copy.CopyFrom(infos[name])
+        return copy
+    return helper.make_empty_tensor_value_info(name)
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the named intermediate tensors (after its own outputs)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    infos = _value_infos(model)
+    present = {o.name for o in copy.graph.output}
+    for name in dict.fromkeys(names):
+        if name not in present:
+            copy.graph.output.append(_info(infos, name))
+    return copy
+
+
+def suffix_model(model: onnx.ModelProto, start: str, outputs: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+    """The nodes that compute ``outputs`` from tensor ``start`` onward, as a model.
+
+    Its inputs are ``start`` and the *side inputs*: tensors the suffix reads that are computed
+    before it (or are graph inputs), e.g. a shape read from the graph input, or an outer residual's
+    fork. They do not depend on ``start``, so the values captured from the original model serve.
+    Returns (model, side input names).
+    """
+    g = model.graph
+    consumers: dict[str, list[int]] = {}
+    producer: dict[str, int] = {}
+    for i, node in enumerate(g.node):
+        for t in node.input:
+            consumers.setdefault(t, []).append(i)
+        for t in node.output:
+            producer[t] = i
+    downstream: set[int] = set()
+    queue = deque(consumers.get(start, []))
+    while queue:
+        i = queue.popleft()
+        if i not in downstream:
+            downstream.add(i)
+            queue.extend(c for t in g.node[i].output for c in consumers.get(t, []))
+    # Nodes that compute constants (Constant, Identity of a weight) travel with the suffix.
+    constant = {t.name for t in g.initializer}
+    constant_nodes: set[int] = set()
+    for i, node in enumerate(g.node):
+        if all(t in constant for t in node.input if t):
+            constant_nodes.add(i)
+            constant.update(node.output)
+    movable = downstream | constant_nodes
+    needed: set[int] = set()
+    queue = deque(producer[o] for o in outputs if o in producer and producer[o] in downstream)
+    while queue:
+        i = queue.popleft()
+        if i not in needed:
+            needed.add(i)
+            queue.extend(producer[t] for t in g.node[i].input if t in producer and producer[t] in movable)
+    for o in outputs:
+        if o != start and (o not in producer or producer[o] not in downstream):
+            raise ValueError(f"output {o} is not computed from {start}")
+    nodes = [g.node[i] for i in sorted(needed)]
+    made = {t for n in nodes for t in n.output}
+    initializers = {t.name: t for t in g.initializer}
+    read = [t for n in nodes for t in n.input if t and t not in made]
+    side = [t for t in dict.fromkeys(read) if t != start and t not in initializers]
+    infos = _value_infos(model)
+    graph = helper.make_graph(
+        nodes, f"{g.name}_from_{start}",
+        [_info(infos, start)] + [_info(infos, t) for t in side],
+        [_info(infos, o) for o in outputs],
+        [initializers[t] for t in dict.fromkeys(read) if t in initializers],
+    )
+    suffix = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    suffix.functions.extend(model.functions)
+    return suffix, side
+
+
+def feature_tensor(model: onnx.ModelProto) -> str:
+    """The classifier's input: the data input of the last Gemm/MatMul on the way to the first output."""
+    g = model.graph
+    producer = {t: n for n in g.node for t in n.output}
+    initializers = {t.name for t in g.initializer}
+    queue, seen = deque([g.output[0].name]), set()
+    while queue:
+        t = queue.popleft()
+        node = producer.get(t)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type in ("Gemm", "MatMul"):
+            data = [i for i in node.input if i and i not in initializers and _depends_on_input(i, producer, g)]
+            if data:
+                return data[0]
+        queue.extend(node.input)
+    raise ValueError("no Gemm or MatMul on the way to the model's output: name the feature tensor (--feature-tensor)")
+
+
+def _depends_on_input(tensor: str, producer: dict, g: onnx.GraphProto) -> bool:
+    inputs = {i.name for i in g.input}
+    stack, seen = [tensor], set()
+    while stack:
+        t = stack.pop()
+        if t in inputs:
+            return True
+        node = producer.get(t)
+        if node is not None and id(node) not in seen:
+            seen.add(id(node))
+            stack.extend(node.input)
+    return False
