@@ -24,6 +24,8 @@ verbs:
   analyze   residual blocks, shortcuts, removability, cost, and the conv chain of a model
   apply     apply a plan (blocks to remove, activations to drop, convs to merge) and verify the result
   eval      top-1 accuracy on labelled data, and agreement with a reference model
+  score     SLP importance of every removable residual block (1 - CKA of the features without it)
+  prune     remove blocks by SLP until a block count or MACs reduction is met; verified model + plan
 """
 
 
@@ -73,6 +75,44 @@ def build_parser() -> argparse.ArgumentParser:
     add_provider_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_eval)
+
+    p = verbs.add_parser(
+        "score", help="SLP importance of every removable residual block",
+        description="Score every removable residual block by SLP (Pons et al., arXiv 2405.17081): 1 - CKA between "
+        "the original network's features (the classifier's input) and the features with that block removed, on "
+        "the calibration data, without labels. Lower = less important. Only the part of the network after each "
+        "block is run per candidate, fed with that block's captured input.",
+    )
+    p.add_argument("model", help="the .onnx file")
+    add_data_arguments(p)
+    p.add_argument("--feature-tensor", help="the representation to compare (default: the input of the last "
+                   "Gemm/MatMul on the way to the output)")
+    add_provider_argument(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object with blocks: [{join, score, ...}]")
+    p.set_defaults(run=_score)
+
+    p = verbs.add_parser(
+        "prune", help="prune a model and write the verified result and its plan",
+        description="Remove residual blocks by SLP: score, remove the lowest-scoring block, re-score on the pruned "
+        "network, repeat until --remove-blocks N blocks or --macs-reduction F of the MACs are gone (--one-shot ranks "
+        "once). Writes OUT and its plan (OUT with .plan.json), after verifying the result against the original.",
+    )
+    p.add_argument("model", help="the original .onnx file (never modified)")
+    p.add_argument("--method", choices=["slp"], default="slp", help="pruning method (default slp)")
+    stop = p.add_mutually_exclusive_group(required=True)
+    stop.add_argument("--remove-blocks", type=int, metavar="N", help="remove N blocks")
+    stop.add_argument("--macs-reduction", type=float, metavar="F", help="remove blocks until this fraction of the MACs is gone")
+    p.add_argument("--min-blocks-per-stage", type=int, default=1, metavar="K",
+                   help="keep at least K blocks in every stage (blocks with the same output shape); default 1")
+    p.add_argument("--one-shot", action="store_true", help="rank once instead of re-scoring after each removal")
+    p.add_argument("--feature-tensor", help="the representation to compare (default: the classifier's input)")
+    p.add_argument("-o", "--output", required=True, help="where to write the pruned .onnx file")
+    p.add_argument("--plan", help="where to write the plan (default: OUTPUT with .plan.json)")
+    add_data_arguments(p)
+    add_provider_argument(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(run=_prune)
     return parser
 
 
@@ -161,6 +201,47 @@ def _apply(args: argparse.Namespace) -> int:
               f"merged {len(summary['merged'])} conv runs")
         print(result["verification_text"])
         print(f"wrote {result['output']}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from onnxprune.report.text import human, table
+
+    result = api.score(args.model, args.data, feature_tensor=args.feature_tensor, samples=args.samples,
+                       seed=args.seed, batch=args.batch, preprocess=_preprocess_overrides(args), provider=args.provider)
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    print(f"data: {result['data']}; feature tensor {result['feature_tensor']}; provider {result['provider']}; "
+          f"{result['seconds']:.1f} s")
+    ranks = {b["join"]: r for r, b in enumerate(sorted(result["blocks"], key=lambda b: b["score"]), start=1)}
+    rows = [[b["join"], f"{b['score']:.6f}", str(ranks[b["join"]]), human(b["macs"])] for b in result["blocks"]]
+    print(table(rows, ["join", "score (1 - CKA)", "rank", "MACs"], right={1, 2, 3}))
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    result = api.prune(args.model, args.output, method=args.method, data=args.data, remove_blocks=args.remove_blocks,
+                       macs_reduction=args.macs_reduction, min_blocks_per_stage=args.min_blocks_per_stage,
+                       one_shot=args.one_shot, feature_tensor=args.feature_tensor, samples=args.samples,
+                       seed=args.seed, batch=args.batch, preprocess=_preprocess_overrides(args),
+                       provider=args.provider, plan_path=args.plan, progress=progress)
+    text = result.pop("verification_text")
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"{result['method']}: removed {len(result['removed_blocks'])} blocks, MACs "
+              f"{result['macs_before'] / 1e6:.2f} M -> {result['macs_after'] / 1e6:.2f} M "
+              f"(-{100 * result['macs_reduction']:.1f}%), provider {result['provider']}")
+        print(f"data: {result['data']}")
+        print(text)
+        print(f"wrote {result['output']} and {result['plan']}")
+    if not result["target_met"]:
+        print(f"onnxprune: error: target not met: {result['message']}", file=sys.stderr)
+        return 1
     return 0
 
 
