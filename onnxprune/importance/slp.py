@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 
 from onnxprune.data.sources import Dataset
@@ -148,6 +147,14 @@ def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, remove_blocks
     return SLPResult(current, plan, history, provider_used, met, message)
 
 
-def ranking_table(scores: list[BlockScore]) -> list[tuple[int, BlockScore]]:
-    order = np.argsort([s.score for s in scores], kind="stable")
-    return [(int(rank), scores[i]) for rank, i in enumerate(order, start=1)]
+def take_in_order(order: list[str], structure: Structure, count: int, min_blocks_per_stage: int = 1) -> list[str]:
+    """The first ``count`` blocks of ``order`` that can go while every stage keeps its minimum."""
+    blocks = {b.join: b for b in structure.residual_blocks}
+    left = Counter(stage_of(b) for b in structure.residual_blocks)
+    taken = []
+    for join in order:
+        stage = stage_of(blocks[join])
+        if len(taken) < count and blocks[join].removable and left[stage] > min_blocks_per_stage:
+            taken.append(join)
+            left[stage] -= 1
+    return taken

@@ -94,3 +94,14 @@ def test_scoring_a_dynamo_vit_with_shape_side_inputs(exported):
     fast = score_blocks(model, data, blocks, feature, "cpu", batch=4)
     slow = score_blocks(model, data, blocks, feature, "cpu", batch=4, suffix_only=False)
     np.testing.assert_allclose([x.score for x in fast.scores], [x.score for x in slow.scores], atol=1e-6)
+
+
+def test_l1_baseline_ranks_the_tiny_block_lowest():
+    from onnxprune.importance.baselines import l1_norms, random_order
+
+    model = classifier(seed=2, tiny_block=2)
+    blocks = removal_candidates(analyze_model(model), 0)
+    norms = l1_norms(model, blocks)
+    assert min(norms, key=norms.get) == blocks[2].join and all(v > 0 for v in norms.values())
+    assert sorted(random_order(blocks, 0)) == sorted(b.join for b in blocks)
+    assert random_order(blocks, 0) == random_order(blocks, 0) != random_order(blocks, 1)
