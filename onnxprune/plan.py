@@ -30,7 +30,7 @@ from onnxprune.graph.analysis import Structure, analyze_graph
 from onnxprune.graph.normalize import to_graph, to_model
 
 SCHEMA = 1
-_LISTS = ("remove_blocks", "replace_with_shortcut", "drop_activations", "merge")
+_LISTS = ("remove_blocks", "replace_with_shortcut", "drop_activations", "drop_convs", "merge")
 _KNOWN_KEYS = set(_LISTS) | {"schema", "model", "method", "predicted", "notes"}
 
 
@@ -43,7 +43,8 @@ class Plan:
     remove_blocks: list[str] = field(default_factory=list)
     replace_with_shortcut: list[str] = field(default_factory=list)
     drop_activations: list[str] = field(default_factory=list)
-    merge: list[list[str]] = field(default_factory=list)
+    drop_convs: list[str] = field(default_factory=list)
+    merge: list[list[str] | dict] = field(default_factory=list)  # run, or {"convs": run, "fold_identity": join}
     fingerprint: str | None = None
     method: str | None = None
     predicted: dict = field(default_factory=dict)
@@ -70,20 +71,32 @@ class Plan:
             raise PlanError(f"plan schema {data.get('schema')} is not supported (this onnxprune reads schema {SCHEMA})")
         plan = cls(fingerprint=(data.get("model") or {}).get("fingerprint"), method=data.get("method"),
                    predicted=data.get("predicted") or {}, notes=list(data.get("notes") or []))
-        for name in ("remove_blocks", "replace_with_shortcut", "drop_activations"):
+        for name in ("remove_blocks", "replace_with_shortcut", "drop_activations", "drop_convs"):
             values = data.get(name, [])
             if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
                 raise PlanError(f"plan key {name!r} must be a list of node names")
             setattr(plan, name, values)
         runs = data.get("merge", [])
-        if not isinstance(runs, list) or not all(isinstance(r, list) and all(isinstance(v, str) for v in r) for r in runs):
-            raise PlanError("plan key 'merge' must be a list of lists of conv names")
+        if not isinstance(runs, list) or not all(_is_run(r) for r in runs):
+            raise PlanError("plan key 'merge' must be a list of runs: lists of conv names, or "
+                            '{"convs": [...], "fold_identity": "<join>"}')
         plan.merge = runs
         return plan
 
     @property
     def empty(self) -> bool:
         return not any(getattr(self, name) for name in _LISTS)
+
+
+def _is_run(run: object) -> bool:
+    if isinstance(run, dict):
+        return set(run) <= {"convs", "fold_identity"} and _is_run(run.get("convs")) and (
+            run.get("fold_identity") is None or isinstance(run["fold_identity"], str))
+    return isinstance(run, list) and bool(run) and all(isinstance(v, str) for v in run)
+
+
+def run_convs(run: list[str] | dict) -> list[str]:
+    return run["convs"] if isinstance(run, dict) else run
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:
@@ -122,8 +135,8 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> tuple[onnx.ModelProto, dic
     if plan.empty:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        return copy, {"removed_blocks": [], "replaced_with_shortcut": [], "dropped_activations": [], "merged": [],
-                      "changes_function": False}
+        return copy, {"removed_blocks": [], "replaced_with_shortcut": [], "dropped_activations": [], "dropped_convs": [],
+                      "merged": [], "changes_function": False}
     graph = to_graph(model)
     structure = analyze_graph(graph, model)
     _validate(plan, structure)
@@ -154,32 +167,53 @@ def _validate(plan: Plan, s: Structure) -> None:
             raise PlanError(f"block {join} has a {blocks[join].shortcut} shortcut, not a projection")
     conv_index = {c.name: c.index for c in s.convs}
     gone = {name for join in plan.remove_blocks + plan.replace_with_shortcut for name in blocks[join].branch_nodes}
+    dropped = set(plan.drop_convs)
+    for name in plan.drop_convs:
+        if name not in conv_index:
+            raise PlanError(f"drop_convs names {name!r}, which is not a conv of the main chain")
+        c = s.convs[conv_index[name]]
+        if c.in_channels != c.out_channels or any(st > 1 for st in c.stride) or c.input_shape != c.output_shape:
+            raise PlanError(f"conv {name} changes the shape of its input: it cannot become an identity")
+        if name in gone:
+            raise PlanError(f"drop_convs names {name!r}, which belongs to a block the plan removes")
     used: set[str] = set()
-    for run in plan.merge:
+    spans = {s.residual_blocks[sp["block"]].join: sp for sp in s.spans}
+    for entry in plan.merge:
+        run = run_convs(entry)
+        fold = entry.get("fold_identity") if isinstance(entry, dict) else None
+        if fold is not None and fold not in spans:
+            raise PlanError(f"fold_identity names {fold!r}, which is not the join of an identity block over chain convs")
         for name in run:
             if name not in conv_index:
                 raise PlanError(f"merge names {name!r}, which is not a conv of the main chain")
             if name in gone:
                 raise PlanError(f"merge names {name!r}, which belongs to a block the plan removes")
-            if name in used:
-                raise PlanError(f"conv {name!r} appears in two merges")
+            if name in used or name in dropped:
+                raise PlanError(f"conv {name!r} appears in two merges, or is both merged and dropped")
             used.add(name)
         positions = [conv_index[n] for n in run]
-        if positions != list(range(positions[0], positions[0] + len(positions))):
-            raise PlanError(f"merge {run} is not a run of consecutive chain convs")
+        between = [c.name for c in s.convs[positions[0]:positions[-1] + 1]]
+        if positions != sorted(positions) or any(n not in run and n not in dropped for n in between):
+            raise PlanError(f"merge {run} is not a run of consecutive chain convs (dropped convs may lie between)")
         for link in s.links[positions[0]:positions[-1]]:
             if link.barrier:
                 raise PlanError(f"merge {run} crosses a barrier ({link.barrier}) after conv {s.convs[link.source].name}")
 
 
-def covered_join(s: Structure, run: list[str]) -> str | None:
-    """The join of the identity block whose span the run covers exactly, if any (its identity folds in)."""
+def covered_join(s: Structure, run: list[str] | dict, dropped: set[str] = frozenset()) -> str | None:
+    """The join whose identity folds into the run's merged conv: named in a ``{"convs", "fold_identity"}``
+    run, else the innermost identity span whose convs are all in the run or dropped."""
+    if isinstance(run, dict):
+        return run.get("fold_identity")
     index = {c.name: c.index for c in s.convs}
-    first, last = index[run[0]], index[run[-1]]
+    positions = [index[n] for n in run]
+    covering = []
     for span in s.spans:
-        if span["source"] == first - 1 and span["target"] == last:
-            return s.residual_blocks[span["block"]].join
-    return None
+        first, last = span["source"] + 1, span["target"]
+        inside = [c.name for c in s.convs[first:last + 1]]
+        if first <= min(positions) and max(positions) <= last and all(n in run or n in dropped for n in inside):
+            covering.append((last - first, s.residual_blocks[span["block"]].join))
+    return min(covering)[1] if covering else None
 
 
 def _apply(graph: gs.Graph, plan: Plan, s: Structure) -> dict:
@@ -187,10 +221,13 @@ def _apply(graph: gs.Graph, plan: Plan, s: Structure) -> dict:
     activations = [rewrite.activation_of(graph, name) for name in plan.drop_activations]
     for act in activations:
         rewrite.drop_activation(graph, act)
+    for name in plan.drop_convs:
+        rewrite.drop_conv(graph, rewrite.node_named(graph, name))
     rewrite.finish(graph)
     merged = []
-    for run in plan.merge:
-        join = covered_join(s, run)
+    for entry in plan.merge:
+        run = run_convs(entry)
+        join = covered_join(s, entry, set(plan.drop_convs))
         node = rewrite.merge_run(graph, run, through_join=join)
         rewrite.finish(graph)
         merged.append({"convs": run, "into": node.name, "kernel": node.attrs["kernel_shape"],
@@ -203,6 +240,7 @@ def _apply(graph: gs.Graph, plan: Plan, s: Structure) -> dict:
         "removed_blocks": list(plan.remove_blocks),
         "replaced_with_shortcut": list(plan.replace_with_shortcut),
         "dropped_activations": [act.kind + ":" + act.nodes[-1].name for act in activations],
+        "dropped_convs": list(plan.drop_convs),
         "merged": merged,
         "changes_function": not plan.empty,
     }

@@ -103,6 +103,14 @@ def drop_activation(graph: gs.Graph, act: Activation) -> None:
     bypass(graph, act.output, act.input)
 
 
+def drop_conv(graph: gs.Graph, conv: gs.Node) -> None:
+    """conv(x) -> x, for a conv whose output has its input's shape (LayerMerge's pruned conv)."""
+    x, y = conv.inputs[0], conv.outputs[0]
+    if x.shape is None or y.shape is None or list(x.shape) != list(y.shape):
+        raise RewriteError(f"conv {conv.name} changes the shape of its input: it cannot become an identity")
+    bypass(graph, y, x)
+
+
 def merge_run(graph: gs.Graph, conv_names: list[str], through_join: str | None = None) -> gs.Node:
     """Replace convs ``conv_names`` (consecutive on the chain) by one conv.
 
@@ -112,7 +120,7 @@ def merge_run(graph: gs.Graph, conv_names: list[str], through_join: str | None =
     with the identity added at the centre tap. Returns the new conv.
     """
     convs = [node_named(graph, n) for n in conv_names]
-    if len(convs) < 2 and through_join is None:
+    if not convs or (len(convs) < 2 and through_join is None):
         raise RewriteError("a merge needs at least two convs, or one conv and the join it covers")
     for prev, nxt in zip(convs, convs[1:]):
         stride = conv_info(prev).stride if conv_info(prev) else None

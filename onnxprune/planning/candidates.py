@@ -1,0 +1,143 @@
+"""LayerMerge's search space derived from the analysis (ALGORITHMS.md section 4), with SLP's move in it.
+
+DP positions are 0..D for a chain of D convs: position p sits after chain conv p - 1 (position 0
+is the chain's input). A segment (s, e] holds chain convs s..e-1; the activations strictly inside
+it are removed, the one at its end stays. A segment is valid when
+
+- no barrier lies between its convs,
+- only 1x1 convs follow a strided conv inside it,
+- it is laminar with every identity residual span: inside it, disjoint from it, or covering it
+  exactly (then the identity folds into the merged kernel's centre tap).
+
+Its options are the subsets of convs to keep: channel-changing and strided convs always stay,
+the others may become identities. Subsets giving the same merged shape (kernel, depthwise) are
+represented by the one with the largest summed L1 weight norm, as the public code does. A segment
+that covers an identity block exactly also has the option "remove the block" (SLP's move).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.graph.analysis import Structure
+
+
+@dataclass(frozen=True)
+class Option:
+    start: int  # DP position s
+    end: int  # DP position e: the segment holds chain convs s..e-1
+    keep: tuple[str, ...]  # convs merged into one (or the one conv, unchanged)
+    drop: tuple[str, ...]  # convs replaced by the identity
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    depthwise: bool
+    fold_identity: str | None = None  # join of the block whose identity folds into the merged conv
+    remove_block: str | None = None  # join of the block this option removes
+    drop_activations: tuple[str, ...] = ()  # activation nodes strictly inside the segment
+
+    @property
+    def original(self) -> bool:
+        return self.end - self.start == 1 and len(self.keep) == 1 and self.fold_identity is None
+
+
+def conv_l1_norms(graph: gs.Graph) -> dict[str, float]:
+    return {n.name: float(np.abs(np.asarray(n.inputs[1].values, np.float64)).sum())
+            for n in graph.nodes if n.op == "Conv" and isinstance(n.inputs[1], gs.Constant)}
+
+
+def _identity_spans(structure: Structure) -> list[tuple[int, int, str]]:
+    """(a, b, join) in DP positions for identity residual spans over the chain."""
+    blocks = structure.residual_blocks
+    return [(span["source"] + 1, span["target"] + 1, blocks[span["block"]].join) for span in structure.spans
+            if blocks[span["block"]].shortcut == "identity"]
+
+
+def valid_segment(structure: Structure, s: int, e: int) -> tuple[bool, str | None]:
+    """(valid, join of the identity span the segment covers exactly, if any)."""
+    convs = structure.convs[s:e]
+    if any(structure.links[k].barrier for k in range(s, e - 1)):
+        return False, None
+    strided = False
+    for c in convs:
+        if strided and any(k != 1 for k in c.kernel):
+            return False, None
+        strided = strided or any(st > 1 for st in c.stride)
+    exact = None
+    for a, b, join in _identity_spans(structure):
+        disjoint, inside = e <= a or b <= s, a <= s and e <= b
+        if (s, e) == (a, b):
+            exact = join
+        elif not (disjoint or inside):
+            return False, None
+    if e - s > 1 or exact:  # joins of projection blocks inside a multi-conv segment are barriers already
+        for k in range(s, e - 1):
+            if any(structure.residual_blocks[j].shortcut != "identity" for j in structure.links[k].joins):
+                return False, None
+    return True, exact
+
+
+def enumerate_options(structure: Structure, l1: dict[str, float], max_convs: int = 4,
+                      max_kernel: int = 7) -> list[Option]:
+    """Every option of every valid segment of at most ``max_convs`` convs, originals first."""
+    convs = structure.convs
+    options: list[Option] = []
+    for length in range(1, max_convs + 1):
+        for s in range(0, len(convs) - length + 1):
+            e = s + length
+            ok, exact = valid_segment(structure, s, e)
+            if not ok:
+                continue
+            options.extend(_segment_options(structure, s, e, exact, l1, max_kernel))
+    return options
+
+
+def _segment_options(structure: Structure, s: int, e: int, exact: str | None, l1: dict[str, float],
+                     max_kernel: int) -> list[Option]:
+    convs = structure.convs[s:e]
+    inner_acts = tuple(name for c in convs[:-1] for name in c.activation_nodes)
+    required = [c for c in convs if c.in_channels != c.out_channels or any(st > 1 for st in c.stride)]
+    optional = [c for c in convs if c not in required]
+    best: dict[tuple, tuple[float, Option]] = {}
+    if exact is not None:  # dropping the whole block is SLP's move, inside LayerMerge's search space
+        best[("remove",)] = (0.0, Option(s, e, (), tuple(c.name for c in convs), (1, 1), (1, 1), False,
+                                         remove_block=exact, drop_activations=inner_acts))
+    for r in range(len(optional) + 1):
+        for dropped in itertools.combinations(optional, r):
+            kept = [c for c in convs if c not in dropped]
+            if not kept:
+                continue
+            kernel = tuple(1 + sum(k[d] - 1 for k in (c.kernel for c in kept)) for d in range(len(kept[0].kernel)))
+            if max(kernel) > max_kernel or (exact is not None and any(k % 2 == 0 for k in kernel)):
+                continue
+            stride = tuple(int(np.prod([c.stride[d] for c in kept])) for d in range(len(kernel)))
+            depthwise = all(c.depthwise for c in kept)
+            if len(kept) == 1 and e - s == 1 and exact is None:
+                key: tuple = ("original",)
+            else:
+                key = (kernel, stride, depthwise)
+            option = Option(s, e, tuple(c.name for c in kept), tuple(c.name for c in dropped), kernel, stride,
+                            depthwise, fold_identity=exact, drop_activations=inner_acts)
+            weight = sum(l1.get(c.name, 0.0) for c in kept)
+            if key not in best or weight > best[key][0]:
+                best[key] = (weight, option)
+    return [option for _, option in best.values()]
+
+
+def options_plan(options: list[Option]) -> dict:
+    """The plan entries (as Plan keyword arguments) that realise the chosen options."""
+    plan: dict[str, list] = {"remove_blocks": [], "drop_activations": [], "drop_convs": [], "merge": []}
+    for o in options:
+        if o.remove_block is not None:
+            plan["remove_blocks"].append(o.remove_block)
+            continue
+        plan["drop_activations"].extend(o.drop_activations)
+        plan["drop_convs"].extend(o.drop)
+        if o.fold_identity is not None:
+            plan["merge"].append({"convs": list(o.keep), "fold_identity": o.fold_identity})
+        elif len(o.keep) > 1:
+            plan["merge"].append(list(o.keep))
+    return plan
