@@ -1,0 +1,208 @@
+"""Latency backends behind one interface: each times a model at given inputs, after warm-up, as the
+median of repeated runs, with its thread count fixed and reported.
+
+- ``ort-cpu``: onnxruntime on the CPU (the default; the one tested without a GPU);
+- ``ort-cuda``: onnxruntime's CUDA provider, inputs and outputs bound on the device (IO binding);
+- ``ort-tensorrt``: onnxruntime's TensorRT provider, engine and timing caches on;
+- ``tensorrt``: the TensorRT Python API (builder with a shared timing cache, execute_async_v3,
+  CUDA events through torch's CUDA runtime). Imported lazily.
+
+A backend that cannot run on this machine raises ``BackendUnavailable`` saying why; the provider
+a session really got is checked, never assumed (onnxruntime-gpu silently falls back to the CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxprune.errors import OnnxPruneError
+from onnxprune.runtime.session import create_session, session_options
+
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
+
+
+class BackendUnavailable(OnnxPruneError):
+    """The backend cannot run here (no GPU, no tensorrt, no CUDA provider)."""
+
+
+@dataclass
+class Backend:
+    name: str
+    threads: int | None
+    device: str = ""
+    versions: dict = field(default_factory=dict)
+    cache_dir: str | None = None
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": self.device, "threads": self.threads, "versions": self.versions}
+
+    def runner(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]):
+        """A callable that runs ``model`` once on ``feeds`` and waits for the result."""
+        if self.name == "tensorrt":
+            return _tensorrt_runner(model, feeds, self.cache_dir)
+        provider = {"ort-cpu": "cpu", "ort-cuda": "cuda", "ort-tensorrt": "tensorrt"}[self.name]
+        if provider == "cpu":
+            session = create_session(model, "cpu", threads=self.threads)
+            return lambda: session.run(feeds)
+        return _ort_gpu_runner(model, feeds, provider, self.cache_dir)
+
+    def time(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray], warmup: int = 5, repeats: int = 20) -> float:
+        """Median seconds of one run."""
+        run = self.runner(model, feeds)
+        return median_time(run, warmup, repeats)
+
+
+def median_time(run, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        measured = run()  # a runner timed on the device (CUDA events) returns its own seconds
+        times.append(measured if isinstance(measured, float) else time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def get_backend(name: str, threads: int | None = None, cache_dir: str | None = None) -> Backend:
+    if name not in BACKENDS:
+        raise OnnxPruneError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    versions = {"onnxruntime": ort.__version__, "onnx": onnx.__version__}
+    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "onnxprune-trt-cache")
+    if name == "ort-cpu":
+        threads = threads or default_threads()
+        return Backend(name, threads, f"{cpu_name()}, {threads} threads", versions)
+    if name == "tensorrt":
+        trt, torch = _tensorrt_modules()
+        versions.update(tensorrt=trt.__version__, torch=torch.__version__)
+        return Backend(name, None, torch.cuda.get_device_name(0), versions, cache_dir)
+    provider = {"ort-cuda": "CUDAExecutionProvider", "ort-tensorrt": "TensorrtExecutionProvider"}[name]
+    if provider not in ort.get_available_providers():
+        raise BackendUnavailable(f"backend {name} needs onnxruntime's {provider}, which this onnxruntime lacks "
+                                 f"(available: {', '.join(ort.get_available_providers())}); pip install 'onnxprune[gpu]'")
+    return Backend(name, None, _cuda_device_name(), versions, cache_dir)
+
+
+def _cuda_device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return "CUDA device"
+
+
+def _ort_gpu_runner(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider: str, cache_dir: str | None):
+    options = session_options()
+    providers: list = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if provider == "tensorrt":
+        os.makedirs(cache_dir, exist_ok=True)
+        trt_options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache_dir,
+                       "trt_timing_cache_enable": True, "trt_timing_cache_path": cache_dir}
+        providers = [("TensorrtExecutionProvider", trt_options)] + providers
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    wanted = "TensorrtExecutionProvider" if provider == "tensorrt" else "CUDAExecutionProvider"
+    if session.get_providers()[0] != wanted:
+        raise BackendUnavailable(f"onnxruntime gave {session.get_providers()[0]} instead of {wanted}: no usable GPU?")
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    for out in session.get_outputs():
+        binding.bind_output(out.name, "cuda", 0)
+
+    def run() -> None:
+        session.run_with_iobinding(binding)  # returns once the device work has finished
+    return run
+
+
+def _tensorrt_modules():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BackendUnavailable("backend tensorrt needs the tensorrt package (NVIDIA's index): "
+                                 "pip install 'onnxprune[tensorrt]'") from None
+    try:
+        import torch
+    except ImportError:
+        raise BackendUnavailable("backend tensorrt uses torch's CUDA runtime for buffers and events: "
+                                 "install a CUDA build of torch") from None
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("backend tensorrt needs a CUDA GPU; torch sees none")
+    return trt, torch
+
+
+def _tensorrt_runner(model: onnx.ModelProto, feeds: dict[str, np.ndarray], cache_dir: str | None):
+    """Build an engine for the feeds' shapes (shared timing cache on disk) and return a timed runner."""
+    trt, torch = _tensorrt_modules()
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(model.SerializeToString()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise OnnxPruneError(f"TensorRT could not parse the model: {errors}")
+    config = builder.create_builder_config()
+    cache_path = os.path.join(cache_dir, "timing.cache")
+    os.makedirs(cache_dir, exist_ok=True)
+    blob = open(cache_path, "rb").read() if os.path.exists(cache_path) else b""
+    cache = config.create_timing_cache(blob)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    profile = builder.create_optimization_profile()
+    for name, value in feeds.items():
+        profile.set_shape(name, value.shape, value.shape, value.shape)
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise OnnxPruneError("TensorRT failed to build an engine for the model")
+    with open(cache_path, "wb") as f:
+        f.write(memoryview(config.get_timing_cache().serialize()))
+    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    context = engine.create_execution_context()
+    buffers = []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            context.set_input_shape(name, feeds[name].shape)
+            tensor = torch.from_numpy(np.ascontiguousarray(feeds[name])).cuda()
+        else:
+            shape = tuple(context.get_tensor_shape(name))
+            tensor = torch.empty(shape, dtype=getattr(torch, str(np.dtype(trt.nptype(engine.get_tensor_dtype(name))))),
+                                 device="cuda")
+        buffers.append(tensor)
+        context.set_tensor_address(name, tensor.data_ptr())
+    stream = torch.cuda.Stream()
+
+    def run() -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        context.execute_async_v3(stream.cuda_stream)
+        end.record(stream)
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    run.buffers = buffers  # keep the device buffers alive as long as the runner
+    return run
