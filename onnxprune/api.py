@@ -107,8 +107,12 @@ def prune(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str], 
           data: str | None = None, remove_blocks: int | None = None, macs_reduction: float | None = None,
           min_blocks_per_stage: int = 1, one_shot: bool = False, feature_tensor: str | None = None,
           samples: int | None = None, seed: int = 0, batch: int = 64, preprocess: dict | None = None,
-          provider: str = "auto", plan_path: str | os.PathLike[str] | None = None, progress=None) -> dict:
-    """Prune, verify, and write the model and its plan (``<out>.plan.json`` unless ``plan_path``)."""
+          provider: str = "auto", plan_path: str | os.PathLike[str] | None = None, progress=None,
+          speedup: float | None = None, backend: str = "ort-cpu", latency_batch: int = 1,
+          latency_table: str | None = None, scope: str = "global") -> dict:
+    """Prune, verify, and write the model and its plan (``<out>.plan.json`` unless ``plan_path``).
+
+    With ``speedup``, prune until the speed-up measured on ``backend`` at ``latency_batch`` meets it."""
     from pathlib import Path
 
     from onnxprune.errors import OnnxPruneError
@@ -117,8 +121,14 @@ def prune(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str], 
     from onnxprune.plan import apply_plan, save_plan
     from onnxprune.verify import verify
 
+    if method not in ("slp", "layermerge"):
+        raise OnnxPruneError(f"unknown method {method!r}; available: slp, layermerge")
+    if speedup is not None:
+        return _prune_to_speedup(model_path, out_path, method, data, speedup, backend, latency_batch, latency_table,
+                                 scope, min_blocks_per_stage, feature_tensor, samples, seed, batch, preprocess,
+                                 provider, plan_path, progress)
     if method != "slp":
-        raise OnnxPruneError(f"unknown method {method!r}; available: slp")
+        raise OnnxPruneError("--method layermerge needs a --speedup target")
     if Path(out_path).resolve() == Path(model_path).resolve():
         raise OnnxPruneError("the output path is the input model: onnxprune never overwrites its input")
     model = load_model(model_path)
@@ -143,3 +153,89 @@ def prune(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str], 
             "target_met": result.target_met, "message": result.message, "provider": result.provider,
             "data": dataset.source, "random_data": dataset.random, "history": result.history,
             "verification": verification.to_dict(), "verification_text": verification.summary()}
+
+
+def _prune_to_speedup(model_path, out_path, method, data, speedup, backend, latency_batch, latency_table, scope,
+                      min_blocks_per_stage, feature_tensor, samples, seed, batch, preprocess, provider, plan_path,
+                      progress) -> dict:
+    from pathlib import Path
+
+    from onnxprune.errors import OnnxPruneError
+    from onnxprune.graph.io import save_model
+    from onnxprune.latency.backends import get_backend
+    from onnxprune.latency.table import load_table
+    from onnxprune.plan import fingerprint, save_plan
+    from onnxprune.speedup import layermerge_to_speedup, slp_to_speedup
+
+    if speedup <= 1.0:
+        raise OnnxPruneError(f"--speedup is a factor above 1 (1.5 = 1.5x faster), not {speedup}")
+    if Path(out_path).resolve() == Path(model_path).resolve():
+        raise OnnxPruneError("the output path is the input model: onnxprune never overwrites its input")
+    model = load_model(model_path)
+    dataset = _dataset(model, data, samples, seed, preprocess)
+    if dataset.random and progress:
+        progress("warning: no --data given: scoring on RANDOM inputs, which says little about real data")
+    feature = _feature(model, feature_tensor)
+    timing = get_backend(backend)
+    if method == "layermerge":
+        table = load_table(latency_table, fingerprint(model)) if latency_table else None
+        if table is not None and table.batch != latency_batch:
+            raise OnnxPruneError(f"the latency table was measured at batch {table.batch}, not {latency_batch}")
+        result = layermerge_to_speedup(model, dataset, feature, speedup, timing, latency_batch, scope, provider,
+                                       table, progress=progress)
+    else:
+        result = slp_to_speedup(model, dataset, feature, speedup, timing, latency_batch, min_blocks_per_stage,
+                                provider, progress)
+    plan_path = Path(plan_path) if plan_path else Path(out_path).with_suffix(".plan.json")
+    save_model(result.model, out_path)
+    save_plan(result.plan, plan_path)
+    before, after = analyze_model(model).macs, analyze_model(load_model(out_path)).macs
+    return {"output": str(out_path), "plan": str(plan_path), "method": method, "target_speedup": speedup,
+            "measured_speedup": result.speedup, "original_latency_s": result.original_s,
+            "pruned_latency_s": result.pruned_s, "predicted_latency_s": result.predicted_s,
+            "target_met": result.met,
+            "message": "" if result.met else f"measured {result.speedup:.3f}x misses the {speedup}x target by "
+                                             f"{100 * (speedup / result.speedup - 1):.1f}%",
+            "backend": timing.describe(), "latency_batch": latency_batch, "attempts": result.attempts,
+            "stages_s": result.stages, "removed_blocks": result.plan.remove_blocks,
+            "merged": result.plan.merge, "dropped_convs": result.plan.drop_convs,
+            "dropped_activations": result.plan.drop_activations, "macs_before": before, "macs_after": after,
+            "macs_reduction": 1 - after / before, "data": dataset.source, "random_data": dataset.random,
+            "provider": provider, "verification": result.verification.to_dict(),
+            "verification_text": result.verification.summary()}
+
+
+def latency(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str], backend: str = "ort-cpu",
+            batch: int = 1, threads: int | None = None, warmup: int = 5, repeats: int = 20, progress=None) -> dict:
+    """Build the LayerMerge latency table of a model on ``backend`` and write it to ``out_path``."""
+    from onnxprune.graph.normalize import to_graph
+    from onnxprune.latency.backends import get_backend
+    from onnxprune.latency.table import build_table
+    from onnxprune.plan import fingerprint
+    from onnxprune.planning.candidates import conv_l1_norms, enumerate_options
+
+    model = load_model(model_path)
+    structure = analyze_model(model)
+    options = enumerate_options(structure, conv_l1_norms(to_graph(model)))
+    table = build_table(model, structure, options, get_backend(backend, threads), batch, fingerprint(model),
+                        warmup, repeats, progress)
+    table.save(out_path)
+    return {"output": str(out_path), "rows": len(table.rows), "options": len(options), "whole_s": table.whole_s,
+            "fixed_s": table.fixed_s, **table.backend, "batch": batch}
+
+
+def bench(model_path: str | os.PathLike[str], other_path: str | os.PathLike[str] | None = None,
+          backend: str = "ort-cpu", batch: int = 1, threads: int | None = None, rounds: int = 5,
+          repeats: int = 10) -> dict:
+    """Latency of one model, or of two side by side (taking turns) with their ratio."""
+    from onnxprune.latency.backends import get_backend
+    from onnxprune.latency.table import compare
+
+    timing = get_backend(backend, threads)
+    models = [load_model(model_path)] + ([load_model(other_path)] if other_path else [])
+    medians = compare(models, timing, batch, rounds, repeats)
+    result = {"backend": timing.describe(), "batch": batch, "models": [
+        {"model": str(p), "latency_s": t} for p, t in zip([model_path, other_path], medians)]}
+    if other_path:
+        result["speedup"] = medians[0] / medians[1]
+    return result

@@ -25,7 +25,9 @@ verbs:
   apply     apply a plan (blocks to remove, activations to drop, convs to merge) and verify the result
   eval      top-1 accuracy on labelled data, and agreement with a reference model
   score     SLP importance of every removable residual block (1 - CKA of the features without it)
-  prune     remove blocks by SLP until a block count or MACs reduction is met; verified model + plan
+  prune     SLP or LayerMerge until a block count, MACs reduction or measured speed-up is met
+  latency   measure a model's LayerMerge latency table on a backend (e.g. on the deployment device)
+  bench     latency of a model, or of two side by side with their ratio
 """
 
 
@@ -93,15 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser(
         "prune", help="prune a model and write the verified result and its plan",
-        description="Remove residual blocks by SLP: score, remove the lowest-scoring block, re-score on the pruned "
-        "network, repeat until --remove-blocks N blocks or --macs-reduction F of the MACs are gone (--one-shot ranks "
-        "once). Writes OUT and its plan (OUT with .plan.json), after verifying the result against the original.",
+        description="SLP (--method slp): score blocks by 1 - CKA, remove the lowest, re-score, repeat until "
+        "--remove-blocks N, --macs-reduction F or --speedup X is met (--one-shot ranks once). LayerMerge "
+        "(--method layermerge, with --speedup X): time every merge/prune option on --backend, score it by CKA, "
+        "solve the DP for the latency budget, then measure original and pruned side by side; when the measured "
+        "speed-up misses X the budget is tightened and the DP solved again (a few times); exit status 1 if X is "
+        "still missed. Writes OUT and its plan (OUT with .plan.json) after verifying the result.",
     )
     p.add_argument("model", help="the original .onnx file (never modified)")
-    p.add_argument("--method", choices=["slp"], default="slp", help="pruning method (default slp)")
+    p.add_argument("--method", choices=["slp", "layermerge"], default=None,
+                   help="slp (default without --speedup) or layermerge (default with --speedup)")
     stop = p.add_mutually_exclusive_group(required=True)
-    stop.add_argument("--remove-blocks", type=int, metavar="N", help="remove N blocks")
-    stop.add_argument("--macs-reduction", type=float, metavar="F", help="remove blocks until this fraction of the MACs is gone")
+    stop.add_argument("--remove-blocks", type=int, metavar="N", help="remove N blocks (slp)")
+    stop.add_argument("--macs-reduction", type=float, metavar="F", help="remove blocks until this fraction of the MACs is gone (slp)")
+    stop.add_argument("--speedup", type=float, metavar="X", help="prune until the model runs X times faster, as measured")
+    p.add_argument("--backend", choices=["ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt"], default="ort-cpu",
+                   help="where latency is measured for --speedup (default ort-cpu)")
+    p.add_argument("--latency-batch", type=int, default=1, help="batch size at which latency is measured (default 1)")
+    p.add_argument("--latency-table", help="reuse a table from 'onnxprune latency' (e.g. measured on the target device)")
+    p.add_argument("--scope", choices=["global", "local"], default="global",
+                   help="layermerge importance: CKA at the features (global) or one conv after the change (local)")
     p.add_argument("--min-blocks-per-stage", type=int, default=1, metavar="K",
                    help="keep at least K blocks in every stage (blocks with the same output shape); default 1")
     p.add_argument("--one-shot", action="store_true", help="rank once instead of re-scoring after each removal")
@@ -113,6 +126,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(run=_prune)
+
+    p = verbs.add_parser(
+        "latency", help="measure a model's LayerMerge latency table",
+        description="Time every distinct LayerMerge row of MODEL (each merged or original conv with its activation, at "
+        "its real input shape and batch) and the whole model on --backend, and write the table as JSON. Build it on "
+        "the deployment device and pass it to prune --latency-table; it records backend, device, versions, batch, "
+        "dtype and threads, and is refused for another model.",
+    )
+    p.add_argument("model", help="the .onnx file")
+    p.add_argument("--backend", choices=["ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt"], default="ort-cpu")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--threads", type=int, help="CPU threads for ort-cpu (default: all this process may use)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per row; the median is kept (default 20)")
+    p.add_argument("-o", "--output", required=True, help="where to write the table (.json)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_latency)
+
+    p = verbs.add_parser(
+        "bench", help="latency of a model, or two side by side",
+        description="Median latency of MODEL on --backend; with OTHER, both are measured taking turns (A B A B) in "
+        "one process, with onnxruntime's thread spinning off, and their ratio (MODEL / OTHER = speed-up of OTHER) "
+        "is reported.",
+    )
+    p.add_argument("model", help="the .onnx file (the original, when comparing)")
+    p.add_argument("other", nargs="?", help="a second .onnx file (the pruned one)")
+    p.add_argument("--backend", choices=["ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt"], default="ort-cpu")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--threads", type=int, help="CPU threads for ort-cpu")
+    p.add_argument("--rounds", type=int, default=5, help="turns each model takes (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_bench)
     return parser
 
 
@@ -223,11 +267,14 @@ def _score(args: argparse.Namespace) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    result = api.prune(args.model, args.output, method=args.method, data=args.data, remove_blocks=args.remove_blocks,
+    method = args.method or ("layermerge" if args.speedup else "slp")
+    result = api.prune(args.model, args.output, method=method, data=args.data, remove_blocks=args.remove_blocks,
                        macs_reduction=args.macs_reduction, min_blocks_per_stage=args.min_blocks_per_stage,
                        one_shot=args.one_shot, feature_tensor=args.feature_tensor, samples=args.samples,
                        seed=args.seed, batch=args.batch, preprocess=_preprocess_overrides(args),
-                       provider=args.provider, plan_path=args.plan, progress=progress)
+                       provider=args.provider, plan_path=args.plan, progress=progress, speedup=args.speedup,
+                       backend=args.backend, latency_batch=args.latency_batch, latency_table=args.latency_table,
+                       scope=args.scope)
     text = result.pop("verification_text")
     if args.json:
         json.dump(result, sys.stdout)
@@ -236,12 +283,47 @@ def _prune(args: argparse.Namespace) -> int:
         print(f"{result['method']}: removed {len(result['removed_blocks'])} blocks, MACs "
               f"{result['macs_before'] / 1e6:.2f} M -> {result['macs_after'] / 1e6:.2f} M "
               f"(-{100 * result['macs_reduction']:.1f}%), provider {result['provider']}")
+        if "measured_speedup" in result:
+            print(f"latency on {result['backend']['backend']} ({result['backend']['device']}), batch "
+                  f"{result['latency_batch']}: {1e3 * result['original_latency_s']:.3f} ms -> "
+                  f"{1e3 * result['pruned_latency_s']:.3f} ms, measured speed-up {result['measured_speedup']:.3f}x "
+                  f"(target {result['target_speedup']}x)")
         print(f"data: {result['data']}")
         print(text)
         print(f"wrote {result['output']} and {result['plan']}")
     if not result["target_met"]:
         print(f"onnxprune: error: target not met: {result['message']}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _latency(args: argparse.Namespace) -> int:
+    progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    result = api.latency(args.model, args.output, args.backend, args.batch, args.threads, repeats=args.repeats,
+                         progress=progress)
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"{result['rows']} distinct rows for {result['options']} options on {result['backend']} "
+              f"({result['device']}), batch {result['batch']}: whole model {1e3 * result['whole_s']:.3f} ms, "
+              f"fixed part {1e3 * result['fixed_s']:.3f} ms")
+        print(f"wrote {result['output']}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    result = api.bench(args.model, args.other, args.backend, args.batch, args.threads, args.rounds)
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    b = result["backend"]
+    print(f"{b['backend']} on {b['device']}, batch {result['batch']}")
+    for m in result["models"]:
+        print(f"  {m['model']}: {1e3 * m['latency_s']:.3f} ms (median)")
+    if "speedup" in result:
+        print(f"speed-up of {args.other} over {args.model}: {result['speedup']:.3f}x")
     return 0
 
 

@@ -101,11 +101,13 @@ class SLPResult:
 
 def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, remove_blocks: int | None = None,
               macs_reduction: float | None = None, min_blocks_per_stage: int = 1, one_shot: bool = False,
-              provider: str = "auto", batch: int = 64, progress: Progress | None = None) -> SLPResult:
+              provider: str = "auto", batch: int = 64, progress: Progress | None = None,
+              until: Callable[[onnx.ModelProto], bool] | None = None) -> SLPResult:
     """Remove the lowest-scoring block, re-score on the pruned network, repeat until ``remove_blocks``
-    blocks are gone or ``macs_reduction`` of the MACs; ``one_shot`` ranks once and removes in that order."""
-    if (remove_blocks is None) == (macs_reduction is None):
-        raise OnnxPruneError("give exactly one stop criterion: --remove-blocks N or --macs-reduction F")
+    blocks are gone, ``macs_reduction`` of the MACs, or ``until(pruned model)`` holds (a measured
+    speed-up, say); ``one_shot`` ranks once and removes in that order."""
+    if sum(x is not None for x in (remove_blocks, macs_reduction, until)) != 1:
+        raise OnnxPruneError("give exactly one stop criterion: --remove-blocks N, --macs-reduction F or --speedup X")
     if macs_reduction is not None and not 0 < macs_reduction < 1:
         raise OnnxPruneError(f"--macs-reduction is a fraction between 0 and 1, not {macs_reduction}")
     say = progress or (lambda _msg: None)
@@ -116,6 +118,8 @@ def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, remove_blocks
     def done() -> bool:
         if remove_blocks is not None:
             return len(removed) >= remove_blocks
+        if until is not None:
+            return bool(removed) and until(current)
         return 1 - analyze_model(current).macs / original_macs >= macs_reduction
 
     while not done():

@@ -1,8 +1,9 @@
 """Latency tables for LayerMerge: one entry per distinct row (a conv with its trailing activation, at
 its real input shape, batch and dtype), timed once on a backend, plus the fixed part of the network.
 
-The fixed part is the whole model's measured latency minus the summed latency of its original
-rows, so the table predicts the original exactly and a pruned model as fixed + its rows; how well
+A row's latency is its model's run time minus that of an identity model with the same input (the
+per-run overhead, which the whole model pays once, not per conv). The fixed part is the whole
+model's measured latency minus the summed latency of its original rows, so the table predicts the original exactly and a pruned model as fixed + its rows; how well
 rows add up is checked by measuring (benchmarks/RESULTS.md). A table is JSON: it can be built on
 the deployment device (``onnxprune latency``) and carried back; it is refused for another model.
 """
@@ -134,6 +135,16 @@ def row_model(option: Option, structure: Structure, batch: int, dtype=np.float32
     return model
 
 
+def overhead_model(in_shape: list[int], elem_type: int) -> onnx.ModelProto:
+    """A model that does nothing but take the row's input: its run time is the per-run overhead."""
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "overhead",
+                              [helper.make_tensor_value_info("x", elem_type, in_shape)],
+                              [helper.make_tensor_value_info("y", elem_type, in_shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
 def random_feeds(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -160,9 +171,15 @@ def build_table(model: onnx.ModelProto, structure: Structure, options: list[Opti
         signature = row_signature(option, structure, batch)
         if signature is not None and signature not in distinct:
             distinct[signature] = option
+    overheads: dict[tuple, float] = {}
     for k, (signature, option) in enumerate(distinct.items(), start=1):
         row = row_model(option, structure, batch, dtype.type if np.issubdtype(dtype, np.floating) else np.float32)
-        rows[signature] = backend.time(row, random_feeds(row, batch), warmup, repeats)
+        in_shape = tuple(row.graph.input[0].type.tensor_type.shape.dim[i].dim_value for i in range(4))
+        if in_shape not in overheads:  # what a run costs before any conv: the call, the input copy
+            empty = overhead_model(list(in_shape), row.graph.input[0].type.tensor_type.elem_type)
+            overheads[in_shape] = backend.time(empty, random_feeds(empty, batch), warmup, repeats)
+        timed = backend.time(row, random_feeds(row, batch), warmup, repeats)
+        rows[signature] = max(timed - overheads[in_shape], 0.05 * timed)
         if k % 10 == 0 or k == len(distinct):
             say(f"latency: timed {k}/{len(distinct)} distinct rows on {backend.name}")
     originals = [o for o in options if o.original]

@@ -1,0 +1,142 @@
+"""Pruning to a measured speed-up target ("make this model 1.5x faster on my target").
+
+LayerMerge (Kim et al., ICML 2024): enumerate options, time their rows on the backend (or reuse a
+table), score them by CKA, solve the DP for the latency budget, apply, verify, and measure the
+original and the pruned model side by side. When the measured speed-up misses the target, the
+budget is tightened by measured/predicted and the DP solved again, a bounded number of times.
+SLP: remove blocks by SLP until the measured speed-up meets the target.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import onnx
+
+from onnxprune.data.sources import Dataset
+from onnxprune.errors import OnnxPruneError
+from onnxprune.graph.analysis import analyze_model
+from onnxprune.graph.normalize import to_graph
+from onnxprune.importance.layermerge import row_importances
+from onnxprune.importance.slp import prune_slp
+from onnxprune.latency.backends import Backend
+from onnxprune.latency.table import LatencyTable, build_table, compare
+from onnxprune.plan import Plan, apply_plan, fingerprint
+from onnxprune.planning import dp
+from onnxprune.planning.candidates import conv_l1_norms, enumerate_options, options_plan
+from onnxprune.verify import Verification, verify
+
+Progress = Callable[[str], None]
+UNITS = 2000  # latency units in the budget: fine enough, and one solve stays well under a second
+
+
+@dataclass
+class SpeedupResult:
+    model: onnx.ModelProto
+    plan: Plan
+    target: float
+    speedup: float  # measured, original / pruned, side by side
+    original_s: float
+    pruned_s: float
+    predicted_s: float | None
+    met: bool
+    attempts: list[dict] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)  # wall seconds per stage
+    table: LatencyTable | None = None
+    verification: Verification | None = None
+
+
+def _measure(original: onnx.ModelProto, pruned: onnx.ModelProto, backend: Backend, batch: int) -> tuple[float, float]:
+    t_original, t_pruned = compare([original, pruned], backend, batch)
+    return t_original, t_pruned
+
+
+def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: float, backend: Backend,
+                          batch: int, scope: str = "global", provider: str = "auto", table: LatencyTable | None = None,
+                          max_attempts: int = 4, progress: Progress | None = None) -> SpeedupResult:
+    say = progress or (lambda _m: None)
+    stages: dict[str, float] = {}
+    clock = time.perf_counter()
+    structure = analyze_model(model)
+    options = enumerate_options(structure, conv_l1_norms(to_graph(model)))
+    stages["candidates"] = time.perf_counter() - clock
+    say(f"layermerge: {len(options)} options over {len(structure.convs)} chain convs")
+    if table is None:
+        clock = time.perf_counter()
+        table = build_table(model, structure, options, backend, batch, fingerprint(model), progress=say)
+        stages["latency table"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    rows = row_importances(model, structure, options, data, feature, scope, provider, progress=say)
+    stages["importance"] = time.perf_counter() - clock
+    dp_rows = [dp.Row(r.option.start, r.option.end, table.option_latency(r.option, structure), r.importance, r.option)
+               for r in rows]
+    chain_budget = table.whole_s / target - table.fixed_s
+    attempts, best = [], None
+    stages["dp"] = stages["apply"] = stages["verify"] = stages["measure"] = 0.0
+    for attempt in range(1, max_attempts + 1):
+        if chain_budget <= 0:
+            raise OnnxPruneError(f"a {target}x speed-up is out of reach: the part of the network LayerMerge "
+                                 "cannot change takes more than the whole budget")
+        clock = time.perf_counter()
+        try:
+            solution = dp.solve(dp_rows, len(structure.convs), chain_budget, chain_budget / UNITS)
+        except dp.Infeasible:
+            raise OnnxPruneError(f"no combination of merges and removals reaches {target}x on {backend.name} "
+                                 f"(attempt {attempt})") from None
+        stages["dp"] += time.perf_counter() - clock
+        chosen = [r.key for r in solution.rows]
+        plan = Plan(**options_plan([o for o in chosen if not o.original]), fingerprint=fingerprint(model),
+                    method="layermerge")
+        clock = time.perf_counter()
+        pruned, _ = apply_plan(model, plan)
+        stages["apply"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        verification = verify(model, pruned, feeds=next(data.batches(16))[0])
+        stages["verify"] += time.perf_counter() - clock
+        if not verification.passed:
+            raise OnnxPruneError(f"the pruned model failed verification: {verification.summary()}")
+        clock = time.perf_counter()
+        t_original, t_pruned = _measure(model, pruned, backend, batch)
+        stages["measure"] += time.perf_counter() - clock
+        predicted = table.fixed_s + solution.latency
+        speedup = t_original / t_pruned
+        attempts.append({"attempt": attempt, "budget_s": chain_budget + table.fixed_s, "predicted_s": predicted,
+                         "measured_s": t_pruned, "original_s": t_original, "speedup": speedup,
+                         "importance": solution.importance, "rows_changed": sum(not o.original for o in chosen)})
+        say(f"layermerge: attempt {attempt}: predicted {1e3 * predicted:.2f} ms, measured {1e3 * t_pruned:.2f} ms "
+            f"against {1e3 * t_original:.2f} ms: {speedup:.3f}x (target {target}x)")
+        plan.predicted = {"latency_s": predicted, "importance": solution.importance, "backend": table.backend,
+                          "batch": batch, "attempts": attempts}
+        best = SpeedupResult(pruned, plan, target, speedup, t_original, t_pruned, predicted, speedup >= target,
+                             attempts, stages, table, verification)
+        if speedup >= target:
+            break
+        chain_budget = (t_original / target) * (predicted / t_pruned) - table.fixed_s  # measured/predicted
+    return best
+
+
+def slp_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: float, backend: Backend, batch: int,
+                   min_blocks_per_stage: int = 1, provider: str = "auto",
+                   progress: Progress | None = None) -> SpeedupResult:
+    say = progress or (lambda _m: None)
+    measured: dict[str, float] = {}
+
+    def fast_enough(current: onnx.ModelProto) -> bool:
+        t_original, t_pruned = _measure(model, current, backend, batch)
+        measured.update(original=t_original, pruned=t_pruned)
+        say(f"slp: measured {t_original / t_pruned:.3f}x (target {target}x)")
+        return t_original / t_pruned >= target
+
+    clock = time.perf_counter()
+    result = prune_slp(model, data, feature, min_blocks_per_stage=min_blocks_per_stage, provider=provider,
+                       progress=say, until=fast_enough)
+    pruned, _ = apply_plan(model, result.plan)
+    verification = verify(model, pruned, feeds=next(data.batches(16))[0])
+    if not verification.passed:
+        raise OnnxPruneError(f"the pruned model failed verification: {verification.summary()}")
+    speedup = measured["original"] / measured["pruned"] if measured else 1.0
+    return SpeedupResult(pruned, result.plan, target, speedup, measured.get("original", 0.0),
+                         measured.get("pruned", 0.0), None, speedup >= target,
+                         stages={"slp": time.perf_counter() - clock}, verification=verification)

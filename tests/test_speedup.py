@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune.cli import main
+from onnxprune.data.sources import load_data
+from onnxprune.graph.io import infer_shapes
+from onnxprune.latency.backends import get_backend
+from onnxprune.plan import apply_plan
+from onnxprune.runtime.capture import feature_tensor
+from onnxprune.speedup import layermerge_to_speedup, slp_to_speedup
+from onnxprune.verify import verify
+from tests.builders import GraphBuilder, residual_block
+
+
+def deep_net(seed=0):
+    g = GraphBuilder(("batch", 3, 16, 16), seed=seed)
+    x = g.relu(g.conv(g.input, 16))
+    for _ in range(6):
+        x = residual_block(g, x)
+    pooled = g.node("Flatten", [g.node("GlobalAveragePool", [x])], 16)
+    w = g.const(g.rng.normal(size=(10, 16)).astype(np.float32))
+    return infer_shapes(g.build([g.node("Gemm", [pooled, w, g.const(np.zeros(10, np.float32))], 10, transB=1)]))
+
+
+@pytest.mark.parametrize("method", ["layermerge", "slp"])
+def test_speedup_result_is_consistent_and_verified(method):
+    model = deep_net()
+    data = load_data("random", model, samples=16)
+    backend = get_backend("ort-cpu", threads=1)
+    run = layermerge_to_speedup if method == "layermerge" else slp_to_speedup
+    result = run(model, data, feature_tensor(model), 1.3, backend, 4)
+    assert result.met == (result.speedup >= 1.3)
+    assert result.speedup == pytest.approx(result.original_s / result.pruned_s)
+    assert result.verification.passed
+    replay, _ = apply_plan(model, result.plan)
+    assert verify(model, replay).passed
+    if method == "layermerge":
+        assert 1 <= len(result.attempts) <= 4 and {"candidates", "importance", "dp", "latency table"} <= set(result.stages)
+        assert all(a["predicted_s"] > 0 for a in result.attempts)
+
+
+def test_cli_speedup_latency_and_bench(tmp_path, capsys):
+    path = tmp_path / "net.onnx"
+    onnx.save(deep_net(1), path)
+    table = tmp_path / "table.json"
+    assert main(["latency", str(path), "--batch", "2", "--repeats", "3", "-o", str(table), "--threads", "1"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "fast.onnx"
+    code = main(["prune", str(path), "--speedup", "1.25", "--data", "random", "--samples", "16", "--latency-batch",
+                 "2", "--latency-table", str(table), "-o", str(out), "--json", "--quiet"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == (0 if result["target_met"] else 1)
+    assert result["method"] == "layermerge" and out.exists() and result["verification"]["passed"]
+    if not result["target_met"]:
+        assert "misses" in result["message"]
+    assert main(["prune", str(path), "--speedup", "1.25", "--latency-batch", "4", "--latency-table", str(table),
+                 "-o", str(tmp_path / "x.onnx"), "--quiet"]) == 1
+    assert "batch 2, not 4" in capsys.readouterr().err
+    assert main(["bench", str(path), str(out), "--batch", "2", "--rounds", "2", "--json"]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    assert len(bench["models"]) == 2 and bench["speedup"] > 0
