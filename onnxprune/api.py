@@ -201,7 +201,7 @@ def _prune_to_speedup(model_path, out_path, method, data, speedup, backend, late
             "merged": result.plan.merge, "dropped_convs": result.plan.drop_convs,
             "dropped_activations": result.plan.drop_activations, "macs_before": before, "macs_after": after,
             "macs_reduction": 1 - after / before, "data": dataset.source, "random_data": dataset.random,
-            "provider": provider, "verification": result.verification.to_dict(),
+            "provider": result.provider, "verification": result.verification.to_dict(),
             "verification_text": result.verification.summary()}
 
 
@@ -239,3 +239,35 @@ def bench(model_path: str | os.PathLike[str], other_path: str | os.PathLike[str]
     if other_path:
         result["speedup"] = medians[0] / medians[1]
     return result
+
+
+def shipped(name: str) -> str:
+    """Path of a file shipped in the repository's models/ folder (from the working folder or the checkout)."""
+    from pathlib import Path
+
+    from onnxprune.errors import OnnxPruneError
+
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (root / "models" / name).exists():
+            return str(root / "models" / name)
+    raise OnnxPruneError(f"models/{name} is not here: run the demo from the onnxprune checkout, or give --model/--data")
+
+
+def demo(out_dir: str = "out/demo", model: str | None = None, calib: str | None = None, test: str | None = None,
+         speedup: float = 1.5, method: str = "layermerge", backend: str = "ort-cpu", latency_batch: int = 32,
+         samples: int = 256, progress=None) -> dict:
+    """The whole pipeline on the shipped reference model: prune to ``speedup`` on ``backend``, then
+    latency and accuracy on the shipped test subset, before and after."""
+    from pathlib import Path
+
+    model = model or shipped("resnet56.onnx")
+    calib = calib or shipped("cifar10_calib512.npz")
+    test = test or shipped("cifar10_test1000.npz")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pruned_path = out / f"{Path(model).stem}_{method}_{speedup:g}x.onnx"
+    pruned = prune(model, pruned_path, method=method, data=calib, samples=samples, speedup=speedup, backend=backend,
+                   latency_batch=latency_batch, progress=progress)
+    accuracy = evaluate(pruned_path, test, reference=model)
+    return {"model": model, "pruned": pruned, "accuracy_before": accuracy["reference_accuracy"],
+            "accuracy_after": accuracy["accuracy"], "agreement": accuracy["agreement"], "test_data": accuracy["data"]}

@@ -46,6 +46,7 @@ class SpeedupResult:
     stages: dict[str, float] = field(default_factory=dict)  # wall seconds per stage
     table: LatencyTable | None = None
     verification: Verification | None = None
+    provider: str = "cpu"  # the onnxruntime provider that scored (really used, not asked for)
 
 
 def _measure(original: onnx.ModelProto, pruned: onnx.ModelProto, backend: Backend, batch: int) -> tuple[float, float]:
@@ -68,7 +69,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
         table = build_table(model, structure, options, backend, batch, fingerprint(model), progress=say)
         stages["latency table"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    rows = row_importances(model, structure, options, data, feature, scope, provider, progress=say)
+    rows, provider_used = row_importances(model, structure, options, data, feature, scope, provider, progress=say)
     stages["importance"] = time.perf_counter() - clock
     dp_rows = [dp.Row(r.option.start, r.option.end, table.option_latency(r.option, structure), r.importance, r.option)
                for r in rows]
@@ -110,7 +111,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
         plan.predicted = {"latency_s": predicted, "importance": solution.importance, "backend": table.backend,
                           "batch": batch, "attempts": attempts}
         best = SpeedupResult(pruned, plan, target, speedup, t_original, t_pruned, predicted, speedup >= target,
-                             attempts, stages, table, verification)
+                             attempts, stages, table, verification, provider_used)
         if speedup >= target:
             break
         chain_budget = (t_original / target) * (predicted / t_pruned) - table.fixed_s  # measured/predicted
@@ -139,4 +140,5 @@ def slp_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: 
     speedup = measured["original"] / measured["pruned"] if measured else 1.0
     return SpeedupResult(pruned, result.plan, target, speedup, measured.get("original", 0.0),
                          measured.get("pruned", 0.0), None, speedup >= target,
-                         stages={"slp": time.perf_counter() - clock}, verification=verification)
+                         stages={"slp": time.perf_counter() - clock}, verification=verification,
+                         provider=result.provider)

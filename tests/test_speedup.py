@@ -62,3 +62,23 @@ def test_cli_speedup_latency_and_bench(tmp_path, capsys):
     assert main(["bench", str(path), str(out), "--batch", "2", "--rounds", "2", "--json"]) == 0
     bench = json.loads(capsys.readouterr().out)
     assert len(bench["models"]) == 2 and bench["speedup"] > 0
+
+
+def test_demo_runs_the_whole_pipeline_on_shipped_data(tmp_path, capsys):
+    g = GraphBuilder(("batch", 3, 32, 32), seed=4)
+    x = g.relu(g.conv(g.input, 8, stride=2))
+    for _ in range(4):
+        x = residual_block(g, x)
+    pooled = g.node("Flatten", [g.node("GlobalAveragePool", [x])], 8)
+    w = g.const(g.rng.normal(size=(10, 8)).astype(np.float32))
+    model = infer_shapes(g.build([g.node("Gemm", [pooled, w, g.const(np.zeros(10, np.float32))], 10, transB=1)]))
+    prep = {"input": "input", "layout": "NCHW", "size": [32, 32], "scale": 1 / 255,
+            "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}
+    model.metadata_props.add(key="onnxprune.preprocess", value=json.dumps(prep))
+    onnx.save(model, tmp_path / "cifar_like.onnx")
+    code = main(["demo", "--model", str(tmp_path / "cifar_like.onnx"), "--out", str(tmp_path / "demo"),
+                 "--speedup", "1.2", "--latency-batch", "4", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == (0 if result["pruned"]["target_met"] else 1)
+    assert 0 <= result["accuracy_after"] <= 1 and result["test_data"].endswith("(1000 samples)")
+    assert (tmp_path / "demo" / "cifar_like_layermerge_1.2x.onnx").exists()

@@ -47,8 +47,8 @@ def importance_of(cka_value: float) -> float:
 
 def row_importances(model: onnx.ModelProto, structure: Structure, options: list[Option], data: Dataset,
                     feature: str, scope: str = "global", provider: str = "auto", batch: int = 64,
-                    progress: Callable[[str], None] | None = None) -> list[RowImportance]:
-    """h for every option; originals get 0 without being run."""
+                    progress: Callable[[str], None] | None = None) -> tuple[list[RowImportance], str]:
+    """(h for every option, the onnxruntime provider used); originals get 0 without being run."""
     if scope not in ("global", "local"):
         raise ValueError(f"scope must be global or local, not {scope!r}")
     say = progress or (lambda _m: None)
@@ -78,5 +78,6 @@ def row_importances(model: onnx.ModelProto, structure: Structure, options: list[
             accumulators[k].update(reference, got)
     values = {id(o): acc.value() for (o, *_), acc in zip(jobs, accumulators)}
     say(f"layermerge: scored {len(jobs)} rows ({scope} scope) in {time.perf_counter() - start_time:.1f} s")
-    return [RowImportance(o, 1.0, 0.0) if o.original else
+    rows = [RowImportance(o, 1.0, 0.0) if o.original else
             RowImportance(o, values[id(o)], min(importance_of(values[id(o)]), -1e-9)) for o in options]
+    return rows, full.provider

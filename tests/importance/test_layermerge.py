@@ -25,7 +25,8 @@ def setup():
 def test_rows_match_running_the_modified_network_whole(setup):
     model, s, options, data = setup
     feature = feature_tensor(model)
-    rows = row_importances(model, s, options, data, feature, provider="cpu", batch=16)
+    rows, provider = row_importances(model, s, options, data, feature, provider="cpu", batch=16)
+    assert provider == "cpu"
     assert [r.option for r in rows] == options
     assert all(r.importance == 0.0 for r in rows if r.option.original)
     assert all(r.importance < 0.0 for r in rows if not r.option.original)
@@ -40,7 +41,7 @@ def test_rows_match_running_the_modified_network_whole(setup):
 def test_block_removal_rows_agree_with_slp(setup):
     model, s, options, data = setup
     feature = feature_tensor(model)
-    rows = row_importances(model, s, options, data, feature, provider="cpu")
+    rows, _ = row_importances(model, s, options, data, feature, provider="cpu")
     slp = {b.join: b.score for b in score_blocks(model, data, removal_candidates(s, 0), feature, "cpu").scores}
     for r in rows:
         if r.option.remove_block:
@@ -53,7 +54,7 @@ def test_block_removal_rows_agree_with_slp(setup):
 def test_local_scope_runs_and_orders_like_global(setup):
     model, s, options, data = setup
     feature = feature_tensor(model)
-    local = row_importances(model, s, options, data, feature, scope="local", provider="cpu")
+    local, _ = row_importances(model, s, options, data, feature, scope="local", provider="cpu")
     assert all(r.importance <= 0 for r in local)
     removal = {r.option.remove_block: r.importance for r in local if r.option.remove_block}
     assert max(removal, key=removal.get) == s.residual_blocks[1].join
