@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+from onnxprune.data.preprocess import Preprocess, preprocess_of
+from onnxprune.data.sources import load_data
+from onnxprune.errors import OnnxPruneError
+from onnxprune.evaluate import evaluate_logits, logits_of
 from onnxprune.graph.analysis import Structure, analyze_model
-from onnxprune.graph.io import load_model
+from onnxprune.graph.io import load_model, save_model
+from onnxprune.graph.normalize import to_graph
+from onnxprune.importance.slp import prune_slp, removal_candidates, score_blocks
+from onnxprune.latency.backends import get_backend
+from onnxprune.latency.table import build_table, compare, load_table
+from onnxprune.plan import apply_plan, fingerprint, load_plan, save_plan
+from onnxprune.planning.candidates import conv_l1_norms, enumerate_options
+from onnxprune.runtime.capture import feature_tensor as find_feature_tensor
+from onnxprune.runtime.session import create_session
+from onnxprune.speedup import layermerge_to_speedup, slp_to_speedup
+from onnxprune.verify import verify
 
 
 def analyze(model_path: str | os.PathLike[str]) -> Structure:
@@ -19,15 +34,7 @@ def apply(model_path: str | os.PathLike[str], plan_path: str | os.PathLike[str],
 
     Nothing is written when the plan is refused or the result fails verification.
     """
-    from pathlib import Path
-
-    from onnxprune.errors import OnnxPruneError
-    from onnxprune.graph.io import save_model
-    from onnxprune.plan import apply_plan, load_plan
-    from onnxprune.verify import verify
-
-    if Path(out_path).resolve() == Path(model_path).resolve():
-        raise OnnxPruneError("the output path is the input model: onnxprune never overwrites its input")
+    _refuse_overwrite(model_path, out_path)
     original = load_model(model_path)
     plan = load_plan(plan_path)
     rewritten, summary = apply_plan(original, plan)
@@ -43,10 +50,6 @@ def evaluate(model_path: str | os.PathLike[str], data: str | None = None, refere
              samples: int | None = None, seed: int = 0, batch: int = 64, labels: str | None = None,
              preprocess: dict | None = None, provider: str = "auto") -> dict:
     """Top-1 accuracy on ``data`` (when it has labels) and agreement with ``reference``."""
-    from onnxprune.errors import OnnxPruneError
-    from onnxprune.evaluate import evaluate_logits, logits_of
-    from onnxprune.runtime.session import create_session
-
     model = load_model(model_path)
     dataset = _dataset(model, data, samples, seed, preprocess, labels)
     if dataset.labels is None and reference is None:
@@ -62,10 +65,12 @@ def evaluate(model_path: str | os.PathLike[str], data: str | None = None, refere
     return result
 
 
-def _dataset(model, data, samples, seed, preprocess, labels=None):
-    from onnxprune.data.preprocess import Preprocess, preprocess_of
-    from onnxprune.data.sources import load_data
+def _refuse_overwrite(model_path, out_path) -> None:
+    if Path(out_path).resolve() == Path(model_path).resolve():
+        raise OnnxPruneError("the output path is the input model: onnxprune never overwrites its input")
 
+
+def _dataset(model, data, samples, seed, preprocess, labels=None):
     prep = None
     if preprocess and any(v is not None for v in preprocess.values()):
         prep = (preprocess_of(model) or Preprocess()).with_overrides(**preprocess)
@@ -73,12 +78,9 @@ def _dataset(model, data, samples, seed, preprocess, labels=None):
 
 
 def _feature(model, name: str | None) -> str:
-    from onnxprune.errors import OnnxPruneError
-    from onnxprune.runtime.capture import feature_tensor
-
     if name is None:
         try:
-            return feature_tensor(model)
+            return find_feature_tensor(model)
         except ValueError as exc:
             raise OnnxPruneError(str(exc)) from None
     known = {t for n in model.graph.node for t in n.output}
@@ -91,8 +93,6 @@ def score(model_path: str | os.PathLike[str], data: str | None = None, feature_t
           samples: int | None = None, seed: int = 0, batch: int = 64, preprocess: dict | None = None,
           provider: str = "auto") -> dict:
     """SLP score (1 - CKA at the feature tensor) of every removable block; lower = less important."""
-    from onnxprune.importance.slp import removal_candidates, score_blocks
-
     model = load_model(model_path)
     dataset = _dataset(model, data, samples, seed, preprocess)
     feature = _feature(model, feature_tensor)
@@ -113,29 +113,20 @@ def prune(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str], 
     """Prune, verify, and write the model and its plan (``<out>.plan.json`` unless ``plan_path``).
 
     With ``speedup``, prune until the speed-up measured on ``backend`` at ``latency_batch`` meets it."""
-    from pathlib import Path
-
-    from onnxprune.errors import OnnxPruneError
-    from onnxprune.graph.io import save_model
-    from onnxprune.importance.slp import prune_slp
-    from onnxprune.plan import apply_plan, save_plan
-    from onnxprune.verify import verify
-
     if method not in ("slp", "layermerge"):
         raise OnnxPruneError(f"unknown method {method!r}; available: slp, layermerge")
-    if speedup is not None:
-        return _prune_to_speedup(model_path, out_path, method, data, speedup, backend, latency_batch, latency_table,
-                                 scope, min_blocks_per_stage, feature_tensor, samples, seed, batch, preprocess,
-                                 provider, plan_path, progress)
-    if method != "slp":
+    if method != "slp" and speedup is None:
         raise OnnxPruneError("--method layermerge needs a --speedup target")
-    if Path(out_path).resolve() == Path(model_path).resolve():
-        raise OnnxPruneError("the output path is the input model: onnxprune never overwrites its input")
+    _refuse_overwrite(model_path, out_path)
     model = load_model(model_path)
     dataset = _dataset(model, data, samples, seed, preprocess)
     if dataset.random and progress:
         progress("warning: no --data given: scoring on RANDOM inputs, which says little about real data")
-    result = prune_slp(model, dataset, _feature(model, feature_tensor), remove_blocks=remove_blocks,
+    feature = _feature(model, feature_tensor)
+    if speedup is not None:
+        return _prune_to_speedup(model, dataset, feature, out_path, method, speedup, backend, latency_batch,
+                                 latency_table, scope, min_blocks_per_stage, provider, plan_path, progress)
+    result = prune_slp(model, dataset, feature, remove_blocks=remove_blocks,
                        macs_reduction=macs_reduction, min_blocks_per_stage=min_blocks_per_stage,
                        one_shot=one_shot, provider=provider, batch=batch, progress=progress)
     pruned, _ = apply_plan(model, result.plan)
@@ -155,27 +146,10 @@ def prune(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str], 
             "verification": verification.to_dict(), "verification_text": verification.summary()}
 
 
-def _prune_to_speedup(model_path, out_path, method, data, speedup, backend, latency_batch, latency_table, scope,
-                      min_blocks_per_stage, feature_tensor, samples, seed, batch, preprocess, provider, plan_path,
-                      progress) -> dict:
-    from pathlib import Path
-
-    from onnxprune.errors import OnnxPruneError
-    from onnxprune.graph.io import save_model
-    from onnxprune.latency.backends import get_backend
-    from onnxprune.latency.table import load_table
-    from onnxprune.plan import fingerprint, save_plan
-    from onnxprune.speedup import layermerge_to_speedup, slp_to_speedup
-
+def _prune_to_speedup(model, dataset, feature, out_path, method, speedup, backend, latency_batch, latency_table, scope,
+                      min_blocks_per_stage, provider, plan_path, progress) -> dict:
     if speedup <= 1.0:
         raise OnnxPruneError(f"--speedup is a factor above 1 (1.5 = 1.5x faster), not {speedup}")
-    if Path(out_path).resolve() == Path(model_path).resolve():
-        raise OnnxPruneError("the output path is the input model: onnxprune never overwrites its input")
-    model = load_model(model_path)
-    dataset = _dataset(model, data, samples, seed, preprocess)
-    if dataset.random and progress:
-        progress("warning: no --data given: scoring on RANDOM inputs, which says little about real data")
-    feature = _feature(model, feature_tensor)
     timing = get_backend(backend)
     if method == "layermerge":
         table = load_table(latency_table, fingerprint(model)) if latency_table else None
@@ -208,12 +182,6 @@ def _prune_to_speedup(model_path, out_path, method, data, speedup, backend, late
 def latency(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str], backend: str = "ort-cpu",
             batch: int = 1, threads: int | None = None, warmup: int = 5, repeats: int = 20, progress=None) -> dict:
     """Build the LayerMerge latency table of a model on ``backend`` and write it to ``out_path``."""
-    from onnxprune.graph.normalize import to_graph
-    from onnxprune.latency.backends import get_backend
-    from onnxprune.latency.table import build_table
-    from onnxprune.plan import fingerprint
-    from onnxprune.planning.candidates import conv_l1_norms, enumerate_options
-
     model = load_model(model_path)
     structure = analyze_model(model)
     options = enumerate_options(structure, conv_l1_norms(to_graph(model)))
@@ -228,9 +196,6 @@ def bench(model_path: str | os.PathLike[str], other_path: str | os.PathLike[str]
           backend: str = "ort-cpu", batch: int = 1, threads: int | None = None, rounds: int = 5,
           repeats: int = 10) -> dict:
     """Latency of one model, or of two side by side (taking turns) with their ratio."""
-    from onnxprune.latency.backends import get_backend
-    from onnxprune.latency.table import compare
-
     timing = get_backend(backend, threads)
     models = [load_model(model_path)] + ([load_model(other_path)] if other_path else [])
     medians = compare(models, timing, batch, rounds, repeats)
@@ -243,10 +208,6 @@ def bench(model_path: str | os.PathLike[str], other_path: str | os.PathLike[str]
 
 def shipped(name: str) -> str:
     """Path of a file shipped in the repository's models/ folder (from the working folder or the checkout)."""
-    from pathlib import Path
-
-    from onnxprune.errors import OnnxPruneError
-
     for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
         if (root / "models" / name).exists():
             return str(root / "models" / name)
@@ -258,8 +219,6 @@ def demo(out_dir: str = "out/demo", model: str | None = None, calib: str | None 
          samples: int = 256, progress=None) -> dict:
     """The whole pipeline on the shipped reference model: prune to ``speedup`` on ``backend``, then
     latency and accuracy on the shipped test subset, before and after."""
-    from pathlib import Path
-
     model = model or shipped("resnet56.onnx")
     calib = calib or shipped("cifar10_calib512.npz")
     test = test or shipped("cifar10_test1000.npz")

@@ -110,8 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--remove-blocks", type=int, metavar="N", help="remove N blocks (slp)")
     stop.add_argument("--macs-reduction", type=float, metavar="F", help="remove blocks until this fraction of the MACs is gone (slp)")
     stop.add_argument("--speedup", type=float, metavar="X", help="prune until the model runs X times faster, as measured")
-    p.add_argument("--backend", choices=["ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt"], default="ort-cpu",
-                   help="where latency is measured for --speedup (default ort-cpu)")
+    add_backend_argument(p)
     p.add_argument("--latency-batch", type=int, default=1, help="batch size at which latency is measured (default 1)")
     p.add_argument("--latency-table", help="reuse a table from 'onnxprune latency' (e.g. measured on the target device)")
     p.add_argument("--scope", choices=["global", "local"], default="global",
@@ -136,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dtype and threads, and is refused for another model.",
     )
     p.add_argument("model", help="the .onnx file")
-    p.add_argument("--backend", choices=["ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt"], default="ort-cpu")
+    add_backend_argument(p)
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--threads", type=int, help="CPU threads for ort-cpu (default: all this process may use)")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per row; the median is kept (default 20)")
@@ -152,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="the .onnx file (the original, when comparing)")
     p.add_argument("other", nargs="?", help="a second .onnx file (the pruned one)")
-    p.add_argument("--backend", choices=["ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt"], default="ort-cpu")
+    add_backend_argument(p)
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--threads", type=int, help="CPU threads for ort-cpu")
     p.add_argument("--rounds", type=int, default=5, help="turns each model takes (default 5)")
@@ -175,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_demo)
     return parser
+
+
+def print_json(result: dict) -> None:
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+
+
+def add_backend_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt"], default="ort-cpu",
+                   help="where latency is measured (default ort-cpu); GPU backends say why when they cannot run")
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -222,8 +231,7 @@ def _eval(args: argparse.Namespace) -> int:
                           batch=args.batch, labels=args.labels, preprocess=_preprocess_overrides(args),
                           provider=args.provider)
     if args.json:
-        json.dump(result, sys.stdout)
-        sys.stdout.write("\n")
+        print_json(result)
         return 0
     print(f"data: {result['data']}")
     print(f"onnxruntime provider: {result['provider']}")
@@ -242,8 +250,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
     structure = api.analyze(args.model)
     if args.json:
-        json.dump(structure.to_dict(), sys.stdout)
-        sys.stdout.write("\n")
+        print_json(structure.to_dict())
     else:
         print(structure_report(structure, args.model))
     return 0
@@ -253,8 +260,7 @@ def _apply(args: argparse.Namespace) -> int:
     result = api.apply(args.model, args.plan, args.output)
     if args.json:
         result.pop("verification_text")
-        json.dump(result, sys.stdout)
-        sys.stdout.write("\n")
+        print_json(result)
     else:
         summary = result["plan"]
         print(f"removed {len(summary['removed_blocks'])} blocks, replaced {len(summary['replaced_with_shortcut'])} "
@@ -271,8 +277,7 @@ def _score(args: argparse.Namespace) -> int:
     result = api.score(args.model, args.data, feature_tensor=args.feature_tensor, samples=args.samples,
                        seed=args.seed, batch=args.batch, preprocess=_preprocess_overrides(args), provider=args.provider)
     if args.json:
-        json.dump(result, sys.stdout)
-        sys.stdout.write("\n")
+        print_json(result)
         return 0
     print(f"data: {result['data']}; feature tensor {result['feature_tensor']}; provider {result['provider']}; "
           f"{result['seconds']:.1f} s")
@@ -294,8 +299,7 @@ def _prune(args: argparse.Namespace) -> int:
                        scope=args.scope)
     text = result.pop("verification_text")
     if args.json:
-        json.dump(result, sys.stdout)
-        sys.stdout.write("\n")
+        print_json(result)
     else:
         print(f"{result['method']}: removed {len(result['removed_blocks'])} blocks, MACs "
               f"{result['macs_before'] / 1e6:.2f} M -> {result['macs_after'] / 1e6:.2f} M "
@@ -319,8 +323,7 @@ def _latency(args: argparse.Namespace) -> int:
     result = api.latency(args.model, args.output, args.backend, args.batch, args.threads, repeats=args.repeats,
                          progress=progress)
     if args.json:
-        json.dump(result, sys.stdout)
-        sys.stdout.write("\n")
+        print_json(result)
     else:
         print(f"{result['rows']} distinct rows for {result['options']} options on {result['backend']} "
               f"({result['device']}), batch {result['batch']}: whole model {1e3 * result['whole_s']:.3f} ms, "
@@ -332,8 +335,7 @@ def _latency(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     result = api.bench(args.model, args.other, args.backend, args.batch, args.threads, args.rounds)
     if args.json:
-        json.dump(result, sys.stdout)
-        sys.stdout.write("\n")
+        print_json(result)
         return 0
     b = result["backend"]
     print(f"{b['backend']} on {b['device']}, batch {result['batch']}")
@@ -351,8 +353,7 @@ def _demo(args: argparse.Namespace) -> int:
     p = result["pruned"]
     if args.json:
         p.pop("verification_text", None)
-        json.dump(result, sys.stdout)
-        sys.stdout.write("\n")
+        print_json(result)
         return 0 if p["target_met"] else 1
     print(f"model: {result['model']} ({p['method']}, target {p['target_speedup']}x on {p['backend']['backend']}, "
           f"batch {p['latency_batch']})")

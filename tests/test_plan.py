@@ -89,7 +89,6 @@ def test_refusals_before_anything_is_written():
     with pytest.raises(PlanError, match="another model"):
         apply_plan(model, Plan(fingerprint="sha256:0"))
     with pytest.raises(PlanError, match="barrier"):
-        last, proj_conv = s.convs[-3].name, s.convs[-2].name  # across the projection join
         apply_plan(model, Plan(merge=[[s.convs[-4].name, s.convs[-3].name, s.convs[-2].name, s.convs[-1].name]]))
     with pytest.raises(PlanError, match="consecutive"):
         apply_plan(model, Plan(merge=[[s.convs[1].name, s.convs[3].name]]))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from onnxprune.data.sources import model_inputs
 from onnxprune.errors import OnnxPruneError
