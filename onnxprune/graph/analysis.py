@@ -145,13 +145,11 @@ class _Dataflow:
             elif out_kind == "meta":
                 self.meta_nodes.append(node)
         self.preds: list[list[int]] = [[] for _ in self.nodes]
-        self.succs: list[list[int]] = [[] for _ in self.nodes]
         for i, node in enumerate(self.nodes[1:], start=1):
             for t in self.data_inputs(node):
                 p = self.producer(t)
                 if p not in self.preds[i]:
                     self.preds[i].append(p)
-                    self.succs[p].append(i)
         self.idom = immediate_dominators(self.preds)
 
     def data_inputs(self, node: gs.Node) -> list[gs.Variable]:
@@ -232,7 +230,7 @@ def _shape(t: gs.Tensor) -> list | None:
 
 def _find_blocks(flow: _Dataflow, total_macs: int, notes: list[str]) -> list[ResidualBlock]:
     blocks: list[ResidualBlock] = []
-    bodies: list[set[int]] = []
+    bodies: list[tuple[int, set[int]]] = []  # (join index, body) per block
     for j, node in enumerate(flow.nodes):
         if node is None or node.op not in ("Add", "Sum"):
             continue
@@ -259,17 +257,12 @@ def _find_blocks(flow: _Dataflow, total_macs: int, notes: list[str]) -> list[Res
         if shortcut == "unknown":
             notes.append(f"join {node.name}: neither input is an identity or a single linear op; shortcut unknown")
         blocks.append(block)
-        bodies.append(body)
-    for block, body in zip(blocks, bodies):
-        join_index = flow.index[id(_node_by_name(flow, block.join))]
-        enclosing = [k for k, other in enumerate(bodies) if other is not body and join_index in other]
+        bodies.append((j, body))
+    for block, (j, body) in zip(blocks, bodies):
+        enclosing = [k for k, (_, other) in enumerate(bodies) if other is not body and j in other]
         if enclosing:
-            block.parent = min(enclosing, key=lambda k: len(bodies[k]))
+            block.parent = min(enclosing, key=lambda k: len(bodies[k][1]))
     return blocks
-
-
-def _node_by_name(flow: _Dataflow, name: str) -> gs.Node:
-    return next(n for n in flow.nodes[1:] if n.name == name)
 
 
 def _path_kind(flow: _Dataflow, nodes: set[int]) -> str:
