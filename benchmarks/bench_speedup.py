@@ -1,0 +1,78 @@
+"""prune --speedup on the reference models and a ResNet-34 at 224x224 (issue 6).
+
+    python benchmarks/bench_speedup.py --case resnet56 [--speedups 1.3,1.5] [--methods layermerge,slp]
+    python benchmarks/bench_speedup.py --case mobilenetv2
+    python benchmarks/bench_speedup.py --case resnet34 --latency-batch 1   (and 8)
+
+For every method and target: the measured speed-up (original and pruned side by side on ort-cpu),
+predicted against measured latency (LayerMerge), the wall time of each stage, and accuracy on the
+CIFAR-10 test split (reference models) or top-1 agreement with the original (ResNet-34, random
+weights, CIFAR-10 images resized to 224, ImageNet normalisation), without fine-tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from onnxprune import api  # noqa: E402
+
+IMAGENET = {"size": (224, 224), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "scale": 1 / 255}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--case", choices=["resnet56", "mobilenetv2", "resnet34"], required=True)
+    p.add_argument("--speedups", default="1.3,1.5")
+    p.add_argument("--methods", default="layermerge,slp")
+    p.add_argument("--latency-batch", type=int, default=None, help="default 32 (CIFAR models), 1 (ResNet-34)")
+    p.add_argument("--test", default=str(ROOT.parent / "shared" / "data" / "cifar10" / "test.tar.gz"))
+    p.add_argument("--test-samples", type=int, default=None, help="default: all 10,000 (CIFAR), 1,000 (ResNet-34)")
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-speedup-"))
+    if args.case == "resnet34":
+        from tests import zoo
+
+        model = str(zoo.export(zoo.perturb(zoo.BUILDERS["resnet34"]()), tmp / "resnet34.onnx", "torchscript", 224))
+        calib, calib_samples, preprocess = args.test, 256, IMAGENET
+        latency_batch, test_samples, batch = args.latency_batch or 1, args.test_samples or 1000, 16
+    else:
+        model = str(ROOT / "models" / f"{args.case}.onnx")
+        calib, calib_samples, preprocess = str(ROOT / "models" / "cifar10_calib512.npz"), None, None
+        latency_batch, test_samples, batch = args.latency_batch or 32, args.test_samples, 64
+    rows = []
+    for method in args.methods.split(","):
+        for target in (float(x) for x in args.speedups.split(",")):
+            out = tmp / f"{args.case}_{method}_{target}.onnx"
+            t0 = time.perf_counter()
+            r = api.prune(model, out, method=method, data=calib, samples=calib_samples, preprocess=preprocess,
+                          speedup=target, latency_batch=latency_batch, batch=batch,
+                          progress=lambda m: print(m, file=sys.stderr, flush=True))
+            wall = time.perf_counter() - t0
+            e = api.evaluate(out, args.test, reference=model, samples=test_samples, preprocess=preprocess, batch=batch)
+            quality = (f"{100 * e['accuracy']:.2f}% (original {100 * e['reference_accuracy']:.2f}%)"
+                       if args.case != "resnet34" else f"{100 * e['agreement']:.2f}% agreement")
+            last = r["attempts"][-1] if r["attempts"] else {}
+            predicted = f"{1e3 * last['predicted_s']:.2f}" if last else "-"
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items())
+            rows.append(f"| {args.case} | {method} | {target}x | {r['measured_speedup']:.3f}x "
+                        f"{'met' if r['target_met'] else 'MISSED'} | {1e3 * r['original_latency_s']:.2f} | "
+                        f"{1e3 * r['pruned_latency_s']:.2f} | {predicted} | {len(r['attempts']) or '-'} | "
+                        f"{100 * r['macs_reduction']:.1f}% | {quality} | {wall:.0f} ({stages}) |")
+            print(rows[-1], flush=True)
+    print()
+    print(f"latency batch {latency_batch}, ort-cpu; test data {e['data']}")
+    print("| model | method | target | measured | original ms | pruned ms | predicted ms | attempts | MACs removed "
+          "| accuracy | wall s (stages s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
