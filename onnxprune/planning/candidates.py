@@ -92,7 +92,18 @@ def enumerate_options(structure: Structure, l1: dict[str, float], max_convs: int
             if not ok:
                 continue
             options.extend(_segment_options(structure, s, e, exact, l1, max_kernel))
+    # Removing a whole block merges nothing: it needs no barrier-free segment and no length limit.
+    removable = {b.join for b in structure.residual_blocks if b.removable}
+    for a, b, join in _identity_spans(structure):
+        if join in removable and _laminar(structure, a, b):
+            inner = tuple(name for c in convs[a:b - 1] for name in c.activation_nodes)
+            options.append(Option(a, b, (), tuple(c.name for c in convs[a:b]), (1, 1), (1, 1), False,
+                                  remove_block=join, drop_activations=inner))
     return options
+
+
+def _laminar(structure: Structure, s: int, e: int) -> bool:
+    return all(e <= a or b <= s or (a <= s and e <= b) or (s <= a and b <= e) for a, b, _ in _identity_spans(structure))
 
 
 def _segment_options(structure: Structure, s: int, e: int, exact: str | None, l1: dict[str, float],
@@ -102,9 +113,6 @@ def _segment_options(structure: Structure, s: int, e: int, exact: str | None, l1
     required = [c for c in convs if c.in_channels != c.out_channels or any(st > 1 for st in c.stride)]
     optional = [c for c in convs if c not in required]
     best: dict[tuple, tuple[float, Option]] = {}
-    if exact is not None:  # dropping the whole block is SLP's move, inside LayerMerge's search space
-        best[("remove",)] = (0.0, Option(s, e, (), tuple(c.name for c in convs), (1, 1), (1, 1), False,
-                                         remove_block=exact, drop_activations=inner_acts))
     for r in range(len(optional) + 1):
         for dropped in itertools.combinations(optional, r):
             kept = [c for c in convs if c not in dropped]

@@ -88,3 +88,12 @@ def test_mobilenet_v2_options_verify(exported, exporter):
             [options[i] for i in rng.choice(len(options), 5, replace=False)]:
         pruned, _ = apply_plan(model, Plan(**options_plan([option])))
         assert verify(model, pruned).passed, option
+
+
+def test_blocks_with_barriers_inside_can_still_be_removed(exported):
+    model = load_model(exported("efficientnet_b0", "dynamo"))
+    s, options = options_of(model)
+    removals = [o for o in options if o.remove_block]
+    assert len(removals) == 9  # every identity MBConv, though squeeze-excite barriers lie inside
+    pruned, _ = apply_plan(model, Plan(**options_plan(removals[:3])))
+    assert verify(model, pruned).passed
