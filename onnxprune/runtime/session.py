@@ -31,7 +31,17 @@ class Session:
     threads: int | None
 
     def run(self, feeds: dict, outputs: list[str] | None = None) -> list:
-        return self.session.run(outputs, feeds)
+        if self.provider == "cpu":
+            return self.session.run(outputs, feeds)
+        # GPU: IO binding, so onnxruntime copies each input to the device once and each output back once.
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        names = outputs or self.output_names
+        for name in names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
     @property
     def input_names(self) -> list[str]:

@@ -81,3 +81,15 @@ def test_gpu_backend_times_a_model_when_there_is_one(chain):
         pytest.skip("no onnxruntime CUDA provider on this machine (onnxruntime-gpu and a GPU are needed)")
     model, _, _ = chain
     assert get_backend("ort-cuda").time(model, random_feeds(model, 2), 2, 5) > 0
+
+
+def test_cuda_capture_uses_io_binding_and_matches_cpu(chain):
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("no onnxruntime CUDA provider on this machine (onnxruntime-gpu and a GPU are needed)")
+    from onnxprune.runtime.session import create_session
+
+    model, _, _ = chain
+    feeds = random_feeds(model, 2)
+    cpu, cuda = create_session(model, "cpu"), create_session(model, "cuda")
+    assert cuda.provider == "cuda"
+    assert abs(cpu.run(feeds)[0] - cuda.run(feeds)[0]).max() < 1e-3
