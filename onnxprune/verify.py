@@ -4,6 +4,8 @@ numerical difference of the outputs (max abs, max relative, cosine similarity)."
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -78,9 +80,24 @@ def _interface(model: onnx.ModelProto) -> list[tuple]:
 def verify(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
            expect_identical: bool = False, provider: str = "cpu") -> Verification:
     """Check ``rewritten`` and compare it with ``original`` on ``feeds`` (random inputs when None)."""
+    with tempfile.TemporaryDirectory(prefix="onnxprune-verify-") as tmp:
+        return _verify(_runnable(original, tmp, "original.onnx"), _runnable(rewritten, tmp, "rewritten.onnx"),
+                       original, rewritten, feeds, expect_identical, provider)
+
+
+def _runnable(model: onnx.ModelProto, folder: str, name: str) -> onnx.ModelProto | str:
+    """The model itself, or for one over the protobuf limit, a path to it saved with external data."""
+    if sum(len(t.raw_data) for t in model.graph.initializer) < PROTOBUF_LIMIT - 2**24:
+        return model
+    path = os.path.join(folder, name)
+    onnx.save_model(model, path, save_as_external_data=True, location=name + ".data")
+    return path
+
+
+def _verify(original_run, rewritten_run, original: onnx.ModelProto, rewritten: onnx.ModelProto,
+            feeds: dict[str, np.ndarray] | None, expect_identical: bool, provider: str) -> Verification:
     try:
-        if rewritten.ByteSize() < PROTOBUF_LIMIT:
-            onnx.checker.check_model(rewritten, full_check=True)
+        onnx.checker.check_model(rewritten_run, full_check=True)
         checker = "ok"
     except Exception as exc:  # checker errors come in several types
         checker = f"failed: {str(exc).strip().splitlines()[0][:200]}"
@@ -90,7 +107,7 @@ def verify(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: dict[st
     feeds = feeds if feeds is not None else random_feeds(original)
     result = Verification(passed=False, checker=checker, interface=interface, provider=None, inputs=inputs)
     try:
-        session_a, session_b = create_session(original, provider), create_session(rewritten, provider)
+        session_a, session_b = create_session(original_run, provider), create_session(rewritten_run, provider)
         result.provider = session_b.provider
         outs_a, outs_b = session_a.run(feeds), session_b.run(feeds)
     except Exception as exc:  # onnxruntime's errors are not one type either

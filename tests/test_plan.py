@@ -142,3 +142,13 @@ def test_apply_keeps_external_data_beside_the_output(tmp_path):
     result = api.apply(src, plan, tmp_path / "out" / "pruned.onnx")
     assert result["verification"]["passed"]
     assert (tmp_path / "out" / "pruned.onnx.data").exists()
+
+
+def test_verification_of_a_model_over_the_protobuf_limit_runs_from_disk(monkeypatch):
+    import onnxprune.verify as verify_module
+
+    monkeypatch.setattr(verify_module, "PROTOBUF_LIMIT", 2**24 + 1000)  # pretend ~1 kB is the 2 GB limit
+    model = resnet()
+    out, _ = apply_plan(model, Plan(remove_blocks=[analyze_model(model).residual_blocks[0].join]))
+    v = verify(model, out)
+    assert v.passed and v.checker == "ok" and v.provider == "cpu"
