@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def prune(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str], 
           samples: int | None = None, seed: int = 0, batch: int = 64, preprocess: dict | None = None,
           provider: str = "auto", plan_path: str | os.PathLike[str] | None = None, progress=None,
           speedup: float | None = None, backend: str = "ort-cpu", latency_batch: int = 1,
-          latency_table: str | None = None, scope: str = "global") -> dict:
+          latency_table: str | None = None, scope: str = "global", pareto: str | None = None) -> dict:
     """Prune, verify, and write the model and its plan (``<out>.plan.json`` unless ``plan_path``).
 
     With ``speedup``, prune until the speed-up measured on ``backend`` at ``latency_batch`` meets it."""
@@ -125,7 +126,7 @@ def prune(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str], 
     feature = _feature(model, feature_tensor)
     if speedup is not None:
         return _prune_to_speedup(model, dataset, feature, out_path, method, speedup, backend, latency_batch,
-                                 latency_table, scope, min_blocks_per_stage, provider, plan_path, progress)
+                                 latency_table, scope, min_blocks_per_stage, provider, plan_path, progress, pareto)
     result = prune_slp(model, dataset, feature, remove_blocks=remove_blocks,
                        macs_reduction=macs_reduction, min_blocks_per_stage=min_blocks_per_stage,
                        one_shot=one_shot, provider=provider, batch=batch, progress=progress)
@@ -147,7 +148,7 @@ def prune(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str], 
 
 
 def _prune_to_speedup(model, dataset, feature, out_path, method, speedup, backend, latency_batch, latency_table, scope,
-                      min_blocks_per_stage, provider, plan_path, progress) -> dict:
+                      min_blocks_per_stage, provider, plan_path, progress, pareto=None) -> dict:
     if speedup <= 1.0:
         raise OnnxPruneError(f"--speedup is a factor above 1 (1.5 = 1.5x faster), not {speedup}")
     timing = get_backend(backend)
@@ -156,7 +157,9 @@ def _prune_to_speedup(model, dataset, feature, out_path, method, speedup, backen
         if table is not None and table.batch != latency_batch:
             raise OnnxPruneError(f"the latency table was measured at batch {table.batch}, not {latency_batch}")
         result = layermerge_to_speedup(model, dataset, feature, speedup, timing, latency_batch, scope, provider,
-                                       table, progress=progress)
+                                       table, progress=progress, with_pareto=pareto is not None)
+        if pareto is not None:
+            Path(pareto).write_text(json.dumps(result.pareto, indent=1) + "\n")
     else:
         result = slp_to_speedup(model, dataset, feature, speedup, timing, latency_batch, min_blocks_per_stage,
                                 provider, progress)

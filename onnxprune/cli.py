@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_argument(p)
     p.add_argument("--latency-batch", type=int, default=1, help="batch size at which latency is measured (default 1)")
     p.add_argument("--latency-table", help="reuse a table from 'onnxprune latency' (e.g. measured on the target device)")
+    p.add_argument("--pareto", metavar="CURVE.json", help="layermerge: also write the whole predicted trade-off curve "
+                   "(latency, speed-up, summed importance for every budget), from the same DP table")
     p.add_argument("--scope", choices=["global", "local"], default="global",
                    help="layermerge importance: CKA at the features (global) or one conv after the change (local)")
     p.add_argument("--min-blocks-per-stage", type=int, default=1, metavar="K",
@@ -296,7 +298,7 @@ def _prune(args: argparse.Namespace) -> int:
                        seed=args.seed, batch=args.batch, preprocess=_preprocess_overrides(args),
                        provider=args.provider, plan_path=args.plan, progress=progress, speedup=args.speedup,
                        backend=args.backend, latency_batch=args.latency_batch, latency_table=args.latency_table,
-                       scope=args.scope)
+                       scope=args.scope, pareto=args.pareto)
     text = result.pop("verification_text")
     if args.json:
         print_json(result)

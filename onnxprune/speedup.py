@@ -47,6 +47,7 @@ class SpeedupResult:
     table: LatencyTable | None = None
     verification: Verification | None = None
     provider: str = "cpu"  # the onnxruntime provider that scored (really used, not asked for)
+    pareto: list[dict] = field(default_factory=list)  # predicted trade-off curve, when asked for
 
 
 def _measure(original: onnx.ModelProto, pruned: onnx.ModelProto, backend: Backend, batch: int) -> tuple[float, float]:
@@ -56,7 +57,8 @@ def _measure(original: onnx.ModelProto, pruned: onnx.ModelProto, backend: Backen
 
 def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: float, backend: Backend,
                           batch: int, scope: str = "global", provider: str = "auto", table: LatencyTable | None = None,
-                          max_attempts: int = 4, progress: Progress | None = None) -> SpeedupResult:
+                          max_attempts: int = 4, progress: Progress | None = None,
+                          with_pareto: bool = False) -> SpeedupResult:
     say = progress or (lambda _m: None)
     stages: dict[str, float] = {}
     clock = time.perf_counter()
@@ -74,6 +76,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
     dp_rows = [dp.Row(r.option.start, r.option.end, table.option_latency(r.option, structure), r.importance, r.option)
                for r in rows]
     chain_budget = table.whole_s / target - table.fixed_s
+    curve = _pareto(dp_rows, len(structure.convs), table) if with_pareto else []
     attempts, best = [], None
     stages["dp"] = stages["apply"] = stages["verify"] = stages["measure"] = 0.0
     for attempt in range(1, max_attempts + 1):
@@ -109,13 +112,33 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
         say(f"layermerge: attempt {attempt}: predicted {1e3 * predicted:.2f} ms, measured {1e3 * t_pruned:.2f} ms "
             f"against {1e3 * t_original:.2f} ms: {speedup:.3f}x (target {target}x)")
         plan.predicted = {"latency_s": predicted, "importance": solution.importance, "backend": table.backend,
-                          "batch": batch, "attempts": attempts}
+                          "batch": batch, "attempts": attempts,
+                          "rows": [_describe(r) for r in solution.rows if not r.key.original]}
         best = SpeedupResult(pruned, plan, target, speedup, t_original, t_pruned, predicted, speedup >= target,
-                             attempts, stages, table, verification, provider_used)
+                             attempts, stages, table, verification, provider_used, curve)
         if speedup >= target:
             break
         chain_budget = (t_original / target) * (predicted / t_pruned) - table.fixed_s  # measured/predicted
     return best
+
+
+def _describe(row: dp.Row) -> dict:
+    o = row.key
+    kind = "remove block" if o.remove_block else "merge" if len(o.keep) > 1 or o.fold_identity else "prune"
+    return {"kind": kind, "positions": [o.start, o.end], "keep": list(o.keep), "drop": list(o.drop),
+            "kernel": list(o.kernel), "depthwise": o.depthwise, "block": o.remove_block or o.fold_identity,
+            "latency_s": row.latency, "importance": row.importance}
+
+
+def _pareto(rows: list[dp.Row], positions: int, table: LatencyTable) -> list[dict]:
+    """The whole predicted trade-off curve (latency against summed importance), from one DP table."""
+    original = sum(r.latency for r in rows if r.key.original)
+    unit = original / UNITS
+    # Up to the original's latency plus the rounding slack of each position, so the original is on the curve.
+    return [{"predicted_latency_s": table.fixed_s + point.latency,
+             "predicted_speedup": table.whole_s / (table.fixed_s + point.latency),
+             "importance": point.importance, "rows_changed": sum(not r.key.original for r in point.rows)}
+            for point in dp.pareto(rows, positions, original + positions * unit, unit)]
 
 
 def slp_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: float, backend: Backend, batch: int,

@@ -50,12 +50,16 @@ def test_cli_speedup_latency_and_bench(tmp_path, capsys):
     capsys.readouterr()
     out = tmp_path / "fast.onnx"
     code = main(["prune", str(path), "--speedup", "1.25", "--data", "random", "--samples", "16", "--latency-batch",
-                 "2", "--latency-table", str(table), "-o", str(out), "--json", "--quiet"])
+                 "2", "--latency-table", str(table), "-o", str(out), "--json", "--quiet",
+                 "--pareto", str(tmp_path / "curve.json")])
     result = json.loads(capsys.readouterr().out)
     assert code == (0 if result["target_met"] else 1)
     assert result["method"] == "layermerge" and out.exists() and result["verification"]["passed"]
     if not result["target_met"]:
         assert "misses" in result["message"]
+    curve = json.loads((tmp_path / "curve.json").read_text())
+    assert curve[-1]["rows_changed"] == 0 and curve[-1]["importance"] == 0.0  # the full budget keeps the original
+    assert all(a["predicted_latency_s"] <= b["predicted_latency_s"] for a, b in zip(curve, curve[1:]))
     assert main(["prune", str(path), "--speedup", "1.25", "--latency-batch", "4", "--latency-table", str(table),
                  "-o", str(tmp_path / "x.onnx"), "--quiet"]) == 1
     assert "batch 2, not 4" in capsys.readouterr().err
