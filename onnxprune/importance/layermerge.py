@@ -27,7 +27,7 @@ from onnxprune.graph.analysis import Structure
 from onnxprune.graph.normalize import to_graph, to_model
 from onnxprune.plan import Plan, apply_plan
 from onnxprune.planning.candidates import Option, options_plan
-from onnxprune.runtime.capture import suffix_model, with_outputs
+from onnxprune.runtime.capture import capture_batch, suffix_model, with_outputs
 from onnxprune.runtime.session import create_session
 from onnxprune.similarity.cka import accumulator
 
@@ -67,6 +67,7 @@ def row_importances(model: onnx.ModelProto, structure: Structure, options: list[
         jobs.append((option, create_session(suffix, provider), start, side, target))
     captured = [feature] + [name for _, _, start, side, target in jobs for name in (start, *side, target)]
     full = create_session(with_outputs(base, captured), provider)
+    batch = capture_batch(base, captured, batch)
     accumulators: list = [None] * len(jobs)
     for feeds, _ in data.batches(batch):
         outs = dict(zip(full.output_names, full.run(feeds)))

@@ -21,7 +21,7 @@ from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import ResidualBlock, Structure, analyze_model
 from onnxprune.graph.io import infer_shapes
 from onnxprune.plan import Plan, apply_plan, fingerprint
-from onnxprune.runtime.capture import suffix_model, with_outputs
+from onnxprune.runtime.capture import capture_batch, suffix_model, with_outputs
 from onnxprune.runtime.session import create_session
 from onnxprune.similarity.cka import accumulator
 
@@ -65,6 +65,7 @@ def score_blocks(model: onnx.ModelProto, data: Dataset, blocks: list[ResidualBlo
         sessions = [create_session(s, provider) for s, _ in suffixes]
         captured = [feature] + [b.input for b in blocks] + [t for _, side in suffixes for t in side]
         full = create_session(with_outputs(model, captured), provider)
+        batch = capture_batch(model, captured, batch)
     else:
         pruned = [apply_plan(model, Plan(remove_blocks=[b.join]))[0] for b in blocks]
         sessions = [create_session(with_outputs(p, [feature]), provider) for p in pruned]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import deque
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -36,6 +37,19 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
         if name not in present:
             copy.graph.output.append(_info(infos, name))
     return copy
+
+
+def capture_batch(model: onnx.ModelProto, names: list[str], batch: int, budget_bytes: int = 1 << 30) -> int:
+    """``batch``, lowered so one batch of the captured tensors stays within ``budget_bytes`` (1 GiB)."""
+    infos = _value_infos(model)
+    per_sample = 0
+    for name in dict.fromkeys(names):
+        t = infos[name].type.tensor_type if name in infos else None
+        if t is None or not t.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim[1:]]
+        per_sample += 4 * max(1, int(np.prod(dims)))
+    return max(1, min(batch, budget_bytes // max(per_sample, 1)))
 
 
 def suffix_model(model: onnx.ModelProto, start: str, outputs: list[str]) -> tuple[onnx.ModelProto, list[str]]:

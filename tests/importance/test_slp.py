@@ -105,3 +105,15 @@ def test_l1_baseline_ranks_the_tiny_block_lowest():
     assert min(norms, key=norms.get) == blocks[2].join and all(v > 0 for v in norms.values())
     assert sorted(random_order(blocks, 0)) == sorted(b.join for b in blocks)
     assert random_order(blocks, 0) == random_order(blocks, 0) != random_order(blocks, 1)
+
+
+def test_capture_batch_keeps_one_batch_of_captured_tensors_within_budget():
+    from onnxprune.runtime.capture import capture_batch
+
+    model = classifier()
+    blocks = removal_candidates(analyze_model(model), 0)
+    names = [b.input for b in blocks]
+    per_sample = sum(4 * int(np.prod(b.input_shape[1:])) for b in blocks)  # float32 bytes of one sample
+    assert capture_batch(model, names, 64) == 64
+    assert capture_batch(model, names, 64, budget_bytes=10 * per_sample) == 10
+    assert capture_batch(model, names, 64, budget_bytes=1) == 1
