@@ -1,6 +1,7 @@
 import json
 
 import onnx
+import pytest
 
 from onnxprune.cli import main
 from onnxprune.plan import load_plan
@@ -27,3 +28,38 @@ def test_score_and_prune_verbs(tmp_path, capsys):
     assert main(["prune", str(model), "--data", "random", "--remove-blocks", "9", "--min-blocks-per-stage", "3",
                  "-o", str(tmp_path / "capped.onnx"), "--quiet"]) == 1
     assert "target not met" in capsys.readouterr().err
+
+
+def test_eval_flags_labels_preprocessing_and_provider(tmp_path, capsys):
+    import numpy as np
+
+    from tests.data.test_sources import colour_images, colour_model
+
+    onnx.save(colour_model(with_metadata=False), tmp_path / "m.onnx")
+    x, y = colour_images()
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    base = ["eval", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy")]
+    assert main(base) == 1  # uint8 images, no metadata, no flags: refused with one line
+    assert "no onnxprune.preprocess metadata" in capsys.readouterr().err
+    flags = ["--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--scale", "0.00392157", "--provider", "cpu", "--json"]
+    assert main(base + flags) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["accuracy"] == 1.0 and result["provider"] == "cpu"
+    with pytest.raises(SystemExit) as exit_info:  # argparse rejects malformed numbers with its usage line
+        main(base + ["--mean", "a,b"])
+    assert exit_info.value.code == 2
+
+
+def test_score_feature_tensor_and_prune_one_shot(tmp_path, capsys):
+    model = classifier(seed=6)
+    path = tmp_path / "net.onnx"
+    onnx.save(model, path)
+    assert main(["score", str(path), "--data", "random", "--samples", "8", "--feature-tensor", "nope"]) == 1
+    assert "not a tensor of the model" in capsys.readouterr().err
+    last_relu = [n.output[0] for n in model.graph.node if n.op_type == "Relu"][-1]
+    assert main(["score", str(path), "--data", "random", "--samples", "8", "--feature-tensor", last_relu, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["feature_tensor"] == last_relu
+    assert main(["prune", str(path), "--data", "random", "--samples", "8", "--remove-blocks", "2", "--one-shot",
+                 "-o", str(tmp_path / "o.onnx"), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "slp-one-shot"
