@@ -17,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -45,11 +44,6 @@ def name_nodes(graph: gs.Graph) -> None:
             candidate, suffix = f"{name}_{suffix}", suffix + 1
         node.name = candidate
         taken.add(candidate)
-
-
-def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a constant tensor, else None."""
-    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
 
 
 def fold_constant_nodes(graph: gs.Graph) -> int:
@@ -142,7 +136,3 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.M
         del model.metadata_props[:]
         model.metadata_props.extend(template.metadata_props)
     return model
-
-
-def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

@@ -14,10 +14,6 @@ import onnx_graphsurgeon as gs
 # Ops that only move metadata: their outputs describe shapes, not activations.
 SHAPE_OPS = {"Shape", "Size"}
 NO_OP = {"Identity", "Dropout"}
-# Ops a merged convolution cannot absorb (LayerMerge's barriers). Anything that is not a conv,
-# an activation, a no-op or a residual join counts as a barrier too; these are named for clarity.
-BARRIER_OPS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Concat", "Split", "Resize",
-               "Upsample", "Pad", "Reshape", "Transpose", "Flatten", "Slice", "Gather", "Mul", "Softmax"}
 UNARY_ACTIVATIONS = {"Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Gelu", "LeakyRelu", "Elu",
                      "Selu", "Celu", "Softplus", "Mish", "PRelu", "ThresholdedRelu"}
 # Elementwise ops that may form an activation together with constants (GELU as Erf, SiLU as x*sigmoid(x)).
@@ -179,8 +175,3 @@ def node_macs(node: gs.Node) -> int:
         k = node.inputs[0].shape[-1]
         return out * (k if isinstance(k, int) else 1)
     return 0
-
-
-def node_params(node: gs.Node) -> dict[str, int]:
-    """Sizes of the node's constant inputs by name (so shared weights are counted once by the caller)."""
-    return {t.name: int(np.prod(t.shape)) for t in node.inputs if is_constant(t) and t.shape is not None}
