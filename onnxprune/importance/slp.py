@@ -123,7 +123,11 @@ def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, remove_blocks
             return bool(removed) and until(current)
         return 1 - analyze_model(current).macs / original_macs >= macs_reduction
 
-    while not done():
+    met = False
+    while True:
+        if done():  # evaluated once per step: with a measured criterion, what stops the loop is what is reported
+            met = True
+            break
         structure = analyze_model(current)
         candidates = removal_candidates(structure, min_blocks_per_stage)
         if not candidates:
@@ -146,7 +150,6 @@ def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, remove_blocks
     plan = Plan(remove_blocks=removed, fingerprint=fingerprint(model), method="slp-one-shot" if one_shot else "slp",
                 predicted={"macs_before": original_macs, "macs_after": analyze_model(current).macs,
                            "history": history})
-    met = done()
     message = "" if met else (f"stopped after {len(removed)} blocks: no removable block is left whose stage keeps "
                               f"{min_blocks_per_stage} block(s)")
     return SLPResult(current, plan, history, provider_used, met, message)

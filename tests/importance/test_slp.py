@@ -117,3 +117,17 @@ def test_capture_batch_keeps_one_batch_of_captured_tensors_within_budget():
     assert capture_batch(model, names, 64) == 64
     assert capture_batch(model, names, 64, budget_bytes=10 * per_sample) == 10
     assert capture_batch(model, names, 64, budget_bytes=1) == 1
+
+
+def test_a_measured_stop_criterion_is_asked_once_per_removal():
+    model = classifier(seed=8)
+    data = load_data("random", model, samples=16)
+    calls = []
+
+    def until(current):
+        calls.append(len(analyze_model(current).residual_blocks))
+        return len(calls) == 2  # "fast enough" after the second removal
+
+    result = prune_slp(model, data, feature_tensor(model), provider="cpu", until=until)
+    assert len(result.plan.remove_blocks) == 2 and result.target_met
+    assert len(calls) == 2  # no second look after the loop: the answer that stopped it is the one reported
