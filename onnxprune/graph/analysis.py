@@ -36,6 +36,7 @@ from onnxprune.graph.ops import (
     SHAPE_OPS,
     Activation,
     activation_after,
+    activation_containing,
     conv_info,
     node_macs,
     variable_inputs,
@@ -432,21 +433,9 @@ def _link(flow: _Dataflow, i: int, prev: gs.Node, conv: gs.Node, join_blocks: di
 
 
 def _activation_ending_at(flow: _Dataflow, tensor: gs.Variable) -> Activation | None:
-    """The activation whose output is ``tensor``, found from the last node's data inputs."""
-    node = tensor.inputs[0]
-    candidates = flow.data_inputs(node)
-    seen: set[str] = set()
-    while candidates:
-        x = candidates.pop()
-        if x.name in seen:
-            continue
-        seen.add(x.name)
-        act = activation_after(x, flow.graph_outputs)
-        if act is not None and act.output.name == tensor.name:
-            return act
-        if x.inputs and x.inputs[0].op in ("Sigmoid", "HardSigmoid", "Div", "Erf", "Add", "Mul", "Tanh", "Softplus", "Pow"):
-            candidates.extend(flow.data_inputs(x.inputs[0]))
-    return None
+    """The activation whose output is ``tensor``."""
+    act = activation_containing(tensor.inputs[0], flow.graph_outputs)
+    return act if act is not None and act.output.name == tensor.name else None
 
 
 def _spans(blocks: list[ResidualBlock], convs: list[ChainConv], notes: list[str]) -> list[dict]:

@@ -67,6 +67,23 @@ def activation_after(x: gs.Variable, graph_outputs: set[str]) -> Activation | No
     return None
 
 
+def activation_containing(node: gs.Node, graph_outputs: set[str]) -> Activation | None:
+    """The activation that ``node`` is part of, found from the tensors at most a few elementwise
+    steps upstream of it (an island's input is at most ``_MAX_ISLAND`` nodes away)."""
+    frontier, seen = [node], set()
+    for _ in range(_MAX_ISLAND):
+        inputs = [t for n in frontier for t in variable_inputs(n) if t.name not in seen]
+        for x in inputs:
+            seen.add(x.name)
+            act = activation_after(x, graph_outputs)
+            if act is not None and any(n is node for n in act.nodes):
+                return act
+        frontier = [t.inputs[0] for t in inputs if t.inputs and t.inputs[0].op in _ISLAND_OPS]
+        if not frontier:
+            break
+    return None
+
+
 def _closed_island(members: list[gs.Node], graph_outputs: set[str]) -> list[gs.Node] | None:
     """``members`` if exactly one of their outputs leaves the island (the last one), else None."""
     if not members:

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph import merge
 from onnxprune.graph.analysis import ResidualBlock, through_noops
-from onnxprune.graph.ops import NO_OP, Activation, activation_after, conv_info, variable_inputs
+from onnxprune.graph.ops import NO_OP, Activation, activation_after, activation_containing, conv_info, variable_inputs
 
 
 class RewriteError(OnnxPruneError):
@@ -79,23 +79,10 @@ def activation_of(graph: gs.Graph, name: str) -> Activation:
         if act is None:
             raise RewriteError(f"no activation follows {name!r}")
         return act
-    for x in variable_inputs(node) + [t for n in _producers(node) for t in variable_inputs(n)]:
-        act = activation_after(x, outputs)
-        if act is not None and any(n is node for n in act.nodes):
-            return act
-    raise RewriteError(f"node {name!r} ({node.op}) is not part of an activation onnxprune recognizes")
-
-
-def _producers(node: gs.Node) -> list[gs.Node]:
-    seen, stack, out = set(), [node], []
-    while stack:  # the few nodes before ``node`` inside an elementwise island (GELU, SiLU)
-        n = stack.pop()
-        for t in variable_inputs(n):
-            if t.inputs and id(t.inputs[0]) not in seen and len(seen) < 8:
-                seen.add(id(t.inputs[0]))
-                out.append(t.inputs[0])
-                stack.append(t.inputs[0])
-    return out
+    act = activation_containing(node, outputs)
+    if act is None:
+        raise RewriteError(f"node {name!r} ({node.op}) is not part of an activation onnxprune recognizes")
+    return act
 
 
 def drop_activation(graph: gs.Graph, act: Activation) -> None:
