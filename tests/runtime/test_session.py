@@ -1,0 +1,54 @@
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from onnxprune.errors import OnnxPruneError
+from onnxprune.runtime.session import create_session
+from tests.builders import GraphBuilder
+from tests.conftest import run
+
+
+def small_model():
+    g = GraphBuilder(("N", 3, 6, 6))
+    return g.build([g.relu(g.conv(g.input, 4))])
+
+
+def test_cpu_session_reports_cpu_and_runs_like_onnxruntime(tmp_path):
+    model = small_model()
+    x = np.random.default_rng(0).normal(size=(2, 3, 6, 6)).astype(np.float32)
+    session = create_session(model, "cpu", threads=1)
+    assert session.provider == "cpu" and session.threads == 1
+    assert session.input_names == ["input"] and len(session.output_names) == 1
+    np.testing.assert_allclose(session.run({"input": x})[0], run(model, {"input": x})[0], atol=1e-6)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert create_session(path, "cpu").provider == "cpu"  # a path works as well as a ModelProto
+
+
+def test_spinning_is_off_unless_asked():
+    model = small_model()
+    off = create_session(model, "cpu").session.get_session_options()
+    on = create_session(model, "cpu", spinning=True).session.get_session_options()
+    assert off.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert on.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
+def test_auto_reports_the_provider_really_used():
+    session = create_session(small_model(), "auto")
+    assert session.provider == ("cuda" if session.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available here")
+def test_asking_for_cuda_without_it_is_an_error_not_a_silent_fallback():
+    with pytest.raises(OnnxPruneError, match="cuda"):
+        create_session(small_model(), "cuda")
+
+
+def test_unknown_provider_and_broken_model_are_one_line_errors():
+    with pytest.raises(OnnxPruneError, match="unknown provider"):
+        create_session(small_model(), "tpu")
+    broken = small_model()
+    broken.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(OnnxPruneError, match="could not create a session") as info:
+        create_session(broken, "cpu")
+    assert "\n" not in str(info.value)
