@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -51,7 +52,7 @@ def test_cli_speedup_latency_and_bench(tmp_path, capsys):
     out = tmp_path / "fast.onnx"
     code = main(["prune", str(path), "--speedup", "1.25", "--data", "random", "--samples", "16", "--latency-batch",
                  "2", "--latency-table", str(table), "-o", str(out), "--json", "--quiet",
-                 "--pareto", str(tmp_path / "curve.json")])
+                 "--pareto", str(tmp_path / "curve.json"), "--scope", "local"])
     result = json.loads(capsys.readouterr().out)
     assert code == (0 if result["target_met"] else 1)
     assert result["method"] == "layermerge" and out.exists() and result["verification"]["passed"]
@@ -68,7 +69,8 @@ def test_cli_speedup_latency_and_bench(tmp_path, capsys):
     assert len(bench["models"]) == 2 and bench["speedup"] > 0
 
 
-def test_demo_runs_the_whole_pipeline_on_shipped_data(tmp_path, capsys):
+@pytest.mark.parametrize("method", ["layermerge", "slp"])
+def test_demo_runs_the_whole_pipeline_on_shipped_data(tmp_path, capsys, method):
     g = GraphBuilder(("batch", 3, 32, 32), seed=4)
     x = g.relu(g.conv(g.input, 8, stride=2))
     for _ in range(4):
@@ -80,9 +82,14 @@ def test_demo_runs_the_whole_pipeline_on_shipped_data(tmp_path, capsys):
             "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}
     model.metadata_props.add(key="onnxprune.preprocess", value=json.dumps(prep))
     onnx.save(model, tmp_path / "cifar_like.onnx")
+    shipped = np.load(Path(__file__).resolve().parents[1] / "models" / "cifar10_test1000.npz")
+    np.savez(tmp_path / "test200.npz", x=shipped["x"][:200], y=shipped["y"][:200])
     code = main(["demo", "--model", str(tmp_path / "cifar_like.onnx"), "--out", str(tmp_path / "demo"),
-                 "--speedup", "1.2", "--latency-batch", "4", "--json"])
+                 "--speedup", "1.2", "--latency-batch", "4", "--json", "--method", method]
+                + (["--test-data", str(tmp_path / "test200.npz")] if method == "slp" else []))
     result = json.loads(capsys.readouterr().out)
     assert code == (0 if result["pruned"]["target_met"] else 1)
-    assert 0 <= result["accuracy_after"] <= 1 and result["test_data"].endswith("(1000 samples)")
-    assert (tmp_path / "demo" / "cifar_like_layermerge_1.2x.onnx").exists()
+    assert 0 <= result["accuracy_after"] <= 1
+    assert result["test_data"].endswith("(200 samples)" if method == "slp" else "(1000 samples)")
+    assert result["pruned"]["method"] == method
+    assert (tmp_path / "demo" / f"cifar_like_{method}_1.2x.onnx").exists()
