@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from onnxprune.graph.io import PROTOBUF_LIMIT
+from onnxprune.graph.io import over_protobuf_limit
 from onnxprune.runtime.session import create_session
 
 _NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
@@ -87,7 +87,7 @@ def verify(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: dict[st
 
 def _runnable(model: onnx.ModelProto, folder: str, name: str) -> onnx.ModelProto | str:
     """The model itself, or for one over the protobuf limit, a path to it saved with external data."""
-    if sum(len(t.raw_data) for t in model.graph.initializer) < PROTOBUF_LIMIT - 2**24:
+    if not over_protobuf_limit(model):
         return model
     path = os.path.join(folder, name)
     onnx.save_model(model, path, save_as_external_data=True, location=name + ".data")

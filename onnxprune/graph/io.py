@@ -121,7 +121,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], external_da
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
-        external_data = _had_external_data(model) or _weight_bytes(model) > PROTOBUF_LIMIT - 2**24
+        external_data = _had_external_data(model) or over_protobuf_limit(model)
     model = _strip_internal_metadata(model)
     data_name = path.name + ".data"
     with tempfile.TemporaryDirectory(prefix=".onnxprune-", dir=path.parent) as tmp:
@@ -153,8 +153,9 @@ def _strip_internal_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def _weight_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in model.graph.initializer)
+def over_protobuf_limit(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is too large to serialize in one protobuf (2 GB, less a margin for the graph)."""
+    return sum(len(t.raw_data) for t in model.graph.initializer) > PROTOBUF_LIMIT - 2**24
 
 
 def _first_line(exc: BaseException) -> str:

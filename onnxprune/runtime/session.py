@@ -8,6 +8,7 @@ only CUDA is asked for, so the provider a session really got is read back with
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxprune.errors import OnnxPruneError
+from onnxprune.graph.io import over_protobuf_limit
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -69,9 +71,15 @@ def create_session(model: onnx.ModelProto | str | os.PathLike[str], provider: st
     """A session on ``provider`` ("auto": CUDA when a session really gets it, else CPU).
 
     Asking for "cuda" or "tensorrt" explicitly and not getting it is an error, never a silent fallback.
+    A model over protobuf's 2 GB limit goes to onnxruntime through a temporary file with external data.
     """
     if provider not in ("auto", *PROVIDERS):
         raise OnnxPruneError(f"unknown provider {provider!r}; choose auto, cpu, cuda or tensorrt")
+    if isinstance(model, onnx.ModelProto) and over_protobuf_limit(model):
+        with tempfile.TemporaryDirectory(prefix="onnxprune-session-") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+            return create_session(path, provider, threads, spinning, optimize)  # the weights are read in here
     available = set(ort.get_available_providers())
     wanted = "cuda" if provider == "auto" and "CUDAExecutionProvider" in available else provider
     wanted = "cpu" if wanted == "auto" else wanted

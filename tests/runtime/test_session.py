@@ -1,4 +1,6 @@
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 import pytest
 
@@ -52,3 +54,18 @@ def test_unknown_provider_and_broken_model_are_one_line_errors():
     with pytest.raises(OnnxPruneError, match="could not create a session") as info:
         create_session(broken, "cpu")
     assert "\n" not in str(info.value)
+
+
+def test_a_model_over_the_protobuf_limit_goes_through_a_file(monkeypatch):
+    from onnxprune.graph import io
+
+    model = small_model()
+    x = np.ones((1, 3, 6, 6), np.float32)
+    expected = run(model, {"input": x})[0]
+    for init in model.graph.initializer:  # raw_data, as exporters write it (the limit counts raw bytes)
+        init.raw_data = onnx.numpy_helper.to_array(init).tobytes()
+        del init.float_data[:]
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 2**24 + 1)  # anything over 1 byte of weights is "too big"
+    assert io.over_protobuf_limit(model)
+    session = create_session(model, "cpu")  # the temporary file is gone once the session exists
+    np.testing.assert_allclose(session.run({"input": x})[0], expected, atol=1e-6)
