@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from onnxprune.errors import OnnxPruneError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".gif", ".tif", ".tiff"}
 RANDOM = "random"
+_PREPROCESS_CHUNK = 256  # images turned into float inputs at a time
 _ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                   onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
                   onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT8: np.uint8}
@@ -78,26 +79,50 @@ def load_data(spec: str | os.PathLike[str] | None, model: onnx.ModelProto, sampl
         raise OnnxPruneError(f"no such data: {path} (give a .npy/.npz file, an image folder, a tar of images, or 'random')")
     prep = _preprocess(model, preprocess)
     names = class_names(model)
+    pick = _Subset(samples, seed)
     if path.is_dir():
-        images, y = _decode(_folder_images(path), prep, names)
+        images, y = _decode(_folder_images(path), prep, names, pick)
         dataset = _from_array(images, y, inputs, prep, f"image folder {path}")
     elif path.suffix == ".npy":
-        dataset = _from_array(_load_npy(path), None, inputs, prep, f"array {path}")
+        dataset = _from_array(pick(_load_npy(path)), None, inputs, prep, f"array {path}")
     elif path.suffix == ".npz":
-        dataset = _from_npz(path, inputs, prep)
+        dataset = _from_npz(path, inputs, prep, pick)
     elif tarfile.is_tarfile(path):
-        images, y = _decode(_tar_images(path), prep, names)
+        with tarfile.open(path) as tar:
+            images, y = _decode(_tar_images(tar), prep, names, pick)
         dataset = _from_array(images, y, inputs, prep, f"image tar {path}")
     else:
         raise OnnxPruneError(f"{path}: not a .npy/.npz file, an image folder or a tar of images")
     if labels is not None:
-        dataset.labels = _check_labels(_load_npy(Path(labels)), len(dataset), str(labels))
-    if samples is not None and samples < len(dataset):
-        keep = np.sort(np.random.default_rng(seed).choice(len(dataset), samples, replace=False))
-        dataset = Dataset({k: v[keep] for k, v in dataset.inputs.items()},
-                          None if dataset.labels is None else dataset.labels[keep],
-                          f"{dataset.source}, {samples} of {len(dataset)} samples (seed {seed})")
+        all_labels = _load_npy(Path(labels))
+        _check_labels(all_labels, pick.total if pick.total is not None else len(dataset), str(labels))
+        dataset.labels = _check_labels(pick(all_labels), len(dataset), str(labels))
+    if pick.kept is not None:
+        dataset.source += f", {len(pick.kept)} of {pick.total} samples (seed {seed})"
     return dataset
+
+
+class _Subset:
+    """A seeded random subset of ``samples`` items, chosen once from the first sequence it is given
+    and applied alike to every later one (images, then their labels), before anything is decoded
+    or preprocessed: ``--samples 256`` of a large set costs 256 images of memory and time."""
+
+    def __init__(self, samples: int | None, seed: int) -> None:
+        self.samples, self.seed = samples, seed
+        self.total: int | None = None
+        self.kept: np.ndarray | None = None
+
+    def __call__(self, items):
+        if self.total is None:
+            self.total = len(items)
+            if self.samples is not None and self.samples < self.total:
+                rng = np.random.default_rng(self.seed)
+                self.kept = np.sort(rng.choice(self.total, self.samples, replace=False))
+        elif len(items) != self.total:
+            raise OnnxPruneError(f"expected {self.total} items to take the same samples from, got {len(items)}")
+        if self.kept is None:
+            return items
+        return items[self.kept] if isinstance(items, np.ndarray) else [items[i] for i in self.kept]
 
 
 def _random(inputs: list[ModelInput], n: int, seed: int) -> Dataset:
@@ -118,12 +143,12 @@ def _preprocess(model: onnx.ModelProto, override: Preprocess | None) -> Preproce
 
 def _load_npy(path: Path) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, mmap_mode="r", allow_pickle=False)  # a subset reads only its rows
     except (OSError, ValueError) as exc:
         raise OnnxPruneError(f"cannot read {path} as a .npy array: {exc}") from None
 
 
-def _from_npz(path: Path, inputs: list[ModelInput], prep: Preprocess | None) -> Dataset:
+def _from_npz(path: Path, inputs: list[ModelInput], prep: Preprocess | None, pick: _Subset) -> Dataset:
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -135,14 +160,21 @@ def _from_npz(path: Path, inputs: list[ModelInput], prep: Preprocess | None) -> 
             missing = [i.name for i in inputs if i.name not in keys]
             if missing:
                 raise OnnxPruneError(f"{path} has no arrays for the model inputs {missing} (it has {sorted(keys)})")
-            arrays = {i.name: _as_input(archive[i.name], i, prep, str(path)) for i in inputs}
+            raw = {i.name: archive[i.name] for i in inputs}
+            _same_length(raw, str(path))
+            if y is not None:
+                _check_labels(y, len(y), str(path))
+            arrays = {i.name: _as_input(pick(raw[i.name]), i, prep, str(path)) for i in inputs}
             n = _same_length(arrays, str(path))
-            return Dataset(arrays, _check_labels(y, n, str(path)) if y is not None else None, f"arrays {path}")
+            return Dataset(arrays, _check_labels(pick(y), n, str(path)) if y is not None else None, f"arrays {path}")
         name = inputs[0].name
         key = name if name in keys else "x" if "x" in keys else None
         if key is None:
             raise OnnxPruneError(f"{path} has no array 'x' or '{name}' (the model's input); it has {sorted(keys)}")
-        return _from_array(archive[key], y, inputs, prep, f"arrays {path}[{key}]")
+        x = archive[key]
+        if y is not None:
+            _check_labels(y, len(x), str(path))
+        return _from_array(pick(x), None if y is None else pick(y), inputs, prep, f"arrays {path}[{key}]")
 
 
 def _from_array(array: np.ndarray, y: np.ndarray | None, inputs: list[ModelInput], prep: Preprocess | None,
@@ -167,7 +199,7 @@ def _as_input(array: np.ndarray, inp: ModelInput, prep: Preprocess | None, sourc
     _check_shape(array.shape, inp, source)
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise OnnxPruneError(f"{source} contains NaN or Inf values")
-    return np.ascontiguousarray(array.astype(inp.dtype, copy=False))
+    return np.array(array, dtype=inp.dtype, order="C")  # a copy: never a view of a memory-mapped file
 
 
 def _check_shape(shape: tuple, inp: ModelInput, source: str) -> None:
@@ -185,9 +217,15 @@ def _images_to_input(images: np.ndarray, inp: ModelInput, prep: Preprocess | Non
         raise OnnxPruneError(f"{source}: uint8 images must be (N, H, W, C) or (N, C, H, W), not {list(images.shape)}")
     if images.shape[-1] not in (1, 3, 4) and images.shape[1] in (1, 3, 4):
         images = images.transpose(0, 2, 3, 1)  # NCHW -> NHWC
-    x = prep.apply(images[..., : len(prep.mean)])
-    _check_shape(x.shape, inp, source)
-    return x.astype(inp.dtype, copy=False)
+    channels = len(prep.mean)
+    x = None
+    for start in range(0, len(images), _PREPROCESS_CHUNK):  # chunks: the float32 copy is the only big array
+        part = prep.apply(images[start:start + _PREPROCESS_CHUNK, ..., :channels])
+        if x is None:
+            _check_shape(part.shape, inp, source)
+            x = np.empty((len(images), *part.shape[1:]), inp.dtype)
+        x[start:start + len(part)] = part
+    return x
 
 
 def _same_length(arrays: dict[str, np.ndarray], source: str) -> int:
@@ -204,23 +242,26 @@ def _check_labels(y: np.ndarray | None, n: int, source: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _folder_images(root: Path) -> list[tuple[str, bytes, str | None]]:
+ImageFile = tuple[str, Callable[[], bytes], str | None]  # (name, read its bytes, its folder or None)
+
+
+def _folder_images(root: Path) -> list[ImageFile]:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    return [(str(p), p.read_bytes(), p.parent.name if p.parent != root else None) for p in files]
+    return [(str(p), p.read_bytes, p.parent.name if p.parent != root else None) for p in files]
 
 
-def _tar_images(path: Path) -> list[tuple[str, bytes, str | None]]:
+def _tar_images(tar: tarfile.TarFile) -> list[ImageFile]:
     out = []
-    with tarfile.open(path) as tar:
-        for member in sorted(tar.getmembers(), key=lambda m: m.name):
-            parts = member.name.split("/")
-            if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
-                out.append((member.name, tar.extractfile(member).read(), parts[-2] if len(parts) > 1 else None))
+    for member in sorted(tar.getmembers(), key=lambda m: m.name):
+        parts = member.name.split("/")
+        if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
+            out.append((member.name, lambda m=member: tar.extractfile(m).read(), parts[-2] if len(parts) > 1 else None))
     return out
 
 
-def _decode(files: list[tuple[str, bytes, str | None]], prep: Preprocess | None,
-            names: list[str] | None) -> tuple[np.ndarray, np.ndarray | None]:
+def _decode(files: list[ImageFile], prep: Preprocess | None, names: list[str] | None,
+            pick: _Subset) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decodes (and resizes) only the picked files; class indices come from all of them."""
     if not files:
         raise OnnxPruneError("no image files found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
     try:
@@ -228,10 +269,12 @@ def _decode(files: list[tuple[str, bytes, str | None]], prep: Preprocess | None,
     except ImportError:
         raise OnnxPruneError("decoding images needs Pillow: pip install pillow") from None
     size = prep.size if prep is not None else None
+    all_folders = [folder for _, _, folder in files]
+    files = pick(files)
     images = []
-    for name, data, _ in files:
+    for name, read, _ in files:
         try:
-            image = Image.open(io.BytesIO(data)).convert("RGB")
+            image = Image.open(io.BytesIO(read())).convert("RGB")
         except OSError as exc:
             raise OnnxPruneError(f"cannot decode image {name}: {exc}") from None
         if size is not None and image.size != (size[1], size[0]):
@@ -240,10 +283,10 @@ def _decode(files: list[tuple[str, bytes, str | None]], prep: Preprocess | None,
     if len({im.shape for im in images}) > 1:
         raise OnnxPruneError("the images have different sizes and the model's preprocessing names no size to resize to")
     folders = [folder for _, _, folder in files]
-    if any(f is None for f in folders):
+    if any(f is None for f in all_folders):
         return np.stack(images), None
-    classes = names if names is not None else sorted(set(folders))
-    unknown = sorted(set(folders) - set(classes))
+    classes = names if names is not None else sorted(set(all_folders))
+    unknown = sorted(set(all_folders) - set(classes))
     if unknown:
         raise OnnxPruneError(f"image folders {unknown} are not among the model's class names {classes}")
     return np.stack(images), np.asarray([classes.index(f) for f in folders], dtype=np.int64)

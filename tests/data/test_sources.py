@@ -115,6 +115,35 @@ def test_samples_keep_a_seeded_subset(tmp_path):
     b = load_data(tmp_path / "d.npz", colour_model(), samples=7, seed=1)
     assert len(a) == 7 and (a.labels == b.labels).all() and "7 of 30" in a.source
     assert [len(f["input"]) for f, _ in a.batches(3)] == [3, 3, 1]
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    c = load_data(tmp_path / "x.npy", colour_model(), samples=7, seed=1, labels=tmp_path / "y.npy")
+    np.testing.assert_array_equal(c.inputs["input"], a.inputs["input"])  # the same subset from every source
+    np.testing.assert_array_equal(c.labels, a.labels)
+    np.save(tmp_path / "short.npy", y[:-1])
+    with pytest.raises(OnnxPruneError, match="labels must be 30 integers"):
+        load_data(tmp_path / "x.npy", colour_model(), samples=7, labels=tmp_path / "short.npy")
+
+
+@pytest.mark.parametrize("as_tar", [False, True])
+def test_samples_decode_only_the_images_they_keep(tmp_path, monkeypatch, as_tar):
+    """--samples 256 of a big image set must not decode (and resize) all of it."""
+    from PIL import Image as PILImage
+
+    write_images(tmp_path / "imgs")
+    source = tmp_path / "imgs"
+    if as_tar:
+        with tarfile.open(tmp_path / "imgs.tar", "w") as tar:
+            tar.add(source, arcname="imgs")
+        source = tmp_path / "imgs.tar"
+    opened = []
+    real_open = PILImage.open
+    monkeypatch.setattr(PILImage, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    d = load_data(source, colour_model(), samples=2, seed=5)
+    assert len(d) == 2 and len(opened) == 2 and "2 of 6" in d.source
+    # labels index the model's class names, and each picked image is of its label's colour
+    colour = d.inputs["input"].mean(axis=(2, 3)).argmax(axis=1)
+    np.testing.assert_array_equal(colour, d.labels)
 
 
 @pytest.mark.parametrize("make, message", [
