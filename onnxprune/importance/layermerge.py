@@ -64,7 +64,7 @@ def row_importances(model: onnx.ModelProto, structure: Structure, options: list[
         if scope == "local" and option.end < len(structure.convs):
             target = conv_io[structure.convs[option.end].name][1]
         suffix, side = suffix_model(modified, start, [target])
-        jobs.append((option, create_session(suffix, provider), start, side, target))
+        jobs.append((option, create_session(suffix, provider, arena=False), start, side, target))  # one per row
     captured = [feature] + [name for _, _, start, side, target in jobs for name in (start, *side, target)]
     full = create_session(with_outputs(base, captured), provider)
     batch = capture_batch(base, captured, batch)

@@ -62,13 +62,13 @@ def score_blocks(model: onnx.ModelProto, data: Dataset, blocks: list[ResidualBlo
     start = time.perf_counter()
     if suffix_only:
         suffixes = [suffix_model(model, b.output, [feature]) for b in blocks]
-        sessions = [create_session(s, provider) for s, _ in suffixes]
+        sessions = [create_session(s, provider, arena=False) for s, _ in suffixes]  # one per block
         captured = [feature] + [b.input for b in blocks] + [t for _, side in suffixes for t in side]
         full = create_session(with_outputs(model, captured), provider)
         batch = capture_batch(model, captured, batch)
     else:
         pruned = [apply_plan(model, Plan(remove_blocks=[b.join]))[0] for b in blocks]
-        sessions = [create_session(with_outputs(p, [feature]), provider) for p in pruned]
+        sessions = [create_session(with_outputs(p, [feature]), provider, arena=False) for p in pruned]
         full = create_session(with_outputs(model, [feature]), provider)
     accumulators = None
     for feeds, _ in data.batches(batch):

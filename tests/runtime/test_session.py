@@ -33,6 +33,7 @@ def test_spinning_is_off_unless_asked():
     on = create_session(model, "cpu", spinning=True).session.get_session_options()
     assert off.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert on.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert off.enable_cpu_mem_arena and not create_session(model, "cpu", arena=False).session.get_session_options().enable_cpu_mem_arena
 
 
 def test_auto_reports_the_provider_really_used():
