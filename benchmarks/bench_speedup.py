@@ -39,6 +39,7 @@ def fitted_resnet34(train: str, folder: Path, samples: int = 512, ridge: float =
 
     from tests import zoo
 
+    torch.manual_seed(0)  # the random convolutions
     model = zoo.perturb(zoo.BUILDERS["resnet34"](num_classes=10))
     path = zoo.export(model, folder / "resnet34.onnx", "torchscript", 224)
     data = api._dataset(api.load_model(path), train, samples, 1, IMAGENET)

@@ -82,23 +82,21 @@ def load_data(spec: str | os.PathLike[str] | None, model: onnx.ModelProto, sampl
     pick = _Subset(samples, seed)
     if path.is_dir():
         images, y = _decode(_folder_images(path), prep, names, pick)
-        dataset = _from_array(images, y, inputs, prep, f"image folder {path}")
+        dataset = _from_array(images, y, inputs, prep, f"image folder {path}", pick)
     elif path.suffix == ".npy":
-        dataset = _from_array(pick(_load_npy(path)), None, inputs, prep, f"array {path}")
+        dataset = _from_array(pick(_load_npy(path)), None, inputs, prep, f"array {path}", pick)
     elif path.suffix == ".npz":
         dataset = _from_npz(path, inputs, prep, pick)
     elif tarfile.is_tarfile(path):
         with tarfile.open(path) as tar:
             images, y = _decode(_tar_images(tar), prep, names, pick)
-        dataset = _from_array(images, y, inputs, prep, f"image tar {path}")
+        dataset = _from_array(images, y, inputs, prep, f"image tar {path}", pick)
     else:
         raise OnnxPruneError(f"{path}: not a .npy/.npz file, an image folder or a tar of images")
     if labels is not None:
         all_labels = _load_npy(Path(labels))
         _check_labels(all_labels, pick.total if pick.total is not None else len(dataset), str(labels))
         dataset.labels = _check_labels(pick(all_labels), len(dataset), str(labels))
-    if pick.kept is not None:
-        dataset.source += f", {len(pick.kept)} of {pick.total} samples (seed {seed})"
     return dataset
 
 
@@ -111,6 +109,9 @@ class _Subset:
         self.samples, self.seed = samples, seed
         self.total: int | None = None
         self.kept: np.ndarray | None = None
+
+    def describe(self, n: int) -> str:
+        return f"({n} samples)" if self.kept is None else f"({n} of {self.total} samples, seed {self.seed})"
 
     def __call__(self, items):
         if self.total is None:
@@ -166,7 +167,8 @@ def _from_npz(path: Path, inputs: list[ModelInput], prep: Preprocess | None, pic
                 _check_labels(y, len(y), str(path))
             arrays = {i.name: _as_input(pick(raw[i.name]), i, prep, str(path)) for i in inputs}
             n = _same_length(arrays, str(path))
-            return Dataset(arrays, _check_labels(pick(y), n, str(path)) if y is not None else None, f"arrays {path}")
+            return Dataset(arrays, _check_labels(pick(y), n, str(path)) if y is not None else None,
+                           f"arrays {path} {pick.describe(n)}")
         name = inputs[0].name
         key = name if name in keys else "x" if "x" in keys else None
         if key is None:
@@ -174,16 +176,16 @@ def _from_npz(path: Path, inputs: list[ModelInput], prep: Preprocess | None, pic
         x = archive[key]
         if y is not None:
             _check_labels(y, len(x), str(path))
-        return _from_array(pick(x), None if y is None else pick(y), inputs, prep, f"arrays {path}[{key}]")
+        return _from_array(pick(x), None if y is None else pick(y), inputs, prep, f"arrays {path}[{key}]", pick)
 
 
 def _from_array(array: np.ndarray, y: np.ndarray | None, inputs: list[ModelInput], prep: Preprocess | None,
-                source: str) -> Dataset:
+                source: str, pick: _Subset) -> Dataset:
     if len(inputs) != 1:
         raise OnnxPruneError(f"the model has {len(inputs)} inputs; give an .npz with one array per input name")
     x = _as_input(array, inputs[0], prep, source)
     return Dataset({inputs[0].name: x}, _check_labels(y, len(x), source) if y is not None else None,
-                   f"{source} ({len(x)} samples)")
+                   f"{source} {pick.describe(len(x))}")
 
 
 def _as_input(array: np.ndarray, inp: ModelInput, prep: Preprocess | None, source: str) -> np.ndarray:
