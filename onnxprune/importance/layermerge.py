@@ -27,9 +27,8 @@ from onnxprune.graph.analysis import Structure
 from onnxprune.graph.normalize import to_graph, to_model
 from onnxprune.plan import Plan, apply_plan
 from onnxprune.planning.candidates import Option, options_plan
-from onnxprune.runtime.capture import capture_batch, suffix_model, with_outputs
-from onnxprune.runtime.session import create_session
-from onnxprune.similarity.cka import accumulator
+from onnxprune.runtime.capture import suffix_model
+from onnxprune.runtime.compare import Copy, cka_with_original
 
 FLOOR = math.log(1e-6)  # importance of a row whose representation no longer resembles the original
 
@@ -56,7 +55,7 @@ def row_importances(model: onnx.ModelProto, structure: Structure, options: list[
     base = to_model(to_graph(model), model)  # normalized: tensor names as the analysis has them
     conv_io = {n.name: (n.input[0], n.output[0]) for n in base.graph.node if n.op_type == "Conv"}
     changed = [o for o in options if not o.original]
-    jobs = []  # (option, session, start tensor, side inputs, compared tensor)
+    copies = []
     for option in changed:
         modified, _ = apply_plan(base, Plan(**options_plan([option])))
         start = conv_io[structure.convs[option.start].name][0]
@@ -64,21 +63,10 @@ def row_importances(model: onnx.ModelProto, structure: Structure, options: list[
         if scope == "local" and option.end < len(structure.convs):
             target = conv_io[structure.convs[option.end].name][1]
         suffix, side = suffix_model(modified, start, [target])
-        jobs.append((option, create_session(suffix, provider, arena=False), start, side, target))  # one per row
-    captured = [feature] + [name for _, _, start, side, target in jobs for name in (start, *side, target)]
-    full = create_session(with_outputs(base, captured), provider)
-    batch = capture_batch(base, captured, batch)
-    accumulators: list = [None] * len(jobs)
-    for feeds, _ in data.batches(batch):
-        outs = dict(zip(full.output_names, full.run(feeds)))
-        for k, (option, session, start, side, target) in enumerate(jobs):
-            reference = outs[target].reshape(len(outs[target]), -1)
-            got = session.run({start: outs[start], **{t: outs[t] for t in side}}, [target])[0]
-            if accumulators[k] is None:
-                accumulators[k] = accumulator(reference.shape[1])
-            accumulators[k].update(reference, got)
-    values = {id(o): acc.value() for (o, *_), acc in zip(jobs, accumulators)}
-    say(f"layermerge: scored {len(jobs)} rows ({scope} scope) in {time.perf_counter() - start_time:.1f} s")
+        copies.append(Copy(suffix, {t: t for t in (start, *side)}, target, target))
+    similarity, provider_used = cka_with_original(base, copies, data, provider, batch)
+    values = {id(o): value for o, value in zip(changed, similarity)}
+    say(f"layermerge: scored {len(copies)} rows ({scope} scope) in {time.perf_counter() - start_time:.1f} s")
     rows = [RowImportance(o, 1.0, 0.0) if o.original else
             RowImportance(o, values[id(o)], min(importance_of(values[id(o)]), -1e-9)) for o in options]
-    return rows, full.provider
+    return rows, provider_used

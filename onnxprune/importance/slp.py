@@ -21,9 +21,8 @@ from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import ResidualBlock, Structure, analyze_model
 from onnxprune.graph.io import infer_shapes
 from onnxprune.plan import Plan, apply_plan, fingerprint
-from onnxprune.runtime.capture import capture_batch, suffix_model, with_outputs
-from onnxprune.runtime.session import create_session
-from onnxprune.similarity.cka import accumulator
+from onnxprune.runtime.capture import suffix_model, with_outputs
+from onnxprune.runtime.compare import Copy, cka_with_original
 
 Progress = Callable[[str], None]
 
@@ -60,34 +59,17 @@ def score_blocks(model: onnx.ModelProto, data: Dataset, blocks: list[ResidualBlo
                  unbiased: bool = False) -> ScoreRun:
     """SLP scores of ``blocks`` on ``data`` (the same samples for the original and every candidate)."""
     start = time.perf_counter()
-    if suffix_only:
-        suffixes = [suffix_model(model, b.output, [feature]) for b in blocks]
-        sessions = [create_session(s, provider, arena=False) for s, _ in suffixes]  # one per block
-        captured = [feature] + [b.input for b in blocks] + [t for _, side in suffixes for t in side]
-        full = create_session(with_outputs(model, captured), provider)
-        batch = capture_batch(model, captured, batch)
+    if suffix_only:  # the network after each block, fed with the block's input as its output
+        copies = []
+        for b in blocks:
+            suffix, side = suffix_model(model, b.output, [feature])
+            copies.append(Copy(suffix, {b.output: b.input, **{t: t for t in side}}, feature, feature))
     else:
-        pruned = [apply_plan(model, Plan(remove_blocks=[b.join]))[0] for b in blocks]
-        sessions = [create_session(with_outputs(p, [feature]), provider, arena=False) for p in pruned]
-        full = create_session(with_outputs(model, [feature]), provider)
-    accumulators = None
-    for feeds, _ in data.batches(batch):
-        outs = dict(zip(full.output_names, full.run(feeds)))
-        reference = outs[feature].reshape(len(outs[feature]), -1)
-        if accumulators is None:
-            accumulators = [accumulator(reference.shape[1], unbiased) for _ in blocks]
-        for k, (block, session) in enumerate(zip(blocks, sessions)):
-            if suffix_only:
-                side = suffixes[k][1]
-                feed = {block.output: outs[block.input], **{t: outs[t] for t in side}}
-                features = session.run(feed, [feature])[0]
-            else:
-                features = session.run(feeds, [feature])[0]
-            accumulators[k].update(reference, features)
-    if accumulators is None:
-        raise OnnxPruneError("no calibration data to score with")
-    scores = [BlockScore(b.join, float(1.0 - acc.value()), b.macs, b.params) for b, acc in zip(blocks, accumulators)]
-    return ScoreRun(scores, full.provider, time.perf_counter() - start, len(data))
+        copies = [Copy(with_outputs(apply_plan(model, Plan(remove_blocks=[b.join]))[0], [feature]),
+                       {i.name: i.name for i in model.graph.input}, feature, feature) for b in blocks]
+    similarity, provider_used = cka_with_original(model, copies, data, provider, batch, unbiased)
+    scores = [BlockScore(b.join, float(1.0 - value), b.macs, b.params) for b, value in zip(blocks, similarity)]
+    return ScoreRun(scores, provider_used, time.perf_counter() - start, len(data))
 
 
 @dataclass

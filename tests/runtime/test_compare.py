@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from onnxprune.data.sources import load_data
+from onnxprune.importance.slp import removal_candidates
+from onnxprune.graph.analysis import analyze_model
+from onnxprune.runtime.capture import feature_tensor, suffix_model, with_outputs
+from onnxprune.runtime.compare import Copy, cka_with_original, groups_within, weight_bytes
+from onnxprune.similarity.cka import cka
+from tests.conftest import run
+from tests.importance.test_slp import classifier
+
+
+@given(sizes=st.lists(st.integers(0, 100), max_size=30), budget=st.integers(1, 150))
+def test_groups_are_consecutive_and_within_the_budget(sizes, budget):
+    groups = groups_within(sizes, budget)
+    assert [i for g in groups for i in g] == list(range(len(sizes)))
+    for g in groups:
+        assert sum(sizes[i] for i in g) <= budget or len(g) == 1
+    for a, b in zip(groups, groups[1:]):  # a group closes only when the next item would not fit
+        assert sum(sizes[i] for i in a) + sizes[b[0]] > budget
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = classifier(seed=3)
+    feature = feature_tensor(model)
+    copies = []
+    for block in removal_candidates(analyze_model(model), 0):
+        suffix, side = suffix_model(model, block.output, [feature])
+        copies.append(Copy(suffix, {block.output: block.input, **{t: t for t in side}}, feature, feature))
+    return model, feature, copies, load_data("random", model, samples=24, seed=4)
+
+
+def test_each_copy_is_compared_with_the_original_tensor(setup):
+    model, feature, copies, data = setup
+    values, provider = cka_with_original(model, copies, data, "cpu", batch=10)
+    assert provider == "cpu" and len(values) == len(copies)
+    names = sorted({source for c in copies for source in c.feeds.values()} | {feature})
+    captured = dict(zip([model.graph.output[0].name, *names],
+                        run(with_outputs(model, names), {"input": data.inputs["input"]})))
+    for c, value in zip(copies, values):
+        got = run(c.model, {name: captured[source] for name, source in c.feeds.items()})[0]
+        assert value == pytest.approx(cka(captured[feature], got), abs=1e-6)
+
+
+def test_a_small_memory_budget_splits_the_pass_without_changing_a_value(setup):
+    model, _, copies, data = setup
+    one_pass, _ = cka_with_original(model, copies, data, "cpu", batch=10)
+    budget = max(weight_bytes(c.model) for c in copies)  # about one copy per group
+    grouped, _ = cka_with_original(model, copies, data, "cpu", batch=10, memory_budget=budget)
+    assert len(groups_within([weight_bytes(c.model) for c in copies], budget)) > 1
+    np.testing.assert_allclose(grouped, one_pass, atol=1e-9)
+    assert cka_with_original(model, [], data, "cpu") == ([], "cpu")
