@@ -145,9 +145,9 @@ def test_apply_keeps_external_data_beside_the_output(tmp_path):
 
 
 def test_verification_of_a_model_over_the_protobuf_limit_runs_from_disk(monkeypatch):
-    import onnxprune.verify as verify_module
+    from onnxprune.graph import io
 
-    monkeypatch.setattr(verify_module, "PROTOBUF_LIMIT", 2**24 + 1000)  # pretend ~1 kB is the 2 GB limit
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 2**24 + 1000)  # pretend ~1 kB is the 2 GB limit
     model = resnet()
     out, _ = apply_plan(model, Plan(remove_blocks=[analyze_model(model).residual_blocks[0].join]))
     v = verify(model, out)
