@@ -114,6 +114,8 @@ class _Subset:
         return f"({n} samples)" if self.kept is None else f"({n} of {self.total} samples, seed {self.seed})"
 
     def __call__(self, items):
+        if isinstance(items, np.ndarray) and items.ndim == 0:
+            return items  # not a set of samples: refused by whoever reads it
         if self.total is None:
             self.total = len(items)
             if self.samples is not None and self.samples < self.total:
@@ -162,9 +164,9 @@ def _from_npz(path: Path, inputs: list[ModelInput], prep: Preprocess | None, pic
             if missing:
                 raise OnnxPruneError(f"{path} has no arrays for the model inputs {missing} (it has {sorted(keys)})")
             raw = {i.name: archive[i.name] for i in inputs}
-            _same_length(raw, str(path))
+            total = _same_length(raw, str(path))
             if y is not None:
-                _check_labels(y, len(y), str(path))
+                _check_labels(y, total, str(path))
             arrays = {i.name: _as_input(pick(raw[i.name]), i, prep, str(path)) for i in inputs}
             n = _same_length(arrays, str(path))
             return Dataset(arrays, _check_labels(pick(y), n, str(path)) if y is not None else None,

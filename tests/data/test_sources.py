@@ -152,11 +152,13 @@ def test_samples_decode_only_the_images_they_keep(tmp_path, monkeypatch, as_tar)
     (lambda d: np.save(d / "f.npy", np.full((2, 3, 8, 8), np.nan, np.float32)), "NaN or Inf"),
     (lambda d: np.save(d / "f.npy", np.zeros((0, 3, 8, 8), np.float32)), "empty"),
     (lambda d: np.save(d / "f.npy", np.zeros((2, 8, 8), np.uint8)), "must be"),
+    (lambda d: np.save(d / "f.npy", np.float32(3)), "empty"),
 ])
-def test_bad_arrays_are_refused(tmp_path, make, message):
+@pytest.mark.parametrize("samples", [None, 1])
+def test_bad_arrays_are_refused(tmp_path, make, message, samples):
     make(tmp_path)
     with pytest.raises(OnnxPruneError, match=message):
-        load_data(tmp_path / "f.npy", colour_model())
+        load_data(tmp_path / "f.npy", colour_model(), samples=samples)
 
 
 def test_other_refusals(tmp_path):
@@ -165,8 +167,9 @@ def test_other_refusals(tmp_path):
     with pytest.raises(OnnxPruneError, match="no array 'x' or 'input'"):
         load_data(tmp_path / "wrong_names.npz", colour_model())
     np.savez(tmp_path / "bad_y.npz", x=x, y=y[:-1])
-    with pytest.raises(OnnxPruneError, match="labels must be"):
-        load_data(tmp_path / "bad_y.npz", colour_model())
+    for samples in (None, 3):
+        with pytest.raises(OnnxPruneError, match="labels must be"):
+            load_data(tmp_path / "bad_y.npz", colour_model(), samples=samples)
     np.save(tmp_path / "u8.npy", x)
     with pytest.raises(OnnxPruneError, match="no onnxprune.preprocess metadata"):
         load_data(tmp_path / "u8.npy", colour_model(with_metadata=False))
