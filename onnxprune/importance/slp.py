@@ -66,7 +66,7 @@ def score_blocks(model: onnx.ModelProto, data: Dataset, blocks: list[ResidualBlo
             copies.append(Copy(suffix, {b.output: b.input, **{t: t for t in side}}, feature, feature))
     else:
         copies = [Copy(with_outputs(apply_plan(model, Plan(remove_blocks=[b.join]))[0], [feature]),
-                       {i.name: i.name for i in model.graph.input}, feature, feature) for b in blocks]
+                       {name: name for name in data.inputs}, feature, feature) for b in blocks]
     similarity, provider_used = cka_with_original(model, copies, data, provider, batch, unbiased)
     scores = [BlockScore(b.join, float(1.0 - value), b.macs, b.params) for b, value in zip(blocks, similarity)]
     return ScoreRun(scores, provider_used, time.perf_counter() - start, len(data))

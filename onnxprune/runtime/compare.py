@@ -61,7 +61,7 @@ def cka_with_original(original: onnx.ModelProto, copies: list[Copy], data: Datas
     """(linear CKA of every copy's output with its reference tensor, the provider used)."""
     if not copies:
         return [], create_session(original, provider).provider
-    inputs = {i.name for i in original.graph.input}
+    inputs = set(data.inputs)
     values: list[float] = [0.0] * len(copies)
     used = provider
     for group in groups_within([weight_bytes(c.model) for c in copies], memory_budget):
