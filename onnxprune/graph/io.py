@@ -153,9 +153,14 @@ def _strip_internal_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size of the model's initializers (whatever field holds their values)."""
+    return sum(t.ByteSize() for t in model.graph.initializer)
+
+
 def over_protobuf_limit(model: onnx.ModelProto) -> bool:
     """Whether ``model`` is too large to serialize in one protobuf (2 GB, less a margin for the graph)."""
-    return sum(len(t.raw_data) for t in model.graph.initializer) > PROTOBUF_LIMIT - 2**24
+    return weight_bytes(model) > PROTOBUF_LIMIT - 2**24
 
 
 def _first_line(exc: BaseException) -> str:

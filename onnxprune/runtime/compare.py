@@ -18,6 +18,7 @@ import onnx
 
 from onnxprune.data.sources import Dataset
 from onnxprune.errors import OnnxPruneError
+from onnxprune.graph.io import weight_bytes
 from onnxprune.runtime.capture import capture_batch, with_outputs
 from onnxprune.runtime.session import create_session
 from onnxprune.similarity.cka import accumulator
@@ -34,10 +35,6 @@ class Copy:
     feeds: dict[str, str]
     output: str
     reference: str
-
-
-def weight_bytes(model: onnx.ModelProto) -> int:
-    return sum(t.ByteSize() for t in model.graph.initializer)
 
 
 def groups_within(sizes: list[int], budget: int) -> list[list[int]]:

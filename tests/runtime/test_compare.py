@@ -7,7 +7,8 @@ from onnxprune.data.sources import load_data
 from onnxprune.importance.slp import removal_candidates
 from onnxprune.graph.analysis import analyze_model
 from onnxprune.runtime.capture import feature_tensor, suffix_model, with_outputs
-from onnxprune.runtime.compare import Copy, cka_with_original, groups_within, weight_bytes
+from onnxprune.graph.io import weight_bytes
+from onnxprune.runtime.compare import Copy, cka_with_original, groups_within
 from onnxprune.similarity.cka import cka
 from tests.conftest import run
 from tests.importance.test_slp import classifier
