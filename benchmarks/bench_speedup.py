@@ -80,6 +80,7 @@ def main() -> None:
     p.add_argument("--test", default=str(DATA / "test.tar.gz"))
     p.add_argument("--train", default=str(DATA / "train.tar.gz"), help="ResNet-34's calibration images")
     p.add_argument("--test-samples", type=int, default=None, help="default: all 10,000 (CIFAR), 1,000 (ResNet-34)")
+    p.add_argument("--slp-min-blocks", type=int, default=1, help="SLP's --min-blocks-per-stage (default 1)")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-speedup-"))
     if args.case == "resnet34":
@@ -97,14 +98,17 @@ def main() -> None:
             t0 = time.perf_counter()
             r = api.prune(model, out, method=method, data=calib, samples=calib_samples, preprocess=preprocess,
                           speedup=target, latency_batch=latency_batch, batch=batch,
+                          min_blocks_per_stage=args.slp_min_blocks,
                           progress=lambda m: print(m, file=sys.stderr, flush=True))
             wall = time.perf_counter() - t0
             e = api.evaluate(out, args.test, reference=model, samples=test_samples, preprocess=preprocess, batch=batch)
             quality = f"{100 * e['accuracy']:.2f}% (original {100 * e['reference_accuracy']:.2f}%)"
             if args.case == "resnet34":
                 quality = f"{100 * e['agreement']:.2f}% agreement; top-1 {quality}"
-            last = r["attempts"][-1] if r["attempts"] else {}
-            predicted = f"{1e3 * last['predicted_s']:.2f}" if last else "-"
+            predicted = f"{1e3 * r['predicted_latency_s']:.2f}" if r["predicted_latency_s"] else "-"
+            trail = "; ".join(f"{a['predicted_speedup']:.3f}x -> {a['speedup']:.3f}x" for a in r["attempts"])
+            if trail:
+                print(f"{args.case} {method} {target}x attempts (predicted -> measured): {trail}", flush=True)
             stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items())
             rows.append(f"| {args.case} | {method} | {target}x | {r['measured_speedup']:.3f}x "
                         f"{'met' if r['target_met'] else 'MISSED'} | {1e3 * r['original_latency_s']:.2f} | "

@@ -15,7 +15,8 @@ from onnxprune.graph.io import load_model, save_model
 from onnxprune.graph.normalize import to_graph
 from onnxprune.importance.slp import prune_slp, removal_candidates, score_blocks
 from onnxprune.latency.backends import get_backend
-from onnxprune.latency.table import build_table, compare, load_table
+from onnxprune.latency.measure import compare
+from onnxprune.latency.table import build_table, load_table
 from onnxprune.plan import apply_plan, fingerprint, load_plan, save_plan
 from onnxprune.planning.candidates import conv_l1_norms, enumerate_options
 from onnxprune.runtime.capture import feature_tensor as find_feature_tensor
@@ -183,29 +184,29 @@ def _prune_to_speedup(model, dataset, feature, out_path, method, speedup, backen
 
 
 def latency(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str], backend: str = "ort-cpu",
-            batch: int = 1, threads: int | None = None, warmup: int = 5, repeats: int = 20, progress=None) -> dict:
+            batch: int = 1, threads: int | None = None, warmup: int = 3, rounds: int = 20, progress=None) -> dict:
     """Build the LayerMerge latency table of a model on ``backend`` and write it to ``out_path``."""
     model = load_model(model_path)
     structure = analyze_model(model)
     options = enumerate_options(structure, conv_l1_norms(to_graph(model)))
     table = build_table(model, structure, options, get_backend(backend, threads), batch, fingerprint(model),
-                        warmup, repeats, progress)
+                        warmup, rounds, progress=progress)
     table.save(out_path)
     return {"output": str(out_path), "rows": len(table.rows), "options": len(options), "whole_s": table.whole_s,
             "fixed_s": table.fixed_s, **table.backend, "batch": batch}
 
 
 def bench(model_path: str | os.PathLike[str], other_path: str | os.PathLike[str] | None = None,
-          backend: str = "ort-cpu", batch: int = 1, threads: int | None = None, rounds: int = 5,
-          repeats: int = 10) -> dict:
-    """Latency of one model, or of two side by side (taking turns) with their ratio."""
+          backend: str = "ort-cpu", batch: int = 1, threads: int | None = None, rounds: int = 25) -> dict:
+    """Latency of one model, or of two side by side (taking turns) with the second's speed-up."""
     timing = get_backend(backend, threads)
     models = [load_model(model_path)] + ([load_model(other_path)] if other_path else [])
-    medians = compare(models, timing, batch, rounds, repeats)
-    result = {"backend": timing.describe(), "batch": batch, "models": [
-        {"model": str(p), "latency_s": t} for p, t in zip([model_path, other_path], medians)]}
+    measured = compare(models, timing, batch, rounds)
+    result = {"backend": timing.describe(), "batch": batch, "rounds": measured.rounds,
+              "runs_per_turn": measured.runs_per_turn, "models": [
+                  {"model": str(p), "latency_s": t} for p, t in zip([model_path, other_path], measured.medians)]}
     if other_path:
-        result["speedup"] = medians[0] / medians[1]
+        result["speedup"] = measured.speedups[1]
     return result
 
 

@@ -132,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser(
         "latency", help="measure a model's LayerMerge latency table",
         description="Time every distinct LayerMerge row of MODEL (each merged or original conv with its activation, at "
-        "its real input shape and batch) and the whole model on --backend, and write the table as JSON. Build it on "
+        "its real input shape and batch) and the whole model on --backend, and write the table as JSON. Rows are "
+        "timed in rounds beside the whole model, each as its own work (on ort-cpu: onnxruntime's kernel times "
+        "without its layout conversions, which the network pays once, not per conv). Build it on "
         "the deployment device and pass it to prune --latency-table; it records backend, device, versions, batch, "
         "dtype and threads, and is refused for another model.",
     )
@@ -140,23 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_argument(p)
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--threads", type=int, help="CPU threads for ort-cpu (default: all this process may use)")
-    p.add_argument("--repeats", type=int, default=20, help="timed runs per row; the median is kept (default 20)")
+    p.add_argument("--rounds", type=int, default=20,
+                   help="rounds, each timing the whole model and every row once; medians are kept (default 20)")
     p.add_argument("-o", "--output", required=True, help="where to write the table (.json)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_latency)
 
     p = verbs.add_parser(
         "bench", help="latency of a model, or two side by side",
-        description="Median latency of MODEL on --backend; with OTHER, both are measured taking turns (A B A B) in "
-        "one process, with onnxruntime's thread spinning off, and their ratio (MODEL / OTHER = speed-up of OTHER) "
-        "is reported.",
+        description="Median latency of MODEL on --backend; with OTHER, both are measured taking turns in one "
+        "process (A B, then B A, with onnxruntime's thread spinning off) and the speed-up of OTHER is the median "
+        "over rounds of MODEL / OTHER measured within each round, so a slow spell of a shared machine hits both.",
     )
     p.add_argument("model", help="the .onnx file (the original, when comparing)")
     p.add_argument("other", nargs="?", help="a second .onnx file (the pruned one)")
     add_backend_argument(p)
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--threads", type=int, help="CPU threads for ort-cpu")
-    p.add_argument("--rounds", type=int, default=5, help="turns each model takes (default 5)")
+    p.add_argument("--rounds", type=int, default=25, help="turns each model takes (default 25)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_bench)
 
@@ -322,7 +325,7 @@ def _prune(args: argparse.Namespace) -> int:
 
 def _latency(args: argparse.Namespace) -> int:
     progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    result = api.latency(args.model, args.output, args.backend, args.batch, args.threads, repeats=args.repeats,
+    result = api.latency(args.model, args.output, args.backend, args.batch, args.threads, rounds=args.rounds,
                          progress=progress)
     if args.json:
         print_json(result)
@@ -344,7 +347,8 @@ def _bench(args: argparse.Namespace) -> int:
     for m in result["models"]:
         print(f"  {m['model']}: {1e3 * m['latency_s']:.3f} ms (median)")
     if "speedup" in result:
-        print(f"speed-up of {args.other} over {args.model}: {result['speedup']:.3f}x")
+        print(f"speed-up of {args.other} over {args.model}: {result['speedup']:.3f}x "
+              f"(median of {result['rounds']} rounds)")
     return 0
 
 

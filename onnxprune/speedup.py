@@ -3,7 +3,8 @@
 LayerMerge (Kim et al., ICML 2024): enumerate options, time their rows on the backend (or reuse a
 table), score them by CKA, solve the DP for the latency budget, apply, verify, and measure the
 original and the pruned model side by side. When the measured speed-up misses the target, the
-budget is tightened by measured/predicted and the DP solved again, a bounded number of times.
+budget is tightened by what the rows' predicted saving turned out to be worth (``tightened_budget``)
+and the DP solved again, a bounded number of times.
 SLP: remove blocks by SLP until the measured speed-up meets the target.
 """
 
@@ -22,7 +23,8 @@ from onnxprune.graph.normalize import to_graph
 from onnxprune.importance.layermerge import row_importances
 from onnxprune.importance.slp import prune_slp
 from onnxprune.latency.backends import Backend
-from onnxprune.latency.table import LatencyTable, build_table, compare
+from onnxprune.latency.measure import compare
+from onnxprune.latency.table import LatencyTable, build_table
 from onnxprune.plan import Plan, apply_plan, fingerprint
 from onnxprune.planning import dp
 from onnxprune.planning.candidates import conv_l1_norms, enumerate_options, options_plan
@@ -50,9 +52,30 @@ class SpeedupResult:
     pareto: list[dict] = field(default_factory=list)  # predicted trade-off curve, when asked for
 
 
-def _measure(original: onnx.ModelProto, pruned: onnx.ModelProto, backend: Backend, batch: int) -> tuple[float, float]:
-    t_original, t_pruned = compare([original, pruned], backend, batch)
-    return t_original, t_pruned
+def _measure(original: onnx.ModelProto, pruned: onnx.ModelProto, backend: Backend,
+             batch: int) -> tuple[float, float, float]:
+    """(original seconds, pruned seconds, speed-up): medians, the speed-up read within rounds."""
+    measured = compare([original, pruned], backend, batch)
+    return measured.medians[0], measured.medians[1], measured.speedups[1]
+
+
+def tightened_budget(whole_s: float, predicted_s: float, measured_speedup: float, target: float,
+                     max_step: float = 3.0) -> float:
+    """The next whole-model budget, in table seconds, after a solve predicted ``predicted_s`` for a
+    model whose original the table puts at ``whole_s`` and measured ``measured_speedup`` < ``target``.
+
+    What rows mispredict is the saving, not the part of the network no row touches, so the miss is
+    read in savings: of the predicted relative saving 1 - predicted/whole, 1 - 1/measured came true,
+    and the next solve asks for the needed saving 1 - 1/target divided by that yield (at most
+    ``max_step`` times the last prediction's saving). It is never looser than shrinking the last
+    prediction by measured/target."""
+    proportional = predicted_s * measured_speedup / target
+    predicted_saving = 1 - predicted_s / whole_s
+    measured_saving = 1 - 1 / measured_speedup
+    if predicted_saving <= 0 or measured_saving <= 0:
+        return proportional
+    wanted = min((1 - 1 / target) * predicted_saving / measured_saving, max_step * predicted_saving)
+    return min(proportional, whole_s * (1 - wanted))
 
 
 def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: float, backend: Backend,
@@ -77,16 +100,23 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
                for r in rows]
     chain_budget = table.whole_s / target - table.fixed_s
     curve = _pareto(dp_rows, len(structure.convs), table) if with_pareto else []
-    attempts, best = [], None
+    attempts: list[dict] = []
+    results: list[SpeedupResult] = []
     stages["dp"] = stages["apply"] = stages["verify"] = stages["measure"] = 0.0
     for attempt in range(1, max_attempts + 1):
         if chain_budget <= 0:
+            if results:
+                say(f"layermerge: the tightened budget leaves nothing for the convs; stopping after {attempt - 1}")
+                break
             raise OnnxPruneError(f"a {target}x speed-up is out of reach: the part of the network LayerMerge "
                                  "cannot change takes more than the whole budget")
         clock = time.perf_counter()
         try:
             solution = dp.solve(dp_rows, len(structure.convs), chain_budget, chain_budget / UNITS)
         except dp.Infeasible:
+            if results:
+                say(f"layermerge: no plan fits the tightened budget; stopping after {attempt - 1} attempts")
+                break
             raise OnnxPruneError(f"no combination of merges and removals reaches {target}x on {backend.name} "
                                  f"(attempt {attempt})") from None
         stages["dp"] += time.perf_counter() - clock
@@ -102,24 +132,25 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
         if not verification.passed:
             raise OnnxPruneError(f"the pruned model failed verification: {verification.summary()}")
         clock = time.perf_counter()
-        t_original, t_pruned = _measure(model, pruned, backend, batch)
+        t_original, t_pruned, speedup = _measure(model, pruned, backend, batch)
         stages["measure"] += time.perf_counter() - clock
         predicted = table.fixed_s + solution.latency
-        speedup = t_original / t_pruned
         attempts.append({"attempt": attempt, "budget_s": chain_budget + table.fixed_s, "predicted_s": predicted,
-                         "measured_s": t_pruned, "original_s": t_original, "speedup": speedup,
-                         "importance": solution.importance, "rows_changed": sum(not o.original for o in chosen)})
-        say(f"layermerge: attempt {attempt}: predicted {1e3 * predicted:.2f} ms, measured {1e3 * t_pruned:.2f} ms "
-            f"against {1e3 * t_original:.2f} ms: {speedup:.3f}x (target {target}x)")
+                         "predicted_speedup": table.whole_s / predicted, "measured_s": t_pruned,
+                         "original_s": t_original, "speedup": speedup, "importance": solution.importance,
+                         "rows_changed": sum(not o.original for o in chosen)})
+        say(f"layermerge: attempt {attempt}: predicted {table.whole_s / predicted:.3f}x ({1e3 * predicted:.2f} ms), "
+            f"measured {speedup:.3f}x ({1e3 * t_original:.2f} -> {1e3 * t_pruned:.2f} ms; target {target}x)")
         plan.predicted = {"latency_s": predicted, "importance": solution.importance, "backend": table.backend,
                           "batch": batch, "attempts": attempts,
                           "rows": [_describe(r) for r in solution.rows if not r.key.original]}
-        best = SpeedupResult(pruned, plan, target, speedup, t_original, t_pruned, predicted, speedup >= target,
-                             attempts, stages, table, verification, provider_used, curve)
+        results.append(SpeedupResult(pruned, plan, target, speedup, t_original, t_pruned, predicted,
+                                     speedup >= target, attempts, stages, table, verification, provider_used, curve))
         if speedup >= target:
             break
-        chain_budget = (t_original / target) * (predicted / t_pruned) - table.fixed_s  # measured/predicted
-    return best
+        chain_budget = tightened_budget(table.whole_s, predicted, speedup, target) - table.fixed_s
+    met = [r for r in results if r.met]
+    return met[-1] if met else max(results, key=lambda r: r.speedup)  # a miss returns the fastest attempt
 
 
 def _describe(row: dp.Row) -> dict:
@@ -148,10 +179,10 @@ def slp_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: 
     measured: dict[str, float] = {}
 
     def fast_enough(current: onnx.ModelProto) -> bool:
-        t_original, t_pruned = _measure(model, current, backend, batch)
-        measured.update(original=t_original, pruned=t_pruned)
-        say(f"slp: measured {t_original / t_pruned:.3f}x (target {target}x)")
-        return t_original / t_pruned >= target
+        t_original, t_pruned, speedup = _measure(model, current, backend, batch)
+        measured.update(original=t_original, pruned=t_pruned, speedup=speedup)
+        say(f"slp: measured {speedup:.3f}x (target {target}x)")
+        return speedup >= target
 
     clock = time.perf_counter()
     result = prune_slp(model, data, feature, min_blocks_per_stage=min_blocks_per_stage, provider=provider,
@@ -160,7 +191,7 @@ def slp_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: 
     verification = verify(model, pruned, feeds=next(data.batches(16))[0])
     if not verification.passed:
         raise OnnxPruneError(f"the pruned model failed verification: {verification.summary()}")
-    speedup = measured["original"] / measured["pruned"] if measured else 1.0
+    speedup = measured.get("speedup", 1.0)
     return SpeedupResult(pruned, result.plan, target, speedup, measured.get("original", 0.0),
                          measured.get("pruned", 0.0), None, speedup >= target,
                          stages={"slp": time.perf_counter() - clock}, verification=verification,

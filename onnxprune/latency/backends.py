@@ -9,25 +9,39 @@ median of repeated runs, with its thread count fixed and reported.
 
 A backend that cannot run on this machine raises ``BackendUnavailable`` saying why; the provider
 a session really got is checked, never assumed (onnxruntime-gpu silently falls back to the CPU).
+
+Two ways to run a model: ``runner`` (the whole run, as a user's call sees it) and ``own_clock`` (the
+model's own work only, for a LayerMerge row timed alone). A row timed alone pays costs that the
+whole network pays once, not per conv: the call itself, and on ``ort-cpu`` the conversions into and
+out of onnxruntime's blocked NCHWc layout, which cost as much as a small conv (measured on the
+shipped MobileNetV2: rows timed by wall clock summed to 1.5x the whole model; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import platform
 import statistics
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnx import helper
+
 from onnxprune.errors import OnnxPruneError
 from onnxprune.runtime.session import create_session, session_options
 
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
+# onnxruntime's CPU layout conversions: inside a network they happen once at its ends, not per conv.
+LAYOUT_OPS = frozenset({"ReorderInput", "ReorderOutput"})
 
 
 class BackendUnavailable(OnnxPruneError):
@@ -55,21 +69,120 @@ class Backend:
             return lambda: session.run(feeds)
         return _ort_gpu_runner(model, feeds, provider, self.cache_dir)
 
+    def own_clock(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> OwnClock:
+        """A clock of the model's own work: on ``ort-cpu`` the kernels onnxruntime's profiler times,
+        layout conversions left out; elsewhere the run minus that of an identity model on the same input."""
+        if self.name == "ort-cpu":
+            return ProfiledClock(model, feeds, self.threads)
+        empty = overhead_model(feeds)
+        return OverheadClock(self.runner(model, feeds), self.runner(empty, {"x": next(iter(feeds.values()))}))
+
+    def reference_runner(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]):
+        """A run of the whole model under the conditions of ``own_clock``: rows are timed as shares of it.
+        On ``ort-cpu`` the profiler is on (it adds about 10-20 microseconds to every node it times: the
+        shipped MobileNetV2 at batch 32 ran 4.75 ms plain and 5.84 ms profiled), elsewhere the plain run."""
+        if self.name == "ort-cpu":
+            return ProfiledClock(model, feeds, self.threads)
+        return self.runner(model, feeds)
+
     def time(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray], warmup: int = 5, repeats: int = 20) -> float:
         """Median seconds of one run."""
         run = self.runner(model, feeds)
         return median_time(run, warmup, repeats)
 
 
+class OwnClock:
+    """Runs a model once per call; ``seconds()`` gives the model's own seconds for every call so far,
+    and ends the clock."""
+
+    def __call__(self) -> None:
+        raise NotImplementedError
+
+    def seconds(self) -> list[float]:
+        raise NotImplementedError
+
+
+_PROFILES = itertools.count()
+
+
+class ProfiledClock(OwnClock):
+    """onnxruntime CPU session with its profiler on: a run's own time is the sum of its kernels' times."""
+
+    def __init__(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int | None):
+        options = session_options(threads)
+        options.enable_profiling = True
+        # onnxruntime adds the start time in milliseconds: clocks made within one need a name of their own
+        options.profile_file_prefix = os.path.join(tempfile.gettempdir(),
+                                                   f"onnxprune-profile-{os.getpid()}-{next(_PROFILES)}")
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.feeds = feeds
+        self.runs = 0
+        self.result: list[float] | None = None
+
+    def __call__(self) -> None:
+        self.session.run(None, self.feeds)
+        self.runs += 1
+
+    def seconds(self) -> list[float]:
+        if self.result is None:
+            path = self.session.end_profiling()
+            try:
+                events = json.loads(Path(path).read_text())
+            finally:
+                os.remove(path)
+            self.result = kernel_seconds(events, self.runs)
+        return self.result
+
+
+def kernel_seconds(events: list[dict], runs: int) -> list[float]:
+    """Per run, the summed kernel times of an onnxruntime profile (layout conversions left out)."""
+    per_node: dict[str, list[float]] = defaultdict(list)
+    for event in events:
+        if (event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time")
+                and event.get("args", {}).get("op_name") not in LAYOUT_OPS):
+            per_node[event["name"]].append(event["dur"] * 1e-6)
+    if any(len(times) != runs for times in per_node.values()):
+        raise OnnxPruneError(f"onnxruntime's profile does not hold {runs} runs of every node")
+    return [sum(times[k] for times in per_node.values()) for k in range(runs)]
+
+
+class OverheadClock(OwnClock):
+    """A run minus the run of an identity model on the same input, taken right after it."""
+
+    def __init__(self, run, overhead_run):
+        self.run, self.overhead_run = run, overhead_run
+        self.times: list[float] = []
+
+    def __call__(self) -> None:
+        own, empty = _timed(self.run), _timed(self.overhead_run)
+        self.times.append(max(own - empty, 0.05 * own))
+
+    def seconds(self) -> list[float]:
+        return list(self.times)
+
+
+def _timed(run) -> float:
+    start = time.perf_counter()
+    measured = run()  # a runner timed on the device (CUDA events) returns its own seconds
+    return measured if isinstance(measured, float) else time.perf_counter() - start
+
+
+def overhead_model(feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A model that does nothing but take the first input: its run time is the per-run overhead."""
+    value = next(iter(feeds.values()))
+    elem = helper.np_dtype_to_tensor_dtype(value.dtype)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "overhead",
+                              [helper.make_tensor_value_info("x", elem, list(value.shape))],
+                              [helper.make_tensor_value_info("y", elem, list(value.shape))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
 def median_time(run, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        measured = run()  # a runner timed on the device (CUDA events) returns its own seconds
-        times.append(measured if isinstance(measured, float) else time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(_timed(run) for _ in range(repeats))
 
 
 def cpu_name() -> str:

@@ -1,10 +1,12 @@
 """Latency tables for LayerMerge: one entry per distinct row (a conv with its trailing activation, at
 its real input shape, batch and dtype), timed once on a backend, plus the fixed part of the network.
 
-A row's latency is its model's run time minus that of an identity model with the same input (the
-per-run overhead, which the whole model pays once, not per conv). The fixed part is the whole
-model's measured latency minus the summed latency of its original rows, so the table predicts the original exactly and a pruned model as fixed + its rows; how well
-rows add up is checked by measuring (benchmarks/RESULTS.md). A table is JSON: it can be built on
+A row's latency is its own work, without what the whole network pays once rather than per conv
+(the call, layout conversions: Backend.own_clock), timed in rounds beside the whole model so that a
+slow spell of a shared machine scales both alike (measure.time_in_rounds). The fixed part is the
+whole model's latency minus the summed latency of its original rows, so the table predicts the
+original exactly and a pruned model as fixed + its rows; how well rows add up is checked by
+measuring (benchmarks/RESULTS.md). A table is JSON: it can be built on
 the deployment device (``onnxprune latency``) and carried back; it is refused for another model.
 """
 
@@ -20,10 +22,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxprune.data.sources import model_inputs
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import Structure
 from onnxprune.latency.backends import Backend, median_time
+from onnxprune.latency.measure import random_feeds, time_in_rounds
 from onnxprune.planning.candidates import Option
 
 TABLE_SCHEMA = 1
@@ -135,69 +137,54 @@ def row_model(option: Option, structure: Structure, batch: int, dtype=np.float32
     return model
 
 
-def overhead_model(in_shape: list[int], elem_type: int) -> onnx.ModelProto:
-    """A model that does nothing but take the row's input: its run time is the per-run overhead."""
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "overhead",
-                              [helper.make_tensor_value_info("x", elem_type, in_shape)],
-                              [helper.make_tensor_value_info("y", elem_type, in_shape)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
-def random_feeds(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for inp in model_inputs(model):
-        shape = [batch] + [d if d is not None else 1 for d in inp.shape[1:]]
-        if np.issubdtype(inp.dtype, np.floating):
-            feeds[inp.name] = rng.standard_normal(shape).astype(inp.dtype)
-        else:
-            feeds[inp.name] = rng.integers(0, 10, shape).astype(inp.dtype)
-    return feeds
-
-
 def build_table(model: onnx.ModelProto, structure: Structure, options: list[Option], backend: Backend, batch: int,
-                fingerprint: str, warmup: int = 5, repeats: int = 20,
+                fingerprint: str, warmup: int = 3, rounds: int = 20, group_bytes: int = 2 << 30,
                 progress: Callable[[str], None] | None = None) -> LatencyTable:
-    """Time every distinct row of ``options`` and the whole model on ``backend`` at ``batch``."""
+    """Time every distinct row of ``options`` (its own work: Backend.own_clock) and the whole model on
+    ``backend`` at ``batch``, the rows in rounds beside the whole model (measure.time_in_rounds).
+
+    Rows are timed in groups whose input and output tensors stay under ``group_bytes`` together (the
+    sessions of a group live at once), each group beside the whole model and scaled to one whole."""
     say = progress or (lambda _m: None)
     feeds = random_feeds(model, batch)
     dtype = next(iter(feeds.values())).dtype
-    whole = backend.time(model, feeds, warmup, repeats)
-    rows: dict[str, float] = {}
-    distinct = {}
+    row_dtype = dtype.type if np.issubdtype(dtype, np.floating) else np.float32
+    distinct: dict[str, Option] = {}
     for option in options:
         signature = row_signature(option, structure, batch)
         if signature is not None and signature not in distinct:
             distinct[signature] = option
-    overheads: dict[tuple, float] = {}
-    for k, (signature, option) in enumerate(distinct.items(), start=1):
-        row = row_model(option, structure, batch, dtype.type if np.issubdtype(dtype, np.floating) else np.float32)
-        in_shape = tuple(row.graph.input[0].type.tensor_type.shape.dim[i].dim_value for i in range(4))
-        if in_shape not in overheads:  # what a run costs before any conv: the call, the input copy
-            empty = overhead_model(list(in_shape), row.graph.input[0].type.tensor_type.elem_type)
-            overheads[in_shape] = backend.time(empty, random_feeds(empty, batch), warmup, repeats)
-        timed = backend.time(row, random_feeds(row, batch), warmup, repeats)
-        rows[signature] = max(timed - overheads[in_shape], 0.05 * timed)
-        if k % 10 == 0 or k == len(distinct):
-            say(f"latency: timed {k}/{len(distinct)} distinct rows on {backend.name}")
+    whole_run, reference = backend.runner(model, feeds), backend.reference_runner(model, feeds)
+    shares: dict[str, float] = {}  # signature -> row seconds / whole seconds, within its group's rounds
+    wholes: list[float] = []
+    for group in _groups(distinct, structure, batch, np.dtype(row_dtype).itemsize, group_bytes):
+        clocks = []
+        for signature in group:
+            row = row_model(distinct[signature], structure, batch, row_dtype)
+            clocks.append(backend.own_clock(row, random_feeds(row, batch)))
+        whole_s, own = time_in_rounds(whole_run, reference, clocks, rounds, warmup)
+        wholes.append(whole_s)
+        shares.update((signature, seconds / whole_s) for signature, seconds in zip(group, own))
+        say(f"latency: timed {len(shares)}/{len(distinct)} distinct rows on {backend.name}")
+    whole = float(np.median(wholes)) if wholes else median_time(whole_run, warmup, rounds)
+    rows = {signature: share * whole for signature, share in shares.items()}
     originals = [o for o in options if o.original]
     table = LatencyTable(backend.describe(), batch, str(dtype), fingerprint, whole, 0.0, rows)
     table.fixed_s = whole - sum(table.option_latency(o, structure) for o in originals)
     return table
 
 
-def compare(models: list[onnx.ModelProto], backend: Backend, batch: int, rounds: int = 5, repeats: int = 10,
-            warmup: int = 3) -> list[float]:
-    """Median latency of each model, measured side by side: the models take turns (A B A B ...)."""
-    runners = []
-    for model in models:
-        runners.append(backend.runner(model, random_feeds(model, batch)))
-    for run in runners:
-        median_time(run, warmup, 1)
-    medians: list[list[float]] = [[] for _ in models]
-    for _ in range(rounds):
-        for k, run in enumerate(runners):
-            medians[k].append(median_time(run, 0, repeats))
-    return [float(np.median(m)) for m in medians]
+def _groups(distinct: dict[str, Option], structure: Structure, batch: int, itemsize: int,
+            limit: int) -> list[list[str]]:
+    """Signatures in groups whose row inputs and outputs take at most ``limit`` bytes together."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for signature, option in distinct.items():
+        in_shape, out_spatial, cout = _row_shape(option, structure, batch)
+        size = itemsize * (int(np.prod(in_shape)) + batch * cout * int(np.prod(out_spatial)))
+        if groups[-1] and used + size > limit:
+            groups.append([])
+            used = 0
+        groups[-1].append(signature)
+        used += size
+    return [g for g in groups if g]

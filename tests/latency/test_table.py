@@ -8,7 +8,8 @@ from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import analyze_model
 from onnxprune.graph.normalize import to_graph
 from onnxprune.latency.backends import BackendUnavailable, get_backend
-from onnxprune.latency.table import build_table, compare, load_table, random_feeds, row_model, row_signature
+from onnxprune.latency.measure import compare, random_feeds
+from onnxprune.latency.table import build_table, load_table, row_model, row_signature
 from onnxprune.plan import fingerprint
 from onnxprune.planning.candidates import conv_l1_norms, enumerate_options
 from tests.conftest import run
@@ -43,7 +44,7 @@ def test_identical_rows_share_a_signature(chain):
 def test_table_predicts_the_original_and_round_trips(chain, tmp_path):
     model, s, options = chain
     backend = get_backend("ort-cpu", threads=1)
-    table = build_table(model, s, options, backend, 2, fingerprint(model), warmup=1, repeats=3)
+    table = build_table(model, s, options, backend, 2, fingerprint(model), warmup=1, rounds=3)
     assert table.backend["threads"] == 1 and table.batch == 2 and table.dtype == "float32"
     distinct = {row_signature(o, s, 2) for o in options} - {None}
     assert set(table.rows) == distinct and all(v > 0 for v in table.rows.values())
@@ -62,8 +63,9 @@ def test_table_predicts_the_original_and_round_trips(chain, tmp_path):
 
 def test_compare_takes_turns_and_reports_each_model(chain):
     model, _, _ = chain
-    medians = compare([model, model], get_backend("ort-cpu", threads=1), batch=1, rounds=2, repeats=3)
-    assert len(medians) == 2 and all(m > 0 for m in medians)
+    measured = compare([model, model], get_backend("ort-cpu", threads=1), batch=1, rounds=3)
+    assert len(measured.medians) == 2 and all(m > 0 for m in measured.medians)
+    assert measured.speedups[0] == 1.0 and measured.speedups[1] > 0 and measured.rounds == 3
 
 
 @pytest.mark.parametrize("name", ["ort-cuda", "ort-tensorrt", "tensorrt"])

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+
+from onnxprune.errors import OnnxPruneError
+from onnxprune.graph.io import infer_shapes
+from onnxprune.latency.backends import (LAYOUT_OPS, OverheadClock, ProfiledClock, get_backend, kernel_seconds,
+                                        overhead_model)
+from onnxprune.latency.measure import random_feeds
+from tests.builders import GraphBuilder
+from tests.conftest import run
+
+
+def event(name, op, dur):
+    return {"cat": "Node", "name": f"{name}_kernel_time", "dur": dur, "args": {"op_name": op}}
+
+
+def test_kernel_seconds_sums_each_run_without_layout_conversions():
+    events = [{"cat": "Session", "name": "model_run", "dur": 999}]
+    for k in range(3):
+        events += [event("in", "ReorderInput", 50), event("conv", "Conv", 100 + k), event("relu", "Relu", 10),
+                   event("out", "ReorderOutput", 40)]
+    assert kernel_seconds(events, 3) == pytest.approx([110e-6, 111e-6, 112e-6])
+    with pytest.raises(OnnxPruneError, match="4 runs"):
+        kernel_seconds(events, 4)
+
+
+def test_profiled_clock_gives_one_time_per_run_and_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    g = GraphBuilder((2, 16, 8, 8))
+    model = infer_shapes(g.build([g.relu(g.conv(g.input, 16))]))  # 16 channels: onnxruntime's NCHWc layout
+    clock = ProfiledClock(model, random_feeds(model, 2), threads=1)
+    for _ in range(4):
+        clock()
+    seconds = clock.seconds()
+    assert len(seconds) == 4 and all(s > 0 for s in seconds)
+    assert clock.seconds() == seconds  # read once, kept
+    assert not list(tmp_path.iterdir())
+    assert {"ReorderInput", "ReorderOutput"} == LAYOUT_OPS
+
+
+def test_overhead_model_returns_its_input():
+    feeds = {"x": np.arange(6, dtype=np.float32).reshape(1, 2, 3)}
+    (y,) = run(overhead_model(feeds), feeds)
+    assert np.array_equal(y, feeds["x"])
+
+
+def test_cpu_rows_and_their_reference_run_under_the_profiler():
+    g = GraphBuilder((1, 4, 8, 8))
+    model = infer_shapes(g.build([g.relu(g.conv(g.input, 4))]))
+    feeds = random_feeds(model, 1)
+    backend = get_backend("ort-cpu", threads=1)
+    assert isinstance(backend.reference_runner(model, feeds), ProfiledClock)
+    assert isinstance(backend.own_clock(model, feeds), ProfiledClock)
+
+
+def test_overhead_clock_subtracts_the_identity_run_and_keeps_a_floor():
+    clock = OverheadClock(lambda: 0.004, lambda: 0.001)  # runners timed on a device return their seconds
+    clock()
+    floor = OverheadClock(lambda: 0.004, lambda: 0.005)
+    floor()
+    assert clock.seconds() == pytest.approx([0.003]) and floor.seconds() == pytest.approx([0.0002])
