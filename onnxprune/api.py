@@ -173,7 +173,8 @@ def _prune_to_speedup(model, dataset, feature, out_path, method, speedup, backen
             "pruned_latency_s": result.pruned_s, "predicted_latency_s": result.predicted_s,
             "target_met": result.met,
             "message": "" if result.met else f"measured {result.speedup:.3f}x misses the {speedup}x target by "
-                                             f"{100 * (speedup / result.speedup - 1):.1f}%",
+                                             f"{100 * (speedup / result.speedup - 1):.1f}%"
+                                             + (f": {result.note}" if result.note else ""),
             "backend": timing.describe(), "latency_batch": latency_batch, "attempts": result.attempts,
             "stages_s": result.stages, "removed_blocks": result.plan.remove_blocks,
             "merged": result.plan.merge, "dropped_convs": result.plan.drop_convs,

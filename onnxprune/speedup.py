@@ -50,6 +50,7 @@ class SpeedupResult:
     verification: Verification | None = None
     provider: str = "cpu"  # the onnxruntime provider that scored (really used, not asked for)
     pareto: list[dict] = field(default_factory=list)  # predicted trade-off curve, when asked for
+    note: str = ""  # why the search stopped short of the target, when it did
 
 
 def _measure(original: onnx.ModelProto, pruned: onnx.ModelProto, backend: Backend,
@@ -195,4 +196,5 @@ def slp_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: 
     return SpeedupResult(pruned, result.plan, target, speedup, measured.get("original", 0.0),
                          measured.get("pruned", 0.0), None, speedup >= target,
                          stages={"slp": time.perf_counter() - clock}, verification=verification,
-                         provider=result.provider)
+                         provider=result.provider,
+                         note="" if result.target_met else f"{result.message} (--min-blocks-per-stage lowers it)")
