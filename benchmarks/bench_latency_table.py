@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 from onnxprune.graph.analysis import analyze_model  # noqa: E402
 from onnxprune.graph.io import load_model  # noqa: E402
 from onnxprune.graph.normalize import to_graph  # noqa: E402
-from onnxprune.latency.backends import Backend, OverheadClock, get_backend, overhead_model  # noqa: E402
-from onnxprune.latency.measure import compare  # noqa: E402
+from onnxprune.latency.backends import (Backend, OverheadClock, ProfiledClock, get_backend, median_time,  # noqa: E402
+                                        overhead_model)
+from onnxprune.latency.measure import compare, random_feeds  # noqa: E402
 from onnxprune.latency.table import build_table  # noqa: E402
 from onnxprune.plan import Plan, apply_plan, fingerprint  # noqa: E402
 from onnxprune.planning.candidates import conv_l1_norms, enumerate_options, options_plan  # noqa: E402
@@ -100,6 +101,13 @@ def main() -> None:
             print(f"{case} b{batch} {name}: {len(table.rows)} rows in {time.perf_counter() - t0:.1f} s; "
                   f"whole {1e3 * table.whole_s:.2f} ms, original rows sum {1e3 * rows:.2f} ms "
                   f"({rows / table.whole_s:.2f} of the whole), fixed {1e3 * table.fixed_s:.2f} ms", flush=True)
+        feeds = random_feeds(model, batch)
+        plain, profiled = cpu.runner(model, feeds), ProfiledClock(model, feeds, cpu.threads)
+        for run in (plain, profiled):
+            median_time(run, 3, 1)
+        turns = [(median_time(plain, 0, 1), median_time(profiled, 0, 1)) for _ in range(40)]
+        print(f"{case}: whole model {1e3 * statistics.median(a for a, _ in turns):.2f} ms plain, "
+              f"{1e3 * statistics.median(b for _, b in turns):.2f} ms under the profiler, taking turns", flush=True)
         selves = [compare([model, model], cpu, batch).speedups[1] for _ in range(3)]
         print(f"{case}: itself against itself {', '.join(f'{s:.3f}' for s in selves)}", flush=True)
         errors = collections.defaultdict(list)
