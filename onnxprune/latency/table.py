@@ -28,7 +28,7 @@ from onnxprune.latency.backends import Backend, median_time
 from onnxprune.latency.measure import random_feeds, time_in_rounds
 from onnxprune.planning.candidates import Option
 
-TABLE_SCHEMA = 1
+TABLE_SCHEMA = 2  # 2: rows are their own work, shares of the whole model timed in the same rounds
 
 
 @dataclass
@@ -64,7 +64,8 @@ def load_table(path: str | os.PathLike[str], fingerprint: str) -> LatencyTable:
     except (OSError, ValueError, TypeError) as exc:
         raise OnnxPruneError(f"cannot read the latency table {path}: {exc}") from None
     if table.schema != TABLE_SCHEMA:
-        raise OnnxPruneError(f"latency table {path} has schema {table.schema}; this onnxprune reads {TABLE_SCHEMA}")
+        raise OnnxPruneError(f"latency table {path} has schema {table.schema}; this onnxprune reads {TABLE_SCHEMA} "
+                             "(measure it again with onnxprune latency)")
     if table.fingerprint != fingerprint:
         raise OnnxPruneError(f"latency table {path} was measured for another model (fingerprints differ)")
     return table
