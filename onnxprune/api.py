@@ -194,7 +194,7 @@ def latency(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str]
                         warmup, rounds, progress=progress)
     table.save(out_path)
     return {"output": str(out_path), "rows": len(table.rows), "options": len(options), "whole_s": table.whole_s,
-            "fixed_s": table.fixed_s, **table.backend, "batch": batch}
+            "fixed_s": table.fixed_s, **table.backend, "batch": batch, "rounds": table.rounds}
 
 
 def bench(model_path: str | os.PathLike[str], other_path: str | os.PathLike[str] | None = None,

@@ -70,6 +70,7 @@ def test_cli_speedup_latency_and_bench(tmp_path, capsys):
     table = tmp_path / "table.json"
     assert main(["latency", str(path), "--batch", "2", "--rounds", "3", "-o", str(table), "--threads", "1"]) == 0
     capsys.readouterr()
+    assert json.loads(table.read_text())["rounds"] == 3
     out = tmp_path / "fast.onnx"
     code = main(["prune", str(path), "--speedup", "1.25", "--data", "random", "--samples", "16", "--latency-batch",
                  "2", "--latency-table", str(table), "-o", str(out), "--json", "--quiet",
@@ -87,7 +88,7 @@ def test_cli_speedup_latency_and_bench(tmp_path, capsys):
     assert "batch 2, not 4" in capsys.readouterr().err
     assert main(["bench", str(path), str(out), "--batch", "2", "--rounds", "2", "--json"]) == 0
     bench = json.loads(capsys.readouterr().out)
-    assert len(bench["models"]) == 2 and bench["speedup"] > 0
+    assert len(bench["models"]) == 2 and bench["speedup"] > 0 and bench["rounds"] == 2
 
 
 @pytest.mark.parametrize("method", ["layermerge", "slp"])

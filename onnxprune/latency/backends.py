@@ -109,12 +109,9 @@ class ProfiledClock(OwnClock):
     """onnxruntime CPU session with its profiler on: a run's own time is the sum of its kernels' times."""
 
     def __init__(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int | None):
-        options = session_options(threads)
-        options.enable_profiling = True
         # onnxruntime adds the start time in milliseconds: clocks made within one need a name of their own
-        options.profile_file_prefix = os.path.join(tempfile.gettempdir(),
-                                                   f"onnxprune-profile-{os.getpid()}-{next(_PROFILES)}")
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        prefix = os.path.join(tempfile.gettempdir(), f"onnxprune-profile-{os.getpid()}-{next(_PROFILES)}")
+        self.session = create_session(model, "cpu", threads=threads, profile=prefix).session
         self.feeds = feeds
         self.runs = 0
         self.result: list[float] | None = None

@@ -40,6 +40,7 @@ class LatencyTable:
     whole_s: float
     fixed_s: float
     rows: dict[str, float] = field(default_factory=dict)  # signature -> seconds
+    rounds: int = 0  # rounds the rows were timed in, each beside the whole model
     schema: int = TABLE_SCHEMA
 
     def option_latency(self, option: Option, structure: Structure) -> float:
@@ -170,7 +171,7 @@ def build_table(model: onnx.ModelProto, structure: Structure, options: list[Opti
     whole = float(np.median(wholes)) if wholes else median_time(whole_run, warmup, rounds)
     rows = {signature: share * whole for signature, share in shares.items()}
     originals = [o for o in options if o.original]
-    table = LatencyTable(backend.describe(), batch, str(dtype), fingerprint, whole, 0.0, rows)
+    table = LatencyTable(backend.describe(), batch, str(dtype), fingerprint, whole, 0.0, rows, rounds)
     table.fixed_s = whole - sum(table.option_latency(o, structure) for o in originals)
     return table
 

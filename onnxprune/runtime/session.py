@@ -55,12 +55,13 @@ class Session:
 
 
 def session_options(threads: int | None = None, spinning: bool = False, optimize: bool = True,
-                    arena: bool = True) -> ort.SessionOptions:
+                    arena: bool = True, profile: str | None = None) -> ort.SessionOptions:
     """Options for a session; ``spinning=False`` keeps interleaved sessions from stealing each other's cores.
 
     ``arena=False`` returns activation memory after each run instead of keeping it for the next:
     for scoring, where dozens of sessions (one per candidate) live at once, each arena would keep
     its peak (scoring ResNet-34 at 224x224 peaked at 11.9 GB with them, 8.8 GB without: RESULTS.md).
+    ``profile``: turn onnxruntime's profiler on, writing to a file whose name starts with this prefix.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -71,12 +72,15 @@ def session_options(threads: int | None = None, spinning: bool = False, optimize
         options.enable_cpu_mem_arena = False
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
     return options
 
 
 def create_session(model: onnx.ModelProto | str | os.PathLike[str], provider: str = "auto",
                    threads: int | None = None, spinning: bool = False, optimize: bool = True,
-                   arena: bool = True) -> Session:
+                   arena: bool = True, profile: str | None = None) -> Session:
     """A session on ``provider`` ("auto": CUDA when a session really gets it, else CPU).
 
     Asking for "cuda" or "tensorrt" explicitly and not getting it is an error, never a silent fallback.
@@ -88,19 +92,19 @@ def create_session(model: onnx.ModelProto | str | os.PathLike[str], provider: st
         with tempfile.TemporaryDirectory(prefix="onnxprune-session-") as tmp:
             path = os.path.join(tmp, "model.onnx")
             onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
-            return create_session(path, provider, threads, spinning, optimize, arena)  # the weights are read in here
+            return create_session(path, provider, threads, spinning, optimize, arena, profile)  # the weights are read in here
     available = set(ort.get_available_providers())
     wanted = "cuda" if provider == "auto" and "CUDAExecutionProvider" in available else provider
     wanted = "cpu" if wanted == "auto" else wanted
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    options = session_options(threads, spinning, optimize, arena)
+    options = session_options(threads, spinning, optimize, arena, profile)
     try:
         with warnings.catch_warnings():  # the fallback is detected and reported below, not warned about
             warnings.simplefilter("ignore")
             session = ort.InferenceSession(source, options, providers=PROVIDERS[wanted])
     except Exception as exc:  # onnxruntime raises its own exception types
         if provider == "auto" and wanted != "cpu":
-            return create_session(model, "cpu", threads, spinning, optimize, arena)
+            return create_session(model, "cpu", threads, spinning, optimize, arena, profile)
         raise OnnxPruneError(f"onnxruntime could not create a session: {str(exc).strip().splitlines()[0][:300]}") from None
     used = SHORT_NAMES.get(session.get_providers()[0], session.get_providers()[0])
     if provider in ("cuda", "tensorrt") and used != provider:

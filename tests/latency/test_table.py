@@ -45,7 +45,7 @@ def test_table_predicts_the_original_and_round_trips(chain, tmp_path):
     model, s, options = chain
     backend = get_backend("ort-cpu", threads=1)
     table = build_table(model, s, options, backend, 2, fingerprint(model), warmup=1, rounds=3)
-    assert table.backend["threads"] == 1 and table.batch == 2 and table.dtype == "float32"
+    assert table.backend["threads"] == 1 and table.batch == 2 and table.dtype == "float32" and table.rounds == 3
     distinct = {row_signature(o, s, 2) for o in options} - {None}
     assert set(table.rows) == distinct and all(v > 0 for v in table.rows.values())
     originals = [o for o in options if o.original]
