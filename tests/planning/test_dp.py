@@ -79,7 +79,7 @@ def test_a_budget_at_the_original_latency_in_units_keeps_the_original(instance):
 def test_pareto_curve_is_monotone_and_matches_single_solves(instance):
     positions, rows, unit = instance
     original = sum(r.latency for r in rows if r.key[0] == "keep")
-    # rounding up adds less than one unit per position, so this budget always reaches the original (as speedup.py sweeps)
+    # rounding up adds under one unit per position, so this reaches the original (as speedup.py sweeps)
     curve = pareto(rows, positions, original + positions * unit, unit)
     assert curve
     assert curve[-1].importance == 0.0  # the top of the curve keeps the original's importance
