@@ -905,9 +905,10 @@ def _quiet():
 
 
 def export(model: nn.Module, path: str | Path, exporter: str, input_size: int,
-           opset: int | None = None) -> Path:
+           opset: int | None = None, static_batch: int | None = None) -> Path:
     """Export ``model`` (eval mode) to a single self-contained ONNX file with input "input"
-    (dynamic batch, 3 x input_size x input_size) and output "logits" (dynamic batch).
+    (dynamic batch, 3 x input_size x input_size) and output "logits" (dynamic batch); with
+    ``static_batch``, both have that batch size fixed in the graph (what TensorRT pipelines export).
 
     exporter: "torchscript" (torch.onnx.export(dynamo=False), default opset 17) or
     "dynamo" (torch.onnx.export(dynamo=True), default opset 18).
@@ -919,20 +920,20 @@ def export(model: nn.Module, path: str | Path, exporter: str, input_size: int,
     model.eval()
     # batch 2 for the example: torch.export specialises sizes 0/1, and both exporters then
     # treat the batch axis as symbolic.
-    x = torch.randn(2, 3, input_size, input_size)
+    x = torch.randn(static_batch or 2, 3, input_size, input_size)
     with _quiet():
         if exporter == "torchscript":
             torch.onnx.export(
                 model, (x,), str(path), dynamo=False, opset_version=opset or 17,
                 input_names=["input"], output_names=["logits"], verbose=False,
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                dynamic_axes=None if static_batch else {"input": {0: "batch"}, "logits": {0: "batch"}},
             )
         elif exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1)
             torch.onnx.export(
                 model, (x,), str(path), dynamo=True, opset_version=opset or 18,
                 input_names=["input"], output_names=["logits"], verbose=False,
-                dynamic_shapes=({0: batch},), external_data=False, report=False,
+                dynamic_shapes=None if static_batch else ({0: batch},), external_data=False, report=False,
                 verify=False, optimize=True,
             )
         else:

@@ -35,6 +35,7 @@ class Option:
     kernel: tuple[int, ...]
     stride: tuple[int, ...]
     depthwise: bool
+    groups: int = 1  # of the resulting conv: a kept conv keeps its own, a merge is dense unless all are depthwise
     fold_identity: str | None = None  # join of the block whose identity folds into the merged conv
     remove_block: str | None = None  # join of the block this option removes
     drop_activations: tuple[str, ...] = ()  # activation nodes strictly inside the segment
@@ -127,8 +128,11 @@ def _segment_options(structure: Structure, s: int, e: int, exact: str | None, l1
                 key: tuple = ("original",)
             else:
                 key = (kernel, stride, depthwise)
+            # merge.conv_map makes grouped convs dense as soon as anything is merged or folded in
+            alone = len(kept) == 1 and exact is None
+            groups = kept[0].in_channels if depthwise else kept[0].groups if alone else 1
             option = Option(s, e, tuple(c.name for c in kept), tuple(c.name for c in dropped), kernel, stride,
-                            depthwise, fold_identity=exact, drop_activations=inner_acts)
+                            depthwise, groups, fold_identity=exact, drop_activations=inner_acts)
             weight = sum(l1.get(c.name, 0.0) for c in kept)
             if key not in best or weight > best[key][0]:
                 best[key] = (weight, option)
