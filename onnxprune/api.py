@@ -132,7 +132,7 @@ def prune(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str], 
                        macs_reduction=macs_reduction, min_blocks_per_stage=min_blocks_per_stage,
                        one_shot=one_shot, provider=provider, batch=batch, progress=progress)
     pruned, _ = apply_plan(model, result.plan)
-    feeds = next(dataset.batches(min(batch, 16)))[0]
+    feeds = next(dataset.batches(min(batch, 16))).feeds
     verification = verify(model, pruned, feeds=feeds)
     if not verification.passed:
         raise OnnxPruneError(f"the pruned model failed verification; nothing written. {verification.summary()}")

@@ -10,7 +10,7 @@ from onnxprune.runtime.session import Session
 
 
 def logits_of(session: Session, data: Dataset, batch: int) -> np.ndarray:
-    outputs = [session.run(feeds)[0] for feeds, _ in data.batches(batch)]
+    outputs = [session.run(feeds)[0][:count] for feeds, _, count in data.batches(batch)]
     return np.concatenate(outputs).reshape(len(data), -1).astype(np.float64)
 
 

@@ -128,7 +128,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
         pruned, _ = apply_plan(model, plan)
         stages["apply"] += time.perf_counter() - clock
         clock = time.perf_counter()
-        verification = verify(model, pruned, feeds=next(data.batches(16))[0])
+        verification = verify(model, pruned, feeds=next(data.batches(16)).feeds)
         stages["verify"] += time.perf_counter() - clock
         if not verification.passed:
             raise OnnxPruneError(f"the pruned model failed verification: {verification.summary()}")
@@ -189,7 +189,7 @@ def slp_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: 
     result = prune_slp(model, data, feature, min_blocks_per_stage=min_blocks_per_stage, provider=provider,
                        progress=say, until=fast_enough)
     pruned, _ = apply_plan(model, result.plan)
-    verification = verify(model, pruned, feeds=next(data.batches(16))[0])
+    verification = verify(model, pruned, feeds=next(data.batches(16)).feeds)
     if not verification.passed:
         raise OnnxPruneError(f"the pruned model failed verification: {verification.summary()}")
     speedup = measured.get("speedup", 1.0)

@@ -14,6 +14,7 @@ import os
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -37,20 +38,43 @@ class ModelInput:
     dtype: np.dtype
 
 
+def static_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size a model with a fixed batch dimension takes (None when the batch is symbolic)."""
+    sizes = {i.shape[0] for i in model_inputs(model) if i.shape and i.shape[0] is not None and i.shape[0] > 0}
+    if len(sizes) > 1:
+        raise OnnxPruneError(f"the model's inputs have different fixed batch sizes {sorted(sizes)}")
+    return sizes.pop() if sizes else None
+
+
+class Batch(NamedTuple):
+    """Model inputs for one run; the first ``count`` rows are samples of the data set, any rows after
+    them repeat earlier samples to fill a static batch, and ``labels`` cover the ``count`` rows."""
+
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    count: int
+
+
 @dataclass
 class Dataset:
     inputs: dict[str, np.ndarray]  # every array has the samples on axis 0
     labels: np.ndarray | None
     source: str  # what a report says the data was
     random: bool = False
+    static_batch: int | None = None  # the model takes batches of exactly this size (a fixed batch dimension)
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
 
-    def batches(self, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
-        for start in range(0, len(self), batch_size):
-            feeds = {k: v[start:start + batch_size] for k, v in self.inputs.items()}
-            yield feeds, None if self.labels is None else self.labels[start:start + batch_size]
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        """Batches of ``batch_size`` samples, or of exactly ``static_batch`` rows for a model with a
+        fixed batch dimension (the last one filled up with samples from the start of the data set)."""
+        size = self.static_batch or batch_size
+        for start in range(0, len(self), size):
+            rows = np.arange(start, start + size) % len(self) if self.static_batch else slice(start, start + size)
+            feeds = {k: v[rows] for k, v in self.inputs.items()}
+            count = min(size, len(self) - start)
+            yield Batch(feeds, None if self.labels is None else self.labels[start:start + count], count)
 
 
 def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
@@ -71,6 +95,12 @@ def load_data(spec: str | os.PathLike[str] | None, model: onnx.ModelProto, sampl
     """The data set named by ``spec`` as model inputs; ``samples`` keeps a seeded random subset."""
     if samples is not None and samples < 1:
         raise OnnxPruneError(f"--samples must be at least 1, not {samples}")
+    dataset = _load(spec, model, samples, seed, preprocess, labels, default_random_samples)
+    dataset.static_batch = static_batch(model)
+    return dataset
+
+
+def _load(spec, model, samples, seed, preprocess, labels, default_random_samples) -> Dataset:
     inputs = model_inputs(model)
     if spec is None or str(spec) == RANDOM:
         return _random(inputs, samples or default_random_samples, seed)

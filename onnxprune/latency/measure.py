@@ -19,14 +19,20 @@ import numpy as np
 import onnx
 
 from onnxprune.data.sources import model_inputs
+from onnxprune.errors import OnnxPruneError
 from onnxprune.latency.backends import Backend, OwnClock, median_time
 
 
 def random_feeds(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs for timing: standard normal floats (integers in 0..9), symbolic dims other than the batch as 1."""
+    """Inputs for timing: standard normal floats (integers in 0..9), symbolic dims other than the batch as 1.
+
+    A model with a fixed batch dimension is timed at that batch alone: any other ``batch`` is an error."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for inp in model_inputs(model):
+        if inp.shape and inp.shape[0] is not None and inp.shape[0] != batch:
+            raise OnnxPruneError(f"the model takes batches of exactly {inp.shape[0]} (input {inp.name} has a fixed "
+                                 f"batch dimension): it cannot be timed at batch {batch}")
         shape = [batch] + [d if d is not None else 1 for d in inp.shape[1:]]
         if np.issubdtype(inp.dtype, np.floating):
             feeds[inp.name] = rng.standard_normal(shape).astype(inp.dtype)

@@ -69,11 +69,11 @@ def cka_with_original(original: onnx.ModelProto, copies: list[Copy], data: Datas
         # One session per copy, without onnxruntime's memory arena: each arena would keep its peak.
         sessions = [create_session(c.model, provider, arena=False) for c in members]
         accumulators: list = [None] * len(members)
-        for feeds, _ in data.batches(capture_batch(original, captured, batch)):
+        for feeds, _, count in data.batches(capture_batch(original, captured, batch)):
             outs = {**feeds, **dict(zip(full.output_names, full.run(feeds)))}
             for k, (c, session) in enumerate(zip(members, sessions)):
-                reference = outs[c.reference].reshape(len(outs[c.reference]), -1)
-                got = session.run({name: outs[source] for name, source in c.feeds.items()}, [c.output])[0]
+                reference = outs[c.reference][:count].reshape(count, -1)
+                got = session.run({name: outs[source] for name, source in c.feeds.items()}, [c.output])[0][:count]
                 if accumulators[k] is None:
                     accumulators[k] = accumulator(reference.shape[1], unbiased)
                 accumulators[k].update(reference, got)

@@ -114,7 +114,7 @@ def test_samples_keep_a_seeded_subset(tmp_path):
     a = load_data(tmp_path / "d.npz", colour_model(), samples=7, seed=1)
     b = load_data(tmp_path / "d.npz", colour_model(), samples=7, seed=1)
     assert len(a) == 7 and (a.labels == b.labels).all() and "7 of 30" in a.source
-    assert [len(f["input"]) for f, _ in a.batches(3)] == [3, 3, 1]
+    assert [len(f["input"]) for f, _, _ in a.batches(3)] == [3, 3, 1]
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", y)
     c = load_data(tmp_path / "x.npy", colour_model(), samples=7, seed=1, labels=tmp_path / "y.npy")
@@ -197,3 +197,32 @@ def test_eval_accuracy_and_agreement(tmp_path, model_file):
     assert result["provider"] == "cpu" and not result["random_data"]
     with pytest.raises(OnnxPruneError, match="nothing to evaluate"):
         api.evaluate(model_file, None)
+
+
+def static_colour_model(batch: int) -> onnx.ModelProto:
+    model = colour_model()
+    for vi in (model.graph.input[0], model.graph.output[0]):
+        vi.type.tensor_type.shape.dim[0].dim_value = batch
+    return model
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_static_batch_model_gets_batches_of_exactly_its_size(batch):
+    x, y = colour_images(3)  # 9 images: not a multiple of 4
+    d = load_data(None, static_colour_model(batch), samples=9)
+    assert d.static_batch == batch
+    got = list(d.batches(64))
+    assert all(len(b.feeds["input"]) == batch for b in got)
+    assert sum(b.count for b in got) == 9
+    last = got[-1]
+    np.testing.assert_array_equal(last.feeds["input"][last.count:], d.inputs["input"][:batch - last.count])
+
+
+def test_a_static_batch_model_evaluates_every_sample_once(tmp_path):
+    """Accuracy over 9 samples at a fixed batch of 4: the filler rows of the last batch are not counted."""
+    x, y = colour_images(3)
+    path = tmp_path / "static.onnx"
+    onnx.save(static_colour_model(4), path)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    result = api.evaluate(path, str(tmp_path / "d.npz"), reference=str(path))
+    assert result["samples"] == 9 and result["accuracy"] == 1.0 and result["agreement"] == 1.0
