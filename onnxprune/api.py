@@ -180,7 +180,7 @@ def _prune_to_speedup(model, dataset, feature, out_path, method, speedup, backen
             "merged": result.plan.merge, "dropped_convs": result.plan.drop_convs,
             "dropped_activations": result.plan.drop_activations, "macs_before": before, "macs_after": after,
             "macs_reduction": 1 - after / before, "data": dataset.source, "random_data": dataset.random,
-            "provider": result.provider, "verification": result.verification.to_dict(),
+            "provider": result.provider, "notes": result.notes, "verification": result.verification.to_dict(),
             "verification_text": result.verification.summary()}
 
 

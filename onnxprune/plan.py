@@ -25,7 +25,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.errors import OnnxPruneError
-from onnxprune.graph import rewrite
+from onnxprune.graph import rewrite, rules
 from onnxprune.graph.analysis import Structure, analyze_graph
 from onnxprune.graph.normalize import to_graph, to_model
 
@@ -119,9 +119,15 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
 
 
 def fingerprint(model: onnx.ModelProto) -> str:
-    """A hash of the graph's structure (nodes, their names, ops and tensors; inputs, outputs), not its weights."""
+    """A hash of the graph's structure (nodes, their names, ops and tensors; inputs with their shapes and
+    element types, outputs), not its weights: the same network exported at another input size differs."""
     h = hashlib.sha256()
-    for vi in list(model.graph.input) + list(model.graph.output):
+    for vi in model.graph.input:
+        tensor = vi.type.tensor_type
+        dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in tensor.shape.dim]
+        shape = "x".join(dims) if tensor.HasField("shape") else "unknown"
+        h.update(f"in:{vi.name}:{tensor.elem_type}:{shape};".encode())
+    for vi in model.graph.output:
         h.update(f"io:{vi.name};".encode())
     for node in model.graph.node:
         h.update(f"{node.name}|{node.op_type}|{','.join(node.input)}|{','.join(node.output)};".encode())
@@ -155,8 +161,8 @@ def _validate(plan: Plan, s: Structure) -> None:
     removed = set(plan.remove_blocks)
     for join in plan.remove_blocks:
         b = blocks[join]
-        if not b.removable:
-            raise PlanError(f"block {join} is not removable: {b.reason}")
+        if refusal := rules.remove_refusal(b):
+            raise PlanError(refusal)
         parent = b.parent
         while parent is not None:
             if s.residual_blocks[parent].join in removed:
@@ -171,9 +177,8 @@ def _validate(plan: Plan, s: Structure) -> None:
     for name in plan.drop_convs:
         if name not in conv_index:
             raise PlanError(f"drop_convs names {name!r}, which is not a conv of the main chain")
-        c = s.convs[conv_index[name]]
-        if c.in_channels != c.out_channels or any(st > 1 for st in c.stride) or c.input_shape != c.output_shape:
-            raise PlanError(f"conv {name} changes the shape of its input: it cannot become an identity")
+        if refusal := rules.drop_refusal(s.convs[conv_index[name]]):
+            raise PlanError(f"{refusal}: it cannot become an identity")
         if name in gone:
             raise PlanError(f"drop_convs names {name!r}, which belongs to a block the plan removes")
     used: set[str] = set()
@@ -183,6 +188,8 @@ def _validate(plan: Plan, s: Structure) -> None:
         fold = entry.get("fold_identity") if isinstance(entry, dict) else None
         if fold is not None and fold not in spans:
             raise PlanError(f"fold_identity names {fold!r}, which is not the join of an identity block over chain convs")
+        if fold is not None and (refusal := rules.fold_refusal(blocks[fold])):
+            raise PlanError(f"cannot fold the identity of {fold}: {refusal}")
         for name in run:
             if name not in conv_index:
                 raise PlanError(f"merge names {name!r}, which is not a conv of the main chain")
@@ -196,8 +203,17 @@ def _validate(plan: Plan, s: Structure) -> None:
         if positions != sorted(positions) or any(n not in run and n not in dropped for n in between):
             raise PlanError(f"merge {run} is not a run of consecutive chain convs (dropped convs may lie between)")
         for link in s.links[positions[0]:positions[-1]]:
-            if link.barrier:
-                raise PlanError(f"merge {run} crosses a barrier ({link.barrier}) after conv {s.convs[link.source].name}")
+            if refusal := rules.link_refusal(link):
+                raise PlanError(f"merge {run} is refused: {refusal}")
+        kept = [s.convs[p] for p in positions]
+        for conv in kept:
+            if refusal := rules.chain_merge_refusal(conv):
+                raise PlanError(f"merge {run} is refused: {refusal}")
+        if refusal := rules.stride_refusal(kept, run):
+            raise PlanError(f"merge {run} is refused: {refusal}")
+        join = covered_join(s, entry, dropped)
+        if join is not None and (refusal := rules.fold_refusal(blocks[join])):
+            raise PlanError(f"merge {run} covers block {join}, whose identity cannot fold in: {refusal}")
 
 
 def covered_join(s: Structure, run: list[str] | dict, dropped: set[str] = frozenset()) -> str | None:

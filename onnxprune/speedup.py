@@ -20,7 +20,7 @@ from onnxprune.data.sources import Dataset
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import analyze_model
 from onnxprune.graph.normalize import to_graph
-from onnxprune.importance.layermerge import row_importances
+from onnxprune.importance.layermerge import row_copies, score_rows
 from onnxprune.importance.slp import prune_slp
 from onnxprune.latency.backends import Backend
 from onnxprune.latency.measure import compare
@@ -51,6 +51,7 @@ class SpeedupResult:
     provider: str = "cpu"  # the onnxruntime provider that scored (really used, not asked for)
     pareto: list[dict] = field(default_factory=list)  # predicted trade-off curve, when asked for
     note: str = ""  # why the search stopped short of the target, when it did
+    notes: list[str] = field(default_factory=list)  # options left out of the search, and why
 
 
 def _measure(original: onnx.ModelProto, pruned: onnx.ModelProto, backend: Backend,
@@ -90,12 +91,18 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
     options = enumerate_options(structure, conv_l1_norms(to_graph(model)))
     stages["candidates"] = time.perf_counter() - clock
     say(f"layermerge: {len(options)} options over {len(structure.convs)} chain convs")
+    clock = time.perf_counter()
+    copies = row_copies(model, structure, options, feature, scope)
+    notes = [f"option {o.start}..{o.end} ({', '.join(o.keep or o.drop)}) left out: {why}" for o, why in copies.refused]
+    for note in notes:
+        say(f"layermerge: {note}")
+    stages["candidates"] += time.perf_counter() - clock
     if table is None:
         clock = time.perf_counter()
-        table = build_table(model, structure, options, backend, batch, fingerprint(model), progress=say)
+        table = build_table(model, structure, copies.options, backend, batch, fingerprint(model), progress=say)
         stages["latency table"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    rows, provider_used = row_importances(model, structure, options, data, feature, scope, provider, progress=say)
+    rows, provider_used = score_rows(copies, data, provider, progress=say)
     stages["importance"] = time.perf_counter() - clock
     dp_rows = [dp.Row(r.option.start, r.option.end, table.option_latency(r.option, structure), r.importance, r.option)
                for r in rows]
@@ -146,7 +153,8 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
                           "batch": batch, "attempts": attempts,
                           "rows": [_describe(r) for r in solution.rows if not r.key.original]}
         results.append(SpeedupResult(pruned, plan, target, speedup, t_original, t_pruned, predicted,
-                                     speedup >= target, attempts, stages, table, verification, provider_used, curve))
+                                     speedup >= target, attempts, stages, table, verification, provider_used, curve,
+                                     notes=notes))
         if speedup >= target:
             break
         chain_budget = tightened_budget(table.whole_s, predicted, speedup, target) - table.fixed_s

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -88,10 +89,29 @@ def test_refusals_before_anything_is_written():
         apply_plan(model, Plan(remove_blocks=[projection]))
     with pytest.raises(PlanError, match="another model"):
         apply_plan(model, Plan(fingerprint="sha256:0"))
-    with pytest.raises(PlanError, match="barrier"):
-        apply_plan(model, Plan(merge=[[s.convs[-4].name, s.convs[-3].name, s.convs[-2].name, s.convs[-1].name]]))
+    barrier = next(link.source for link in s.links if link.barrier)
+    with pytest.raises(PlanError, match=f"a {s.links[barrier].barrier} lies between"):
+        apply_plan(model, Plan(merge=[[s.convs[barrier].name, s.convs[barrier + 1].name]]))
+    escape = next(link.source for link in s.links if link.escape and not link.barrier)
+    with pytest.raises(PlanError, match="between chain convs is also read by"):
+        apply_plan(model, Plan(merge=[[s.convs[escape].name, s.convs[escape + 1].name]]))
     with pytest.raises(PlanError, match="consecutive"):
         apply_plan(model, Plan(merge=[[s.convs[1].name, s.convs[3].name]]))
+
+
+def test_fingerprint_covers_the_input_shapes_and_element_types():
+    def model_at(shape, seed=0):
+        g = GraphBuilder(shape, seed=seed)
+        return g.build([g.relu(g.conv(g.input, 8))])
+
+    small = model_at(("batch", 3, 32, 32))
+    assert fingerprint(model_at(("batch", 3, 32, 32), seed=1)) == fingerprint(small)  # weights do not count
+    assert fingerprint(model_at(("batch", 3, 64, 64))) != fingerprint(small)
+    assert fingerprint(model_at((1, 3, 32, 32))) != fingerprint(small)  # a fixed batch is another export
+    assert fingerprint(model_at(("N", 3, 32, 32))) != fingerprint(small)
+    half = model_at(("batch", 3, 32, 32))
+    half.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    assert fingerprint(half) != fingerprint(small)
 
 
 def test_plan_round_trips_through_json_and_rejects_typos():

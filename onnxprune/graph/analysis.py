@@ -36,6 +36,7 @@ from onnxprune.graph.ops import (
     SHAPE_OPS,
     Activation,
     activation_after,
+    activation_attrs,
     activation_containing,
     conv_info,
     node_macs,
@@ -67,6 +68,7 @@ class ResidualBlock:
     branch_nodes: list[str] = field(default_factory=list)
     shortcut_nodes: list[str] = field(default_factory=list)
     branch_output: str | None = None  # the join input that comes from the branch
+    fold_reason: str | None = None  # why the identity cannot fold into one conv over the branch (graph/rules.py)
 
 
 @dataclass
@@ -88,6 +90,7 @@ class ChainConv:
     block: int | None  # innermost residual block whose branch holds this conv
     macs: int
     params: int
+    activation_attrs: dict = field(default_factory=dict)  # what besides its kind determines it (ops.activation_attrs)
 
 
 @dataclass
@@ -98,6 +101,7 @@ class Link:
     activations: list[str]
     joins: list[int]
     barrier: str | None
+    escape: str | None = None  # a tensor between the two convs that something else reads too
 
 
 @dataclass
@@ -191,6 +195,7 @@ def analyze_graph(graph: gs.Graph, model: onnx.ModelProto | None = None) -> Stru
     total_params = _count_params(graph.nodes, flow.kind)
     blocks = _find_blocks(flow, total_macs, notes)
     convs, shortcut_convs, links = _find_chain(flow, blocks, notes)
+    _mark_foldable(flow, blocks, convs)
     spans = _spans(blocks, convs, notes)
     stride_breaks = [c.index for c in convs if any(s > 1 for s in c.stride)]
     barriers = [{"position": link.source, "op": link.barrier} for link in links if link.barrier]
@@ -392,6 +397,7 @@ def _find_chain(flow: _Dataflow, blocks: list[ResidualBlock], notes: list[str]):
             output_shape=_shape(node.outputs[0]), activation=act.kind if act else None,
             activation_nodes=[n.name for n in act.nodes] if act else [], block=branch_of.get(node.name),
             macs=node_macs(node), params=_count_params([node], flow.kind),
+            activation_attrs=activation_attrs(act) if act else {},
         ))
         conv_nodes.append(node)
     join_blocks = {b.join: b for b in blocks}
@@ -403,10 +409,14 @@ def _link(flow: _Dataflow, i: int, prev: gs.Node, conv: gs.Node, join_blocks: di
     """Walk back from ``conv``'s input to ``prev``'s output through activations and identity joins."""
     link = Link(source=i, activations=[], joins=[], barrier=None)
     tensor = conv.inputs[0]
+    path: list[gs.Node] = [conv]  # the nodes walked through, the ones that may read the tensors on the way
     for _ in range(32):
-        tensor = through_noops(tensor)
+        while tensor.inputs and tensor.inputs[0].op in NO_OP and variable_inputs(tensor.inputs[0]):
+            path.append(tensor.inputs[0])
+            tensor = variable_inputs(tensor.inputs[0])[0]
         producer = tensor.inputs[0] if tensor.inputs else None
         if producer is prev:
+            link.escape = _escape(flow, prev, path)
             return link
         if producer is None:
             link.barrier = "graph input"
@@ -419,17 +429,55 @@ def _link(flow: _Dataflow, i: int, prev: gs.Node, conv: gs.Node, join_blocks: di
             if block.shortcut != "identity":  # a merged conv cannot absorb a projection; walk on for the activation
                 link.barrier = f"{block.shortcut} join {block.join}"
             link.joins.append(block.index)
+            path.append(producer)
             tensor = next(t for t in producer.inputs if t.name == block.branch_output or through_noops(t).name == block.branch_output)
             continue
         act = _activation_ending_at(flow, tensor)
         if act is not None:
             link.activations.insert(0, act.kind)
+            path.extend(act.nodes)
             tensor = act.input
             continue
         link.barrier = producer.op
         return link
     link.barrier = "path too long"
     return link
+
+
+def _escape(flow: _Dataflow, prev: gs.Node, path: list[gs.Node]) -> str | None:
+    """A tensor computed between two chain convs (by ``prev`` or on ``path``, the nodes from there to the
+    second conv, which comes first) that a node off the path, or the graph's output, reads as well: a merge
+    of the two convs would lose it."""
+    on_path = {id(n) for n in path}
+    made_here = on_path | {id(prev)}
+    for node in path:
+        for t in variable_inputs(node):
+            if not t.inputs or id(t.inputs[0]) not in made_here:
+                continue  # e.g. the shortcut input of a join on the way
+            if t.name in flow.graph_outputs:
+                return f"tensor {t.name} between chain convs is a graph output"
+            outside = [c for c in t.outputs if id(c) not in on_path]
+            if outside:
+                return f"tensor {t.name} between chain convs is also read by {outside[0].name}"
+    return None
+
+
+def _mark_foldable(flow: _Dataflow, blocks: list[ResidualBlock], convs: list[ChainConv]) -> None:
+    """Set ``fold_reason`` of every identity block: its branch may hold chain convs, their activations,
+    no-ops and joins, nothing else (graph/rewrite.merge_run absorbs exactly these)."""
+    absorbable = {c.name for c in convs} | {n for c in convs for n in c.activation_nodes}
+    ops = {n.name: n.op for n in flow.nodes[1:]}
+    for b in blocks:
+        if b.shortcut != "identity":
+            continue
+        for name in b.branch_nodes:
+            op = ops.get(name)
+            if name not in absorbable and op not in NO_OP and op not in ("Add", "Sum"):
+                b.fold_reason = f"its branch holds {op} node {name}, which no conv can absorb"
+                break
+        else:
+            if not any(c.name in set(b.branch_nodes) for c in convs):
+                b.fold_reason = "its branch holds no chain conv"
 
 
 def _activation_ending_at(flow: _Dataflow, tensor: gs.Variable) -> Activation | None:

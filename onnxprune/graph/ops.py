@@ -118,6 +118,34 @@ def _classify(nodes: list[gs.Node]) -> str | None:
     return None
 
 
+# Attributes (with their ONNX defaults) that change what an activation op computes.
+ACTIVATION_ATTRS = {
+    "LeakyRelu": {"alpha": 0.01}, "HardSigmoid": {"alpha": 0.2, "beta": 0.5}, "Elu": {"alpha": 1.0},
+    "Selu": {"alpha": 1.67326319217681884765625, "gamma": 1.05070102214813232421875}, "Celu": {"alpha": 1.0},
+    "ThresholdedRelu": {"alpha": 1.0},
+}
+
+
+def activation_attrs(act: Activation) -> dict:
+    """What besides its kind determines ``act``, as JSON-serialisable data: Clip bounds (None when
+    unbounded), the alpha/beta/gamma of LeakyRelu, HardSigmoid, Elu, Selu, Celu, ThresholdedRelu, the
+    shape of a PRelu slope, the tanh form of a GELU. Empty for Relu, Sigmoid, SiLU and the like."""
+    if act.kind in ("ReLU6", "Clip"):
+        low, high = clip_bounds(next(n for n in act.nodes if n.op == "Clip"))
+        return {"min": low if math.isfinite(low) else None, "max": high if math.isfinite(high) else None}
+    if act.kind in ACTIVATION_ATTRS and len(act.nodes) == 1:
+        node = act.nodes[0]
+        return {k: float(node.attrs.get(k, v)) for k, v in ACTIVATION_ATTRS[act.kind].items()}
+    if act.kind == "PRelu":
+        shape = act.nodes[0].inputs[1].shape
+        return {"slope_shape": [int(d) for d in shape]} if shape is not None and all(
+            isinstance(d, int) for d in shape) else {}
+    if act.kind == "Gelu":
+        tanh = any(n.op == "Tanh" for n in act.nodes) or any(n.attrs.get("approximate") == "tanh" for n in act.nodes)
+        return {"approximate": "tanh"} if tanh else {}
+    return {}
+
+
 def clip_bounds(node: gs.Node) -> tuple[float, float]:
     low, high = node.attrs.get("min", -math.inf), node.attrs.get("max", math.inf)
     if len(node.inputs) > 1 and is_constant(node.inputs[1]) and not node.inputs[1].is_empty():

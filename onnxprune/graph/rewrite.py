@@ -17,7 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.errors import OnnxPruneError
-from onnxprune.graph import merge
+from onnxprune.graph import merge, rules
 from onnxprune.graph.analysis import ResidualBlock, through_noops
 from onnxprune.graph.ops import NO_OP, Activation, activation_after, activation_containing, conv_info, variable_inputs
 
@@ -109,16 +109,14 @@ def merge_run(graph: gs.Graph, conv_names: list[str], through_join: str | None =
     convs = [node_named(graph, n) for n in conv_names]
     if not convs or (len(convs) < 2 and through_join is None):
         raise RewriteError("a merge needs at least two convs, or one conv and the join it covers")
-    for prev, nxt in zip(convs, convs[1:]):
-        stride = conv_info(prev).stride if conv_info(prev) else None
-        if stride and any(s > 1 for s in stride) and not conv_info(nxt).pointwise:
-            raise RewriteError(f"only 1x1 convs may follow the strided conv {prev.name} in a merge")
-    for conv in convs:
-        info = conv_info(conv)
+    infos = [conv_info(conv) for conv in convs]
+    for conv, info in zip(convs, infos):
         if info is None:
             raise RewriteError(f"{conv.name} is not a conv with a constant weight")
-        if any(d != 1 for d in info.dilation) or -1 in info.pads:
-            raise RewriteError(f"{conv.name}: dilated or SAME-padded convs are not merged")
+        if refusal := rules.merge_refusal(info, f"conv {conv.name}"):
+            raise RewriteError(refusal)
+    if refusal := rules.stride_refusal(infos, conv_names):
+        raise RewriteError(refusal)
     x = convs[0].inputs[0]
     end = node_named(graph, through_join).outputs[0] if through_join else convs[-1].outputs[0]
     region = _region(x, end)

@@ -1,4 +1,4 @@
-"""Importance of LayerMerge rows by CKA instead of fine-tuning (ALGORITHMS.md section 4).
+"""Importance of LayerMerge rows by CKA instead of fine-tuning (docs/algorithms.md section 4).
 
 The public LayerMerge code fine-tunes the whole network for an epoch per row and uses
 exp(delta accuracy / 100). Here a row's importance is h = log CKA(original representation,
@@ -25,7 +25,7 @@ import onnx
 from onnxprune.data.sources import Dataset
 from onnxprune.graph.analysis import Structure
 from onnxprune.graph.normalize import to_graph, to_model
-from onnxprune.plan import Plan, apply_plan
+from onnxprune.plan import Plan, PlanError, apply_plan
 from onnxprune.planning.candidates import Option, options_plan
 from onnxprune.runtime.capture import suffix_model
 from onnxprune.runtime.compare import Copy, cka_with_original
@@ -44,29 +44,62 @@ def importance_of(cka_value: float) -> float:
     return max(FLOOR, math.log(cka_value)) if cka_value > 0 else FLOOR
 
 
-def row_importances(model: onnx.ModelProto, structure: Structure, options: list[Option], data: Dataset,
-                    feature: str, scope: str = "global", provider: str = "auto", batch: int = 64,
-                    progress: Callable[[str], None] | None = None) -> tuple[list[RowImportance], str]:
-    """(h for every option, the onnxruntime provider used); originals get 0 without being run."""
+@dataclass
+class RowCopies:
+    """The modified networks that score the changed options, and the options the rewrite refused."""
+
+    base: onnx.ModelProto  # the normalized original the copies are compared with
+    options: list[Option]  # every option that can be applied (originals included)
+    copies: list[Copy]  # one per changed option of ``options``, in order
+    refused: list[tuple[Option, str]]  # options whose rewrite failed, with why
+
+
+def row_copies(model: onnx.ModelProto, structure: Structure, options: list[Option], feature: str,
+               scope: str = "global") -> RowCopies:
+    """Apply every changed option alone and cut the result after the segment's input (its suffix). An
+    option the rewrite refuses is set aside with the reason, so one bad option never stops a search."""
     if scope not in ("global", "local"):
         raise ValueError(f"scope must be global or local, not {scope!r}")
-    say = progress or (lambda _m: None)
-    start_time = time.perf_counter()
     base = to_model(to_graph(model), model)  # normalized: tensor names as the analysis has them
     conv_io = {n.name: (n.input[0], n.output[0]) for n in base.graph.node if n.op_type == "Conv"}
-    changed = [o for o in options if not o.original]
-    copies = []
-    for option in changed:
-        modified, _ = apply_plan(base, Plan(**options_plan([option])))
+    kept, copies, refused = [], [], []
+    for option in options:
+        if option.original:
+            kept.append(option)
+            continue
+        try:
+            modified, _ = apply_plan(base, Plan(**options_plan([option])))
+        except PlanError as exc:
+            refused.append((option, str(exc)))
+            continue
         start = conv_io[structure.convs[option.start].name][0]
         target = feature
         if scope == "local" and option.end < len(structure.convs):
             target = conv_io[structure.convs[option.end].name][1]
         suffix, side = suffix_model(modified, start, [target])
+        kept.append(option)
         copies.append(Copy(suffix, {t: t for t in (start, *side)}, target, target))
-    similarity, provider_used = cka_with_original(base, copies, data, provider, batch)
-    values = {id(o): value for o, value in zip(changed, similarity)}
-    say(f"layermerge: scored {len(copies)} rows ({scope} scope) in {time.perf_counter() - start_time:.1f} s")
-    rows = [RowImportance(o, 1.0, 0.0) if o.original else
-            RowImportance(o, values[id(o)], min(importance_of(values[id(o)]), -1e-9)) for o in options]
-    return rows, provider_used
+    return RowCopies(base, kept, copies, refused)
+
+
+def score_rows(rows: RowCopies, data: Dataset, provider: str = "auto", batch: int = 64,
+               progress: Callable[[str], None] | None = None) -> tuple[list[RowImportance], str]:
+    """(h for every option of ``rows``, the onnxruntime provider used); originals get 0 without being run."""
+    say = progress or (lambda _m: None)
+    start_time = time.perf_counter()
+    similarity, provider_used = cka_with_original(rows.base, rows.copies, data, provider, batch)
+    changed = iter(similarity)
+    result = [RowImportance(o, 1.0, 0.0) if o.original else _row(o, next(changed)) for o in rows.options]
+    say(f"layermerge: scored {len(rows.copies)} rows in {time.perf_counter() - start_time:.1f} s")
+    return result, provider_used
+
+
+def _row(option: Option, cka_value: float) -> RowImportance:
+    return RowImportance(option, cka_value, min(importance_of(cka_value), -1e-9))
+
+
+def row_importances(model: onnx.ModelProto, structure: Structure, options: list[Option], data: Dataset,
+                    feature: str, scope: str = "global", provider: str = "auto", batch: int = 64,
+                    progress: Callable[[str], None] | None = None) -> tuple[list[RowImportance], str]:
+    """``row_copies`` then ``score_rows``: h for every option the rewrite accepts, and the provider used."""
+    return score_rows(row_copies(model, structure, options, feature, scope), data, provider, batch, progress)

@@ -6,8 +6,12 @@ A row's latency is its own work, without what the whole network pays once rather
 slow spell of a shared machine scales both alike (measure.time_in_rounds). The fixed part is the
 whole model's latency minus the summed latency of its original rows, so the table predicts the
 original exactly and a pruned model as fixed + its rows; how well rows add up is checked by
-measuring (benchmarks/RESULTS.md). A table is JSON: it can be built on
-the deployment device (``onnxprune latency``) and carried back; it is refused for another model.
+measuring (benchmarks/RESULTS.md). A fixed part below zero means the rows were timed as slower than
+the network they come from: a table is refused for it, beyond a small tolerance that is clamped to 0.
+A row is keyed by its signature: kernel, stride, groups, shapes and its activation with the
+attributes that change it (a Clip(0, 1) row is not a Clip(0, 6) row). A table is JSON: it can be built
+on the deployment device (``onnxprune latency``) and carried back; it is refused for another model,
+or the same model exported at another input shape or dtype.
 """
 
 from __future__ import annotations
@@ -24,11 +28,17 @@ from onnx import helper, numpy_helper
 
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import Structure
+from onnxprune.graph.ops import ACTIVATION_ATTRS
 from onnxprune.latency.backends import Backend, median_time
 from onnxprune.latency.measure import random_feeds, time_in_rounds
 from onnxprune.planning.candidates import Option
 
-TABLE_SCHEMA = 2  # 2: rows are their own work, shares of the whole model timed in the same rounds
+# 3: rows carry their conv's groups and their activation's attributes; 2: rows are their own work, shares of
+# the whole model timed in the same rounds
+TABLE_SCHEMA = 3
+# A fixed part down to -5% of the whole model is noise (at batch 32 on ort-cpu the original rows of real models sum
+# to nearly the whole, and a noisy round can tip them over): clamped to 0, with a note. Further below is refused.
+FIXED_TOLERANCE = 0.05
 
 
 @dataclass
@@ -41,11 +51,17 @@ class LatencyTable:
     fixed_s: float
     rows: dict[str, float] = field(default_factory=dict)  # signature -> seconds
     rounds: int = 0  # rounds the rows were timed in, each beside the whole model
+    notes: list[str] = field(default_factory=list)  # rows timed otherwise than they run, a clamped fixed part
     schema: int = TABLE_SCHEMA
 
     def option_latency(self, option: Option, structure: Structure) -> float:
         signature = row_signature(option, structure, self.batch)
-        return 0.0 if signature is None else self.rows[signature]
+        if signature is None:
+            return 0.0
+        if signature not in self.rows:
+            raise OnnxPruneError(f"the latency table has no row '{signature}' (convs {', '.join(option.keep)}): it was "
+                                 "measured for other options of this model; measure it again with onnxprune latency")
+        return self.rows[signature]
 
     def predict(self, options: list[Option], structure: Structure) -> float:
         return self.fixed_s + sum(self.option_latency(o, structure) for o in options)
@@ -68,8 +84,34 @@ def load_table(path: str | os.PathLike[str], fingerprint: str) -> LatencyTable:
         raise OnnxPruneError(f"latency table {path} has schema {table.schema}; this onnxprune reads {TABLE_SCHEMA} "
                              "(measure it again with onnxprune latency)")
     if table.fingerprint != fingerprint:
-        raise OnnxPruneError(f"latency table {path} was measured for another model (fingerprints differ)")
+        raise OnnxPruneError(f"latency table {path} was measured for another model or another input shape/dtype "
+                             "(fingerprints differ): measure it again with onnxprune latency on this model")
+    if table.fixed_s < 0:
+        raise OnnxPruneError(f"latency table {path}: {negative_fixed_message(table.whole_s, table.fixed_s)}")
     return table
+
+
+def negative_fixed_message(whole_s: float, fixed_s: float) -> str:
+    """Why a fixed part below zero is refused, and what to try."""
+    share = (whole_s - fixed_s) / whole_s if whole_s > 0 else float("inf")
+    return (f"the original model's rows summed to {100 * share:.1f}% of the whole model's latency, so the fixed part "
+            f"(everything outside the rows) came out at {1e3 * fixed_s:.4g} ms, below zero: the rows were timed as "
+            "slower than the network they come from, a measurement problem (a slow spell of a shared machine, or a "
+            "backend on which a conv alone costs more than inside the network). Measure it again with more --rounds, "
+            "on a quieter machine, or on another backend")
+
+
+def fixed_part(whole_s: float, rows_s: float) -> tuple[float, str | None]:
+    """(fixed seconds, a note or None) for a whole model of ``whole_s`` whose original rows sum to ``rows_s``:
+    a fixed part below zero within FIXED_TOLERANCE of the whole is clamped to 0 with a note, further below
+    it is an OnnxPruneError."""
+    fixed = whole_s - rows_s
+    if fixed >= 0:
+        return fixed, None
+    if fixed < -FIXED_TOLERANCE * whole_s:
+        raise OnnxPruneError(f"cannot build the latency table: {negative_fixed_message(whole_s, fixed)}")
+    return 0.0, (f"the original rows summed to {100 * rows_s / whole_s:.1f}% of the whole model: the fixed part "
+                 f"({1e3 * fixed:.4g} ms, within {100 * FIXED_TOLERANCE:g}% of the whole) was clamped to 0")
 
 
 def _row_shape(option: Option, structure: Structure, batch: int) -> tuple[list[int], list[int], int]:
@@ -83,38 +125,109 @@ def _row_shape(option: Option, structure: Structure, batch: int) -> tuple[list[i
     return in_shape, out_spatial, last.out_channels
 
 
+def _conv_groups(option: Option, cin: int, cout: int) -> int:
+    """The groups of the row's conv: all its input channels when depthwise, else the option's."""
+    groups = cin if option.depthwise else option.groups
+    if groups < 1 or cin % groups or cout % groups:
+        raise OnnxPruneError(f"conv {option.keep[0] if option.keep else option.start}: {groups} groups do not divide "
+                             f"{cin} input and {cout} output channels")
+    return groups
+
+
+def activation_text(kind: str | None, attrs: dict) -> str:
+    """An activation as a signature writes it: ``LeakyRelu(alpha=0.01)``, ``Clip(max=1,min=0)``, ``Relu``, ``none``."""
+    if kind is None:
+        return "none"
+
+    def value(v) -> str:
+        if isinstance(v, float):
+            return format(v, ".6g")
+        return "x".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    inner = ",".join(f"{k}={value(attrs[k])}" for k in sorted(attrs))
+    return f"{kind}({inner})" if inner else kind
+
+
 def row_signature(option: Option, structure: Structure, batch: int) -> str | None:
     """What determines a row's latency; None for a removed block (it costs nothing)."""
     if option.remove_block is not None:
         return None
     in_shape, out_spatial, cout = _row_shape(option, structure, batch)
-    groups = in_shape[1] if option.depthwise else 1
-    act = structure.convs[option.end - 1].activation or "none"
+    groups = _conv_groups(option, in_shape[1], cout)
+    last = structure.convs[option.end - 1]
+    act = activation_text(last.activation, last.activation_attrs)
     kernel = "x".join(map(str, option.kernel))
     stride = "x".join(map(str, option.stride))
     return f"conv k{kernel} s{stride} g{groups} {in_shape}->{cout}x{'x'.join(map(str, out_spatial))} {act}"
 
 
-_ACTIVATION_NODES: dict[str, Callable] = {
-    "Relu": lambda x, y: [helper.make_node("Relu", [x], [y])],
-    "ReLU6": lambda x, y: [helper.make_node("Clip", [x, "zero", "six"], [y])],
-    "Clip": lambda x, y: [helper.make_node("Clip", [x, "zero", "six"], [y])],
-    "HardSwish": lambda x, y: [helper.make_node("HardSwish", [x], [y])],
-    "HardSigmoid": lambda x, y: [helper.make_node("HardSigmoid", [x], [y])],
-    "Sigmoid": lambda x, y: [helper.make_node("Sigmoid", [x], [y])],
-    "Tanh": lambda x, y: [helper.make_node("Tanh", [x], [y])],
-    "SiLU": lambda x, y: [helper.make_node("Sigmoid", [x], ["s"]), helper.make_node("Mul", [x, "s"], [y])],
-    "Gelu": lambda x, y: [helper.make_node("Div", [x, "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
-                          helper.make_node("Add", ["e", "one"], ["a"]), helper.make_node("Mul", [x, "a"], ["m"]),
-                          helper.make_node("Mul", ["m", "half"], [y])],
+# An activation's nodes from x to y and the constants they read (float64 here, cast to the row's dtype).
+_Built = tuple[list[onnx.NodeProto], dict[str, np.ndarray]]
+
+
+def _op(op: str) -> Callable[[dict, str, str, int], _Built]:
+    """One activation op, with the attributes it takes (ops.ACTIVATION_ATTRS) from the row's, else ONNX defaults."""
+    def build(attrs: dict, x: str, y: str, cout: int) -> _Built:
+        known = {k: float(attrs.get(k, v)) for k, v in ACTIVATION_ATTRS.get(op, {}).items()}
+        return [helper.make_node(op, [x], [y], **known)], {}
+    return build
+
+
+def _clip(attrs: dict, x: str, y: str, cout: int) -> _Built:
+    low, high = attrs.get("min", 0.0), attrs.get("max", 6.0)
+    consts = {name: np.array(v, np.float64) for name, v in (("act_min", low), ("act_max", high)) if v is not None}
+    inputs = [x, "act_min" if low is not None else "", "act_max" if high is not None else ""]
+    while inputs[-1] == "":
+        inputs.pop()
+    return [helper.make_node("Clip", inputs, [y])], consts
+
+
+def _prelu(attrs: dict, x: str, y: str, cout: int) -> _Built:
+    shape = attrs.get("slope_shape") or [cout, 1, 1]
+    return [helper.make_node("PRelu", [x, "act_slope"], [y])], {"act_slope": np.full(shape, 0.25)}
+
+
+def _silu(attrs: dict, x: str, y: str, cout: int) -> _Built:
+    return [helper.make_node("Sigmoid", [x], ["act_s"]), helper.make_node("Mul", [x, "act_s"], [y])], {}
+
+
+def _mish(attrs: dict, x: str, y: str, cout: int) -> _Built:
+    """x * tanh(softplus(x)): the Mish op needs opset 18, row models are opset 17."""
+    return [helper.make_node("Softplus", [x], ["act_sp"]), helper.make_node("Tanh", ["act_sp"], ["act_t"]),
+            helper.make_node("Mul", [x, "act_t"], [y])], {}
+
+
+def _gelu(attrs: dict, x: str, y: str, cout: int) -> _Built:
+    """x * (1 + erf(x / sqrt 2)) / 2, or its tanh approximation when ``attrs`` say so (the Gelu op needs opset 20)."""
+    node = helper.make_node
+    if attrs.get("approximate") == "tanh":  # tanh(sqrt(2 / pi) * (x + 0.044715 x^3))
+        nodes = [node("Pow", [x, "act_three"], ["act_p"]), node("Mul", ["act_p", "act_c"], ["act_q"]),
+                 node("Add", [x, "act_q"], ["act_r"]), node("Mul", ["act_r", "act_k"], ["act_u"]),
+                 node("Tanh", ["act_u"], ["act_e"])]
+        consts = {"act_three": 3.0, "act_c": 0.044715, "act_k": (2 / np.pi) ** 0.5}
+    else:
+        nodes = [node("Div", [x, "act_sqrt2"], ["act_d"]), node("Erf", ["act_d"], ["act_e"])]
+        consts = {"act_sqrt2": 2**0.5}
+    nodes += [node("Add", ["act_e", "act_one"], ["act_a"]), node("Mul", [x, "act_a"], ["act_m"]),
+              node("Mul", ["act_m", "act_half"], [y])]
+    consts.update(act_one=1.0, act_half=0.5)
+    return nodes, {name: np.array(v, np.float64) for name, v in consts.items()}
+
+
+ACTIVATIONS: dict[str, Callable[[dict, str, str, int], _Built]] = {
+    "Relu": _op("Relu"), "ReLU6": _clip, "Clip": _clip, "LeakyRelu": _op("LeakyRelu"), "PRelu": _prelu,
+    "HardSwish": _op("HardSwish"), "HardSigmoid": _op("HardSigmoid"), "Sigmoid": _op("Sigmoid"), "Tanh": _op("Tanh"),
+    "SiLU": _silu, "Gelu": _gelu, "Mish": _mish, "Elu": _op("Elu"), "Selu": _op("Selu"), "Celu": _op("Celu"),
+    "Softplus": _op("Softplus"), "ThresholdedRelu": _op("ThresholdedRelu"),
 }
 
 
 def row_model(option: Option, structure: Structure, batch: int, dtype=np.float32) -> onnx.ModelProto:
-    """A model of the row alone: the (merged) conv and the activation after it, random weights."""
+    """A model of the row alone: the (merged) conv, with its groups, and the activation after it as it is in the
+    network (ACTIVATIONS; an activation it does not know is left out: build_table notes it), random weights."""
     in_shape, out_spatial, cout = _row_shape(option, structure, batch)
     cin = in_shape[1]
-    groups = cin if option.depthwise else 1
+    groups = _conv_groups(option, cin, cout)
     pads_begin, pads_end = [], []
     for i, o, k, s in zip(in_shape[2:], out_spatial, option.kernel, option.stride):
         total = max(0, (o - 1) * s + k - i)
@@ -123,17 +236,17 @@ def row_model(option: Option, structure: Structure, batch: int, dtype=np.float32
     rng = np.random.default_rng(0)
     weight = rng.normal(0, 0.1, (cout, cin // groups, *option.kernel)).astype(dtype)
     inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.zeros(cout, dtype), "b")]
-    for name, value in (("zero", 0.0), ("six", 6.0), ("sqrt2", 2**0.5), ("one", 1.0), ("half", 0.5)):
-        inits.append(numpy_helper.from_array(np.array(value, dtype), name))
-    act = structure.convs[option.end - 1].activation
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c" if act in _ACTIVATION_NODES else "y"],
-                              kernel_shape=list(option.kernel), strides=list(option.stride),
-                              pads=pads_begin + pads_end, group=groups)]
-    if act in _ACTIVATION_NODES:
-        nodes += _ACTIVATION_NODES[act]("c", "y")
+    last = structure.convs[option.end - 1]
+    build = ACTIVATIONS.get(last.activation or "")
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c" if build else "y"], kernel_shape=list(option.kernel),
+                              strides=list(option.stride), pads=pads_begin + pads_end, group=groups)]
+    if build is not None:
+        act_nodes, consts = build(last.activation_attrs, "c", "y", cout)
+        nodes += act_nodes
+        inits += [numpy_helper.from_array(np.asarray(v).astype(dtype), name) for name, v in consts.items()]
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     graph = helper.make_graph(nodes, "row", [helper.make_tensor_value_info("x", elem, in_shape)],
-                              [helper.make_tensor_value_info("y", elem, None)], inits)
+                              [helper.make_tensor_value_info("y", elem, [batch, cout, *out_spatial])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -171,9 +284,21 @@ def build_table(model: onnx.ModelProto, structure: Structure, options: list[Opti
     whole = float(np.median(wholes)) if wholes else median_time(whole_run, warmup, rounds)
     rows = {signature: share * whole for signature, share in shares.items()}
     originals = [o for o in options if o.original]
-    table = LatencyTable(backend.describe(), batch, str(dtype), fingerprint, whole, 0.0, rows, rounds)
-    table.fixed_s = whole - sum(table.option_latency(o, structure) for o in originals)
+    table = LatencyTable(backend.describe(), batch, str(dtype), fingerprint, whole, 0.0, rows, rounds,
+                         _untimed_activations(distinct, structure))
+    table.fixed_s, note = fixed_part(whole, sum(table.option_latency(o, structure) for o in originals))
+    table.notes += [note] if note else []
     return table
+
+
+def _untimed_activations(distinct: dict[str, Option], structure: Structure) -> list[str]:
+    """A note for each row whose activation has no row model (ACTIVATIONS): it was timed as the bare conv."""
+    notes = []
+    for signature, option in distinct.items():
+        kind = structure.convs[option.end - 1].activation
+        if kind is not None and kind not in ACTIVATIONS:
+            notes.append(f"row '{signature}': no row model for the activation {kind}; timed as the bare conv")
+    return notes
 
 
 def _groups(distinct: dict[str, Option], structure: Structure, batch: int, itemsize: int,

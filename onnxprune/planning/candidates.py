@@ -1,16 +1,17 @@
-"""LayerMerge's search space derived from the analysis (ALGORITHMS.md section 4), with SLP's move in it.
+"""LayerMerge's search space derived from the analysis (docs/algorithms.md section 4), with SLP's move in it.
 
 DP positions are 0..D for a chain of D convs: position p sits after chain conv p - 1 (position 0
 is the chain's input). A segment (s, e] holds chain convs s..e-1; the activations strictly inside
 it are removed, the one at its end stays. A segment is valid when
 
-- no barrier lies between its convs,
+- its convs may be merged and nothing between them stops a merge (no barrier, no tensor read elsewhere),
 - only 1x1 convs follow a strided conv inside it,
 - it is laminar with every identity residual span: inside it, disjoint from it, or covering it
   exactly (then the identity folds into the merged kernel's centre tap).
 
-Its options are the subsets of convs to keep: channel-changing and strided convs always stay,
-the others may become identities. Subsets giving the same merged shape (kernel, depthwise) are
+What may be merged, dropped, folded or removed is decided by graph/rules.py, which plan validation
+and the rewrite ask too. Its options are the subsets of convs to keep: convs that cannot become the
+identity (channel-changing, strided, shape-changing) always stay, the others may go. Subsets giving the same merged shape (kernel, depthwise) are
 represented by the one with the largest summed L1 weight norm, as the public code does. A segment
 that covers an identity block exactly also has the option "remove the block" (SLP's move).
 """
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune.graph import rules
 from onnxprune.graph.analysis import Structure
 
 
@@ -59,26 +61,39 @@ def _identity_spans(structure: Structure) -> list[tuple[int, int, str]]:
 
 def valid_segment(structure: Structure, s: int, e: int) -> tuple[bool, str | None]:
     """(valid, join of the identity span the segment covers exactly, if any)."""
+    return segment_refusal(structure, s, e) is None, _exact_span(structure, s, e)
+
+
+def _exact_span(structure: Structure, s: int, e: int) -> str | None:
+    return next((join for a, b, join in _identity_spans(structure) if (s, e) == (a, b)), None)
+
+
+def segment_refusal(structure: Structure, s: int, e: int) -> str | None:
+    """Why chain convs s..e-1 cannot become one conv (with the identity of a block they cover exactly folded
+    in), or None; the conv, link and block predicates are graph/rules.py's."""
     convs = structure.convs[s:e]
-    if any(structure.links[k].barrier for k in range(s, e - 1)):
-        return False, None
-    strided = False
-    for c in convs:
-        if strided and any(k != 1 for k in c.kernel):
-            return False, None
-        strided = strided or any(st > 1 for st in c.stride)
-    exact = None
-    for a, b, join in _identity_spans(structure):
-        disjoint, inside = e <= a or b <= s, a <= s and e <= b
-        if (s, e) == (a, b):
-            exact = join
-        elif not (disjoint or inside):
-            return False, None
-    if e - s > 1 or exact:  # joins of projection blocks inside a multi-conv segment are barriers already
+    exact = _exact_span(structure, s, e)
+    if e - s > 1 or exact:
+        for c in convs:
+            if refusal := rules.chain_merge_refusal(c):
+                return refusal
         for k in range(s, e - 1):
+            if refusal := rules.link_refusal(structure.links[k]):
+                return refusal
             if any(structure.residual_blocks[j].shortcut != "identity" for j in structure.links[k].joins):
-                return False, None
-    return True, exact
+                return f"a projection join lies between chain convs {k} and {k + 1}"
+    if refusal := rules.stride_refusal(convs, [c.name for c in convs]):
+        return refusal
+    for a, b, join in _identity_spans(structure):
+        if not (e <= a or b <= s or (a <= s and e <= b) or (s, e) == (a, b)):
+            return f"convs {s}..{e - 1} cut across the residual block {join}"
+    if exact is not None:
+        return rules.fold_refusal(structure.residual_blocks[_block_index(structure, exact)])
+    return None
+
+
+def _block_index(structure: Structure, join: str) -> int:
+    return next(b.index for b in structure.residual_blocks if b.join == join)
 
 
 def enumerate_options(structure: Structure, l1: dict[str, float], max_convs: int = 4,
@@ -94,7 +109,7 @@ def enumerate_options(structure: Structure, l1: dict[str, float], max_convs: int
                 continue
             options.extend(_segment_options(structure, s, e, exact, l1, max_kernel))
     # Removing a whole block merges nothing: it needs no barrier-free segment and no length limit.
-    removable = {b.join for b in structure.residual_blocks if b.removable}
+    removable = {b.join for b in structure.residual_blocks if rules.remove_refusal(b) is None}
     for a, b, join in _identity_spans(structure):
         if join in removable and _laminar(structure, a, b):
             inner = tuple(name for c in convs[a:b - 1] for name in c.activation_nodes)
@@ -111,13 +126,15 @@ def _segment_options(structure: Structure, s: int, e: int, exact: str | None, l1
                      max_kernel: int) -> list[Option]:
     convs = structure.convs[s:e]
     inner_acts = tuple(name for c in convs[:-1] for name in c.activation_nodes)
-    required = [c for c in convs if c.in_channels != c.out_channels or any(st > 1 for st in c.stride)]
+    required = [c for c in convs if rules.drop_refusal(c) is not None]
     optional = [c for c in convs if c not in required]
     best: dict[tuple, tuple[float, Option]] = {}
     for r in range(len(optional) + 1):
         for dropped in itertools.combinations(optional, r):
             kept = [c for c in convs if c not in dropped]
             if not kept:
+                continue
+            if len(kept) > 1 and rules.stride_refusal(kept):
                 continue
             kernel = tuple(1 + sum(k[d] - 1 for k in (c.kernel for c in kept)) for d in range(len(kept[0].kernel)))
             if max(kernel) > max_kernel or (exact is not None and any(k % 2 == 0 for k in kernel)):

@@ -151,6 +151,34 @@ def test_activation_after_each_conv(make, expected):
     assert s.links[0].barrier is None
 
 
+def f32(v):
+    return np.array(v, np.float32)
+
+
+@pytest.mark.parametrize("make, kind, attrs", [
+    (lambda g, x: g.relu(x), "Relu", {}),
+    (lambda g, x: g.node("Clip", [x, g.const(f32(0)), g.const(f32(6))]), "ReLU6", {"min": 0.0, "max": 6.0}),
+    (lambda g, x: g.node("Clip", [x, g.const(f32(0)), g.const(f32(1))]), "Clip", {"min": 0.0, "max": 1.0}),
+    (lambda g, x: g.node("Clip", [x, "", g.const(f32(6))]), "Clip", {"min": None, "max": 6.0}),
+    (lambda g, x: g.node("LeakyRelu", [x], alpha=0.2), "LeakyRelu", {"alpha": pytest.approx(0.2)}),
+    (lambda g, x: g.node("LeakyRelu", [x]), "LeakyRelu", {"alpha": pytest.approx(0.01)}),
+    (lambda g, x: g.node("HardSigmoid", [x], alpha=0.25, beta=0.4), "HardSigmoid",
+     {"alpha": pytest.approx(0.25), "beta": pytest.approx(0.4)}),
+    (lambda g, x: g.node("Elu", [x], alpha=0.5), "Elu", {"alpha": pytest.approx(0.5)}),
+    (lambda g, x: g.node("PRelu", [x, g.const(np.full((4, 1, 1), 0.25, np.float32))]), "PRelu",
+     {"slope_shape": [4, 1, 1]}),
+    (lambda g, x: g.node("Mul", [x, g.node("Tanh", [g.node("Softplus", [x])])]), "Mish", {}),
+    (lambda g, x: g.node("Mul", [x, g.node("Sigmoid", [x])]), "SiLU", {}),
+])
+def test_activation_attrs_are_read_from_the_activation_nodes(make, kind, attrs):
+    g = GraphBuilder(("batch", 4, 8, 8))
+    y = g.conv(make(g, g.conv(g.input, 4)), 4)
+    s = analyze(g.build([y]))
+    assert s.convs[0].activation == kind and s.convs[0].activation_attrs == attrs
+    assert s.convs[1].activation is None and s.convs[1].activation_attrs == {}
+    json.dumps(s.to_dict(), allow_nan=False)  # attrs are plain JSON
+
+
 def test_dynamic_batch_blocks_stay_removable():
     g = GraphBuilder(("N", 8, 8, 8))
     y = residual_block(g, g.relu(g.conv(g.input, 8)))

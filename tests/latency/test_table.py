@@ -1,17 +1,23 @@
 import importlib.util
 import json
+from dataclasses import dataclass
 
+import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import analyze_model
+from onnxprune.graph.io import infer_shapes
 from onnxprune.graph.normalize import to_graph
-from onnxprune.latency.backends import BackendUnavailable, get_backend
+from onnxprune.latency.backends import Backend, BackendUnavailable, OwnClock, get_backend
 from onnxprune.latency.measure import compare, random_feeds
-from onnxprune.latency.table import build_table, load_table, row_model, row_signature
+from onnxprune.latency.table import FIXED_TOLERANCE, build_table, load_table, row_model, row_signature
 from onnxprune.plan import fingerprint
 from onnxprune.planning.candidates import conv_l1_norms, enumerate_options
+from tests.builders import GraphBuilder
 from tests.conftest import run
 from tests.planning.test_candidates import chain_model
 
@@ -95,3 +101,238 @@ def test_cuda_capture_uses_io_binding_and_matches_cpu(chain):
     cpu, cuda = create_session(model, "cpu"), create_session(model, "cuda")
     assert cuda.provider == "cuda"
     assert abs(cpu.run(feeds)[0] - cuda.run(feeds)[0]).max() < 1e-3
+
+
+@dataclass
+class FakeBackend(Backend):
+    """Runs nothing: the whole model takes ``whole`` seconds and every row ``row`` seconds of its own work."""
+
+    whole: float = 1e-3
+    row: float = 1e-4
+
+    def runner(self, model, feeds):
+        return lambda: self.whole
+
+    def reference_runner(self, model, feeds):
+        return self.runner(model, feeds)
+
+    def own_clock(self, model, feeds):
+        return FixedClock(self.row)
+
+
+class FixedClock(OwnClock):
+    def __init__(self, seconds):
+        self.own, self.times = seconds, []
+
+    def __call__(self):
+        self.times.append(self.own)
+
+    def seconds(self):
+        return self.times
+
+
+def fake_table(model, s, options, rows_share):
+    """A table whose original rows sum to ``rows_share`` of a whole model of 1 ms."""
+    originals = [o for o in options if o.original]
+    backend = FakeBackend("fake", 1, whole=1e-3, row=1e-3 * rows_share / len(originals))
+    return build_table(model, s, options, backend, 2, fingerprint(model), warmup=1, rounds=3)
+
+
+def original(s, options, index):
+    return next(o for o in options if o.original and o.start == index)
+
+
+def conv_and_activation(make, opset=17, cout=8):
+    """input -> conv 1x1 (8 -> cout) -> activation -> conv 1x1; the analysed model and its options."""
+    g = GraphBuilder(("batch", 8, 6, 6), opset=opset)
+    y = g.conv(make(g, g.conv(g.input, cout, k=1)), 8, k=1)
+    model = infer_shapes(g.build([y]))
+    s = analyze_model(model)
+    return model, s, enumerate_options(s, conv_l1_norms(to_graph(model)))
+
+
+def f32(v):
+    return np.asarray(v, np.float32)
+
+
+ACTIVATIONS = {
+    "Relu": lambda g, x: g.relu(x),
+    "ReLU6": lambda g, x: g.node("Clip", [x, g.const(f32(0)), g.const(f32(6))]),
+    "Clip01": lambda g, x: g.node("Clip", [x, g.const(f32(0)), g.const(f32(1))]),
+    "ClipMax": lambda g, x: g.node("Clip", [x, "", g.const(f32(3))]),
+    "LeakyRelu": lambda g, x: g.node("LeakyRelu", [x], alpha=0.2),
+    "PRelu": lambda g, x: g.node("PRelu", [x, g.const(np.full((8, 1, 1), 0.25, np.float32))]),
+    "HardSwish": lambda g, x: g.node("HardSwish", [x]),
+    "HardSigmoid": lambda g, x: g.node("HardSigmoid", [x], alpha=0.25, beta=0.4),
+    "Sigmoid": lambda g, x: g.node("Sigmoid", [x]),
+    "Tanh": lambda g, x: g.node("Tanh", [x]),
+    "SiLU": lambda g, x: g.node("Mul", [x, g.node("Sigmoid", [x])]),
+    "Gelu": lambda g, x: g.node("Mul", [g.node("Mul", [x, g.node("Add", [g.node("Erf", [g.node("Div", [
+        x, g.const(f32(2**0.5))])]), g.const(f32(1))])]), g.const(f32(0.5))]),
+    "GeluTanh": lambda g, x: g.node("Mul", [g.node("Mul", [x, g.node("Add", [g.node("Tanh", [g.node("Mul", [
+        g.node("Add", [x, g.node("Mul", [g.node("Pow", [x, g.const(f32(3))]), g.const(f32(0.044715))])]),
+        g.const(f32((2 / np.pi) ** 0.5))])]), g.const(f32(1))])]), g.const(f32(0.5))]),
+    "Mish": lambda g, x: g.node("Mul", [x, g.node("Tanh", [g.node("Softplus", [x])])]),
+    "Elu": lambda g, x: g.node("Elu", [x], alpha=0.5),
+    "Selu": lambda g, x: g.node("Selu", [x], alpha=1.5, gamma=1.1),
+    "Celu": lambda g, x: g.node("Celu", [x], alpha=2.0),
+    "Softplus": lambda g, x: g.node("Softplus", [x]),
+    "ThresholdedRelu": lambda g, x: g.node("ThresholdedRelu", [x], alpha=0.5),
+}
+
+
+def activation_of(model, row, s):
+    """(the activation as the network computes it, as the row model computes it) on the same input: the first
+    conv of both is made the identity, so each output is the activation of the input."""
+    identity = np.eye(8, dtype=np.float32)[:, :, None, None]
+    first = next(n for n in model.graph.node if n.op_type == "Conv")
+    network = onnx.ModelProto()
+    network.CopyFrom(model)
+    weights = {first.input[1]: identity, first.input[2]: np.zeros(8, np.float32)}
+    for init in network.graph.initializer:
+        if init.name in weights:
+            init.CopyFrom(numpy_helper.from_array(weights[init.name], init.name))
+    act_out = s.convs[0].activation_nodes[-1]
+    out = next(n.output[0] for n in network.graph.node if n.name == act_out)
+    network.graph.output.insert(0, onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+    solo = onnx.ModelProto()
+    solo.CopyFrom(row)
+    for init in solo.graph.initializer:
+        if init.name in ("w", "b"):
+            init.CopyFrom(numpy_helper.from_array(weights[first.input[1] if init.name == "w" else first.input[2]],
+                                                  init.name))
+    x = np.random.default_rng(0).normal(0, 3, (2, 8, 6, 6)).astype(np.float32)
+    return run(network, {"input": x})[0], run(solo, {"x": x})[0]
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_row_models_compute_the_activation_of_the_network(name):
+    model, s, options = conv_and_activation(ACTIVATIONS[name])
+    assert s.convs[0].activation is not None
+    row = row_model(original(s, options, 0), s, batch=2)
+    onnx.checker.check_model(row, full_check=True)
+    expected, got = activation_of(model, row, s)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["Clip01", "PRelu", "Gelu", "HardSigmoid"])
+def test_float16_row_models_check_and_run(name):
+    _, s, options = conv_and_activation(ACTIVATIONS[name])
+    row = row_model(original(s, options, 0), s, batch=2, dtype=np.float16)
+    onnx.checker.check_model(row, full_check=True)
+    (y,) = run(row, random_feeds(row, 2))
+    assert y.dtype == np.float16 and y.shape == (2, 8, 6, 6)
+
+
+def test_mish_op_is_timed_as_its_three_op_form():
+    model, s, options = conv_and_activation(lambda g, x: g.node("Mish", [x]), opset=18)
+    assert s.convs[0].activation == "Mish"
+    row = row_model(original(s, options, 0), s, batch=2)
+    assert [n.op_type for n in row.graph.node] == ["Conv", "Softplus", "Tanh", "Mul"]
+    onnx.checker.check_model(row, full_check=True)
+    expected, got = activation_of(model, row, s)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_clip_bounds_and_alphas_make_different_rows():
+    signatures = {}
+    for name in ("ReLU6", "Clip01", "ClipMax", "LeakyRelu", "Relu"):
+        _, s, options = conv_and_activation(ACTIVATIONS[name])
+        signatures[name] = row_signature(original(s, options, 0), s, 2)
+    assert len(set(signatures.values())) == len(signatures)
+    assert signatures["Clip01"].endswith("Clip(max=1,min=0)") and signatures["ReLU6"].endswith("ReLU6(max=6,min=0)")
+    _, s, options = conv_and_activation(lambda g, x: g.node("LeakyRelu", [x], alpha=0.1))
+    assert row_signature(original(s, options, 0), s, 2) != signatures["LeakyRelu"]
+
+
+def test_leaky_relu_row_carries_its_alpha():
+    _, s, options = conv_and_activation(ACTIVATIONS["LeakyRelu"])
+    row = row_model(original(s, options, 0), s, batch=2)
+    (leaky,) = [n for n in row.graph.node if n.op_type == "LeakyRelu"]
+    assert onnx.helper.get_attribute_value(leaky.attribute[0]) == pytest.approx(0.2)
+    assert "LeakyRelu(alpha=0.2)" in row_signature(original(s, options, 0), s, 2)
+
+
+def test_prelu_row_has_a_slope_per_channel_of_its_conv():
+    slope = np.full((12, 1, 1), 0.1, np.float32)
+    _, s, options = conv_and_activation(lambda g, x: g.node("PRelu", [x, g.const(slope)]), cout=12)
+    row = row_model(original(s, options, 0), s, batch=2)
+    row_slope = next(i for i in row.graph.initializer if i.name == "act_slope")
+    assert list(row_slope.dims) == [12, 1, 1]
+    assert run(row, random_feeds(row, 2))[0].shape == (2, 12, 6, 6)
+
+
+def regnet_like():
+    """A RegNet/ResNeXt bottleneck: 1x1, grouped 3x3 (2 groups of 4 channels), 1x1, identity residual."""
+    g = GraphBuilder(("batch", 8, 8, 8))
+    x = g.relu(g.conv(g.input, 8))
+    y = g.relu(g.conv(g.relu(g.conv(g.relu(g.conv(x, 8, k=1)), 8, groups=2)), 8, k=1))
+    model = infer_shapes(g.build([g.relu(g.add(x, y))]))
+    s = analyze_model(model)
+    return model, s, enumerate_options(s, conv_l1_norms(to_graph(model)))
+
+
+def test_grouped_convs_are_timed_grouped():
+    model, s, options = regnet_like()
+    grouped = next(c for c in s.convs if c.groups == 2)
+    option = next(o for o in options if o.original and o.keep == (grouped.name,))
+    assert option.groups == 2 and " g2 " in row_signature(option, s, 2)
+    row = row_model(option, s, batch=2)
+    onnx.checker.check_model(row, full_check=True)
+    (conv,) = [n for n in row.graph.node if n.op_type == "Conv"]
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}["group"] == 2
+    assert list(next(i for i in row.graph.initializer if i.name == "w").dims) == [8, 4, 3, 3]
+    assert run(row, random_feeds(row, 2))[0].shape == (2, 8, 8, 8)
+    merged = [o for o in options if grouped.name in o.keep and len(o.keep) > 1]
+    assert merged and all(o.groups == 1 and " g1 " in row_signature(o, s, 2) for o in merged)
+    for o in merged:
+        run(row_model(o, s, batch=2), random_feeds(row, 2))
+
+
+def test_an_unknown_activation_is_timed_as_the_bare_conv_and_noted():
+    model, s, options = conv_and_activation(ACTIVATIONS["Relu"])
+    s.convs[0].activation, s.convs[0].activation_attrs = "Swish7", {"beta": 7.0}
+    option = original(s, options, 0)
+    row = row_model(option, s, batch=2)
+    assert [n.op_type for n in row.graph.node] == ["Conv"]
+    assert row_signature(option, s, 2).endswith("Swish7(beta=7)")
+    table = fake_table(model, s, options, 0.5)
+    assert any("Swish7" in note and "bare conv" in note for note in table.notes)
+
+
+def test_fixed_part_below_zero_is_refused_beyond_a_tolerance_and_clamped_within(chain, tmp_path):
+    model, s, options = chain
+    fine = fake_table(model, s, options, 0.8)
+    assert fine.fixed_s == pytest.approx(0.2e-3) and fine.notes == []
+    clamped = fake_table(model, s, options, 1 + FIXED_TOLERANCE / 2)
+    assert clamped.fixed_s == 0.0 and any("clamped" in note for note in clamped.notes)
+    with pytest.raises(OnnxPruneError, match=r"summed to 110\.0% .*more --rounds"):
+        fake_table(model, s, options, 1.1)
+    path = fine.save(tmp_path / "t.json")
+    data = json.loads(path.read_text())
+    data["fixed_s"] = -1e-4
+    path.write_text(json.dumps(data))
+    with pytest.raises(OnnxPruneError, match=r"summed to 110\.0% .*below zero"):
+        load_table(path, fingerprint(model))
+
+
+def test_a_table_for_another_input_size_is_refused_with_what_to_do(tmp_path):
+    def model_at(size):
+        g = GraphBuilder(("batch", 8, size, size))
+        return infer_shapes(g.build([g.conv(g.relu(g.conv(g.input, 8)), 8)]))
+
+    small, large = model_at(32), model_at(64)
+    s = analyze_model(small)
+    options = enumerate_options(s, conv_l1_norms(to_graph(small)))
+    path = fake_table(small, s, options, 0.5).save(tmp_path / "t.json")
+    assert load_table(path, fingerprint(small)).batch == 2
+    with pytest.raises(OnnxPruneError, match="another input shape/dtype.*measure it again with onnxprune latency"):
+        load_table(path, fingerprint(large))
+
+
+def test_a_missing_row_names_it(chain):
+    model, s, options = chain
+    table = fake_table(model, s, options, 0.5)
+    table.rows.clear()
+    with pytest.raises(OnnxPruneError, match=r"no row 'conv k3x3 s1x1 g1 .*Relu'.*measure it again"):
+        table.option_latency(original(s, options, 0), s)
