@@ -11,6 +11,7 @@ keeping at least one block per stage, and evaluates top-1 accuracy on the test d
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnxprune.data.sources import load_data  # noqa: E402
+
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # SLP's progress
 from onnxprune.evaluate import evaluate_logits, logits_of  # noqa: E402
 from onnxprune.graph.analysis import analyze_model  # noqa: E402
 from onnxprune.graph.io import infer_shapes, load_model  # noqa: E402
@@ -61,7 +64,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     iterative = prune_slp(model, calib, feature, remove_blocks=k_max, min_blocks_per_stage=args.min_blocks_per_stage,
-                          provider="cpu", progress=lambda m: print(m, flush=True)).plan.remove_blocks
+                          provider="cpu").plan.remove_blocks
     print(f"SLP iterative: {time.perf_counter() - t0:.1f} s for {k_max} removals", flush=True)
     candidates = removal_candidates(structure, 0)
     one_shot_scores = score_blocks(model, calib, candidates, feature, "cpu").scores

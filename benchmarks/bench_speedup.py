@@ -13,6 +13,7 @@ fitted_resnet34; CIFAR-10 images resized to 224, ImageNet normalisation), withou
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tempfile
 import time
@@ -22,9 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from onnxprune import api  # noqa: E402
+from onnxprune.options import DataOptions, LatencyOptions, OutputOptions, TargetOptions  # noqa: E402
+
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # progress on stderr
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10"
 IMAGENET = {"size": (224, 224), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "scale": 1 / 255}
+NO_PREPROCESS: dict = {}
 
 
 def fitted_resnet34(train: str, folder: Path, samples: int = 512, ridge: float = 1e-2) -> Path:
@@ -42,7 +47,7 @@ def fitted_resnet34(train: str, folder: Path, samples: int = 512, ridge: float =
     torch.manual_seed(0)  # the random convolutions
     model = zoo.perturb(zoo.BUILDERS["resnet34"](num_classes=10))
     path = zoo.export(model, folder / "resnet34.onnx", "torchscript", 224)
-    data = api._dataset(api.load_model(path), train, samples, 1, IMAGENET)
+    data = api._dataset(api.load_model(path), DataOptions(train, samples=samples, seed=1, **IMAGENET))
     x = torch.from_numpy(data.inputs["input"])
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -89,19 +94,20 @@ def main() -> None:
         latency_batch, test_samples, batch = args.latency_batch or 1, args.test_samples or 1000, 16
     else:
         model = str(ROOT / "models" / f"{args.case}.onnx")
-        calib, calib_samples, preprocess = str(ROOT / "models" / "cifar10_calib512.npz"), None, None
+        calib, calib_samples, preprocess = str(ROOT / "models" / "cifar10_calib512.npz"), None, NO_PREPROCESS
         latency_batch, test_samples, batch = args.latency_batch or 32, args.test_samples, 64
     rows = []
     for method in args.methods.split(","):
         for target in (float(x) for x in args.speedups.split(",")):
             out = tmp / f"{args.case}_{method}_{target}.onnx"
             t0 = time.perf_counter()
-            r = api.prune(model, out, method=method, data=calib, samples=calib_samples, preprocess=preprocess,
-                          speedup=target, latency_batch=latency_batch, batch=batch,
-                          min_blocks_per_stage=args.slp_min_blocks,
-                          progress=lambda m: print(m, file=sys.stderr, flush=True))
+            slp_only = {"min_blocks_per_stage": args.slp_min_blocks} if method == "slp" else {}
+            r = api.prune(model, TargetOptions(method=method, speedup=target, **slp_only), OutputOptions(str(out)),
+                          DataOptions(calib, samples=calib_samples, batch=batch, **preprocess),
+                          latency=LatencyOptions(batch=latency_batch))
             wall = time.perf_counter() - t0
-            e = api.evaluate(out, args.test, reference=model, samples=test_samples, preprocess=preprocess, batch=batch)
+            e = api.evaluate(out, DataOptions(args.test, samples=test_samples, batch=batch, **preprocess),
+                             reference=model)
             quality = f"{100 * e['accuracy']:.2f}% (original {100 * e['reference_accuracy']:.2f}%)"
             if args.case == "resnet34":
                 quality = f"{100 * e['agreement']:.2f}% agreement; top-1 {quality}"

@@ -1,13 +1,17 @@
-"""The public API: one function per CLI verb, taking paths and options, returning plain data."""
+"""The public API: one function per CLI verb, taking paths and option objects (onnxprune.options), returning
+plain data. Progress goes to the ``onnxprune`` logger."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
+import onnx
+
 from onnxprune.data.preprocess import Preprocess, preprocess_of
-from onnxprune.data.sources import load_data
+from onnxprune.data.sources import load_data, static_batch
 from onnxprune.errors import OnnxPruneError
 from onnxprune.evaluate import evaluate_logits, logits_of
 from onnxprune.graph.analysis import Structure, analyze_model
@@ -17,12 +21,15 @@ from onnxprune.importance.slp import prune_slp, removal_candidates, score_blocks
 from onnxprune.latency.backends import get_backend
 from onnxprune.latency.measure import compare
 from onnxprune.latency.table import build_table, load_table
+from onnxprune.options import DataOptions, LatencyOptions, OutputOptions, ScoringOptions, TargetOptions, check_method
 from onnxprune.plan import apply_plan, fingerprint, load_plan, save_plan
 from onnxprune.planning.candidates import conv_l1_norms, enumerate_options
 from onnxprune.runtime.capture import feature_tensor as find_feature_tensor
 from onnxprune.runtime.session import create_session
 from onnxprune.speedup import layermerge_to_speedup, slp_to_speedup
 from onnxprune.verify import verify
+
+log = logging.getLogger(__name__)
 
 
 def analyze(model_path: str | os.PathLike[str]) -> Structure:
@@ -48,19 +55,18 @@ def apply(model_path: str | os.PathLike[str], plan_path: str | os.PathLike[str],
             "verification_text": verification.summary()}
 
 
-def evaluate(model_path: str | os.PathLike[str], data: str | None = None, reference: str | None = None,
-             samples: int | None = None, seed: int = 0, batch: int = 64, labels: str | None = None,
-             preprocess: dict | None = None, provider: str = "auto") -> dict:
+def evaluate(model_path: str | os.PathLike[str], data: DataOptions = DataOptions(), reference: str | None = None,
+             provider: str = "auto") -> dict:
     """Top-1 accuracy on ``data`` (when it has labels) and agreement with ``reference``."""
     model = load_model(model_path)
-    dataset = _dataset(model, data, samples, seed, preprocess, labels)
+    dataset = _dataset(model, data)
     if dataset.labels is None and reference is None:
         raise OnnxPruneError("nothing to evaluate: the data has no labels (give --labels) and no --reference was given")
     session = create_session(model, provider)
-    logits = logits_of(session, dataset, batch)
+    logits = logits_of(session, dataset, data.batch)
     reference_logits = None
     if reference is not None:
-        reference_logits = logits_of(create_session(load_model(reference), provider), dataset, batch)
+        reference_logits = logits_of(create_session(load_model(reference), provider), dataset, data.batch)
     result = evaluate_logits(logits, dataset.labels, reference_logits)
     result.update(model=str(model_path), reference=reference, data=dataset.source, random_data=dataset.random,
                   provider=session.provider)
@@ -72,11 +78,12 @@ def _refuse_overwrite(model_path, out_path) -> None:
         raise OnnxPruneError("the output path is the input model: onnxprune never overwrites its input")
 
 
-def _dataset(model, data, samples, seed, preprocess, labels=None):
+def _dataset(model: onnx.ModelProto, data: DataOptions):
+    overrides = data.preprocess_overrides
     prep = None
-    if preprocess and any(v is not None for v in preprocess.values()):
-        prep = (preprocess_of(model) or Preprocess()).with_overrides(**preprocess)
-    return load_data(data, model, samples=samples, seed=seed, preprocess=prep, labels=labels)
+    if any(v is not None for v in overrides.values()):
+        prep = (preprocess_of(model) or Preprocess()).with_overrides(**overrides)
+    return load_data(data.source, model, samples=data.samples, seed=data.seed, preprocess=prep, labels=data.labels)
 
 
 def _feature(model, name: str | None) -> str:
@@ -91,56 +98,47 @@ def _feature(model, name: str | None) -> str:
     return name
 
 
-def score(model_path: str | os.PathLike[str], data: str | None = None, feature_tensor: str | None = None,
-          samples: int | None = None, seed: int = 0, batch: int = 64, preprocess: dict | None = None,
-          provider: str = "auto") -> dict:
+def score(model_path: str | os.PathLike[str], data: DataOptions = DataOptions(),
+          scoring: ScoringOptions = ScoringOptions()) -> dict:
     """SLP score (1 - CKA at the feature tensor) of every removable block; lower = less important."""
     model = load_model(model_path)
-    dataset = _dataset(model, data, samples, seed, preprocess)
-    feature = _feature(model, feature_tensor)
+    dataset = _dataset(model, data)
+    feature = _feature(model, scoring.feature_tensor)
     structure = analyze_model(model)
-    run = score_blocks(model, dataset, removal_candidates(structure, 0), feature, provider, batch)
+    run = score_blocks(model, dataset, removal_candidates(structure, 0), feature, scoring.provider, data.batch)
     return {"model": str(model_path), "feature_tensor": feature, "data": dataset.source, "random_data": dataset.random,
             "samples": run.samples, "provider": run.provider, "seconds": run.seconds,
             "blocks": [vars(s) for s in run.scores]}
 
 
-def prune(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str], method: str = "slp",
-          data: str | None = None, remove_blocks: int | None = None, macs_reduction: float | None = None,
-          min_blocks_per_stage: int = 1, one_shot: bool = False, feature_tensor: str | None = None,
-          samples: int | None = None, seed: int = 0, batch: int = 64, preprocess: dict | None = None,
-          provider: str = "auto", plan_path: str | os.PathLike[str] | None = None, progress=None,
-          speedup: float | None = None, backend: str = "ort-cpu", latency_batch: int = 1,
-          latency_table: str | None = None, scope: str = "global", pareto: str | None = None) -> dict:
-    """Prune, verify, and write the model and its plan (``<out>.plan.json`` unless ``plan_path``).
+def prune(model_path: str | os.PathLike[str], target: TargetOptions, output: OutputOptions,
+          data: DataOptions = DataOptions(), scoring: ScoringOptions = ScoringOptions(),
+          latency: LatencyOptions = LatencyOptions()) -> dict:
+    """Prune, verify, and write the model and its plan (``output.plan``, else ``<output.model>.plan.json``).
 
-    With ``speedup``, prune until the speed-up measured on ``backend`` at ``latency_batch`` meets it."""
-    if method not in ("slp", "layermerge"):
-        raise OnnxPruneError(f"unknown method {method!r}; available: slp, layermerge")
-    if method != "slp" and speedup is None:
-        raise OnnxPruneError("--method layermerge needs a --speedup target")
-    _refuse_overwrite(model_path, out_path)
+    With ``target.speedup``, prune until the speed-up measured on ``latency.backend`` meets it."""
+    check_method(target, scoring, latency, output)
+    _refuse_overwrite(model_path, output.model)
     model = load_model(model_path)
-    dataset = _dataset(model, data, samples, seed, preprocess)
-    if dataset.random and progress:
-        progress("warning: no --data given: scoring on RANDOM inputs, which says little about real data")
-    feature = _feature(model, feature_tensor)
-    if speedup is not None:
-        return _prune_to_speedup(model, dataset, feature, out_path, method, speedup, backend, latency_batch,
-                                 latency_table, scope, min_blocks_per_stage, provider, plan_path, progress, pareto)
-    result = prune_slp(model, dataset, feature, remove_blocks=remove_blocks,
-                       macs_reduction=macs_reduction, min_blocks_per_stage=min_blocks_per_stage,
-                       one_shot=one_shot, provider=provider, batch=batch, progress=progress)
+    dataset = _dataset(model, data)
+    if dataset.random:
+        log.warning("warning: no --data given: scoring on RANDOM inputs, which says little about real data")
+    feature = _feature(model, scoring.feature_tensor)
+    if target.speedup is not None:
+        return _prune_to_speedup(model, dataset, feature, target, output, data, scoring, latency)
+    result = prune_slp(model, dataset, feature, remove_blocks=target.remove_blocks,
+                       macs_reduction=target.macs_reduction, min_blocks_per_stage=target.min_blocks,
+                       one_shot=target.one_shot, provider=scoring.provider, batch=data.batch)
     pruned, _ = apply_plan(model, result.plan)
-    feeds = next(dataset.batches(min(batch, 16))).feeds
+    feeds = next(dataset.batches(min(data.batch, 16))).feeds
     verification = verify(model, pruned, feeds=feeds)
     if not verification.passed:
         raise OnnxPruneError(f"the pruned model failed verification; nothing written. {verification.summary()}")
-    plan_path = Path(plan_path) if plan_path else Path(out_path).with_suffix(".plan.json")
-    save_model(pruned, out_path)
+    plan_path = _plan_path(output)
+    save_model(pruned, output.model)
     save_plan(result.plan, plan_path)
     predicted = result.plan.predicted
-    return {"output": str(out_path), "plan": str(plan_path), "method": result.plan.method,
+    return {"output": str(output.model), "plan": str(plan_path), "method": result.plan.method,
             "removed_blocks": result.plan.remove_blocks, "macs_before": predicted["macs_before"],
             "macs_after": predicted["macs_after"], "macs_reduction": 1 - predicted["macs_after"] / predicted["macs_before"],
             "target_met": result.target_met, "message": result.message, "provider": result.provider,
@@ -148,34 +146,49 @@ def prune(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str], 
             "verification": verification.to_dict(), "verification_text": verification.summary()}
 
 
-def _prune_to_speedup(model, dataset, feature, out_path, method, speedup, backend, latency_batch, latency_table, scope,
-                      min_blocks_per_stage, provider, plan_path, progress, pareto=None) -> dict:
-    if speedup <= 1.0:
-        raise OnnxPruneError(f"--speedup is a factor above 1 (1.5 = 1.5x faster), not {speedup}")
-    timing = get_backend(backend)
-    if method == "layermerge":
-        table = load_table(latency_table, fingerprint(model)) if latency_table else None
-        if table is not None and table.batch != latency_batch:
-            raise OnnxPruneError(f"the latency table was measured at batch {table.batch}, not {latency_batch}")
-        result = layermerge_to_speedup(model, dataset, feature, speedup, timing, latency_batch, scope, provider,
-                                       table, progress=progress, with_pareto=pareto is not None)
-        if pareto is not None:
-            Path(pareto).write_text(json.dumps(result.pareto, indent=1) + "\n")
+def _plan_path(output: OutputOptions) -> Path:
+    return Path(output.plan) if output.plan else Path(output.model).with_suffix(".plan.json")
+
+
+def latency_batch(model: onnx.ModelProto, latency: LatencyOptions) -> int:
+    """The batch latency is measured at: the one asked for, else the model's fixed batch, else 1."""
+    fixed = static_batch(model)
+    if latency.batch is not None and fixed is not None and latency.batch != fixed:
+        raise OnnxPruneError(f"the model takes batches of exactly {fixed} (a fixed batch dimension): "
+                             f"it cannot be timed at batch {latency.batch}")
+    if latency.batch is not None and latency.batch < 1:
+        raise OnnxPruneError(f"the latency batch must be at least 1, not {latency.batch}")
+    return latency.batch or fixed or 1
+
+
+def _prune_to_speedup(model, dataset, feature, target: TargetOptions, output: OutputOptions, data: DataOptions,
+                      scoring: ScoringOptions, latency: LatencyOptions) -> dict:
+    timing = get_backend(latency.backend, latency.threads)
+    batch = latency_batch(model, latency)
+    if target.method == "layermerge":
+        table = load_table(latency.table, fingerprint(model)) if latency.table else None
+        if table is not None and table.batch != batch:
+            raise OnnxPruneError(f"the latency table was measured at batch {table.batch}, not {batch}")
+        result = layermerge_to_speedup(model, dataset, feature, target.speedup, timing, batch, scoring, data.batch,
+                                       table, with_pareto=output.pareto is not None)
+        if output.pareto is not None:
+            Path(output.pareto).write_text(json.dumps(result.pareto, indent=1) + "\n")
     else:
-        result = slp_to_speedup(model, dataset, feature, speedup, timing, latency_batch, min_blocks_per_stage,
-                                provider, progress)
-    plan_path = Path(plan_path) if plan_path else Path(out_path).with_suffix(".plan.json")
-    save_model(result.model, out_path)
+        result = slp_to_speedup(model, dataset, feature, target.speedup, timing, batch, target.min_blocks,
+                                scoring.provider, data.batch)
+    plan_path = _plan_path(output)
+    save_model(result.model, output.model)
     save_plan(result.plan, plan_path)
-    before, after = analyze_model(model).macs, analyze_model(load_model(out_path)).macs
-    return {"output": str(out_path), "plan": str(plan_path), "method": method, "target_speedup": speedup,
+    before, after = analyze_model(model).macs, analyze_model(load_model(output.model)).macs
+    speedup = target.speedup
+    return {"output": str(output.model), "plan": str(plan_path), "method": target.method, "target_speedup": speedup,
             "measured_speedup": result.speedup, "original_latency_s": result.original_s,
             "pruned_latency_s": result.pruned_s, "predicted_latency_s": result.predicted_s,
             "target_met": result.met,
             "message": "" if result.met else f"measured {result.speedup:.3f}x misses the {speedup}x target by "
                                              f"{100 * (speedup / result.speedup - 1):.1f}%"
                                              + (f": {result.note}" if result.note else ""),
-            "backend": timing.describe(), "latency_batch": latency_batch, "attempts": result.attempts,
+            "backend": timing.describe(), "latency_batch": batch, "attempts": result.attempts,
             "stages_s": result.stages, "removed_blocks": result.plan.remove_blocks,
             "merged": result.plan.merge, "dropped_convs": result.plan.drop_convs,
             "dropped_activations": result.plan.drop_activations, "macs_before": before, "macs_after": after,
@@ -184,25 +197,27 @@ def _prune_to_speedup(model, dataset, feature, out_path, method, speedup, backen
             "verification_text": result.verification.summary()}
 
 
-def latency(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str], backend: str = "ort-cpu",
-            batch: int = 1, threads: int | None = None, warmup: int = 3, rounds: int = 20, progress=None) -> dict:
-    """Build the LayerMerge latency table of a model on ``backend`` and write it to ``out_path``."""
+def latency(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
+            latency: LatencyOptions = LatencyOptions()) -> dict:
+    """Build the LayerMerge latency table of a model on ``latency.backend`` and write it to ``out_path``."""
     model = load_model(model_path)
     structure = analyze_model(model)
+    batch = latency_batch(model, latency)
     options = enumerate_options(structure, conv_l1_norms(to_graph(model)))
-    table = build_table(model, structure, options, get_backend(backend, threads), batch, fingerprint(model),
-                        warmup, rounds, progress=progress)
+    table = build_table(model, structure, options, get_backend(latency.backend, latency.threads), batch,
+                        fingerprint(model), rounds=latency.rounds or 20)
     table.save(out_path)
     return {"output": str(out_path), "rows": len(table.rows), "options": len(options), "whole_s": table.whole_s,
-            "fixed_s": table.fixed_s, **table.backend, "batch": batch, "rounds": table.rounds}
+            "fixed_s": table.fixed_s, **table.backend, "batch": batch, "rounds": table.rounds, "notes": table.notes}
 
 
 def bench(model_path: str | os.PathLike[str], other_path: str | os.PathLike[str] | None = None,
-          backend: str = "ort-cpu", batch: int = 1, threads: int | None = None, rounds: int = 25) -> dict:
+          latency: LatencyOptions = LatencyOptions()) -> dict:
     """Latency of one model, or of two side by side (taking turns) with the second's speed-up."""
-    timing = get_backend(backend, threads)
+    timing = get_backend(latency.backend, latency.threads)
     models = [load_model(model_path)] + ([load_model(other_path)] if other_path else [])
-    measured = compare(models, timing, batch, rounds)
+    batch = latency_batch(models[0], latency)
+    measured = compare(models, timing, batch, latency.rounds or 25)
     result = {"backend": timing.describe(), "batch": batch, "rounds": measured.rounds,
               "runs_per_turn": measured.runs_per_turn, "models": [
                   {"model": str(p), "latency_s": t} for p, t in zip([model_path, other_path], measured.medians)]}
@@ -220,9 +235,9 @@ def shipped(name: str) -> str:
 
 
 def demo(out_dir: str = "out/demo", model: str | None = None, calib: str | None = None, test: str | None = None,
-         speedup: float = 1.5, method: str = "layermerge", backend: str = "ort-cpu", latency_batch: int = 32,
-         samples: int = 256, progress=None) -> dict:
-    """The whole pipeline on the shipped reference model: prune to ``speedup`` on ``backend``, then
+         speedup: float = 1.5, method: str = "layermerge", latency: LatencyOptions = LatencyOptions(batch=32),
+         samples: int = 256) -> dict:
+    """The whole pipeline on the shipped reference model: prune to ``speedup`` on ``latency.backend``, then
     latency and accuracy on the shipped test subset, before and after."""
     model = model or shipped("resnet56.onnx")
     calib = calib or shipped("cifar10_calib512.npz")
@@ -230,8 +245,8 @@ def demo(out_dir: str = "out/demo", model: str | None = None, calib: str | None 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pruned_path = out / f"{Path(model).stem}_{method}_{speedup:g}x.onnx"
-    pruned = prune(model, pruned_path, method=method, data=calib, samples=samples, speedup=speedup, backend=backend,
-                   latency_batch=latency_batch, progress=progress)
-    accuracy = evaluate(pruned_path, test, reference=model)
+    pruned = prune(model, TargetOptions(method=method, speedup=speedup), OutputOptions(str(pruned_path)),
+                   DataOptions(calib, samples=samples), latency=latency)
+    accuracy = evaluate(pruned_path, DataOptions(test), reference=model)
     return {"model": model, "pruned": pruned, "accuracy_before": accuracy["reference_accuracy"],
             "accuracy_after": accuracy["accuracy"], "agreement": accuracy["agreement"], "test_data": accuracy["data"]}

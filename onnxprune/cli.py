@@ -1,19 +1,24 @@
-"""Command line: argument parsing only; every verb calls onnxprune.api.
+"""Command line: argument parsing only. Argument groups build the option objects (onnxprune.options), every
+verb calls onnxprune.api with them, and onnxprune.report formats the result. Nothing heavy is imported until a
+verb runs, so ``--help`` is quick.
 
 Every failure the user can fix ends with one line on stderr ("onnxprune: error: ...") and exit
-status 1; ``--debug`` shows the traceback instead.
+status 1; ``--debug`` shows the traceback instead. Progress goes to stderr through the ``onnxprune`` logger.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from onnxprune import __version__, api
 from onnxprune.errors import OnnxPruneError
+from onnxprune.options import DataOptions, LatencyOptions, OutputOptions, ScoringOptions, TargetOptions
+
+VERSION = "0.1.0"  # onnxprune.__version__ (kept here so that --version imports nothing)
 
 DESCRIPTION = """\
 onnxprune makes exported ONNX networks shallower and faster, after export, without the training
@@ -35,7 +40,7 @@ verbs:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnxprune", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"onnxprune {__version__}")
+    parser.add_argument("--version", action="version", version=f"onnxprune {VERSION}")
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
@@ -104,29 +109,30 @@ def build_parser() -> argparse.ArgumentParser:
         "still missed. Writes OUT and its plan (OUT with .plan.json) after verifying the result.",
     )
     p.add_argument("model", help="the original .onnx file (never modified)")
-    p.add_argument("--method", choices=["slp", "layermerge"], default=None,
+    g = p.add_argument_group("target", "what to prune to, and how (a flag that does not apply to the method is an error)")
+    g.add_argument("--method", choices=["slp", "layermerge"], default=None,
                    help="slp (default without --speedup) or layermerge (default with --speedup)")
-    stop = p.add_mutually_exclusive_group(required=True)
+    stop = g.add_mutually_exclusive_group(required=True)
     stop.add_argument("--remove-blocks", type=int, metavar="N", help="remove N blocks (slp)")
     stop.add_argument("--macs-reduction", type=float, metavar="F", help="remove blocks until this fraction of the MACs is gone (slp)")
     stop.add_argument("--speedup", type=float, metavar="X", help="prune until the model runs X times faster, as measured")
-    add_backend_argument(p)
-    p.add_argument("--latency-batch", type=int, default=1, help="batch size at which latency is measured (default 1)")
-    p.add_argument("--latency-table", help="reuse a table from 'onnxprune latency' (e.g. measured on the target device)")
-    p.add_argument("--pareto", metavar="CURVE.json", help="layermerge: also write the whole predicted trade-off curve "
+    g.add_argument("--min-blocks-per-stage", type=int, default=None, metavar="K",
+                   help="slp: keep at least K blocks in every stage (blocks with the same output shape); default 1")
+    g.add_argument("--one-shot", action="store_true", help="slp: rank once instead of re-scoring after each removal")
+    add_latency_arguments(p, batch_flag="--latency-batch", table=True)
+    g = p.add_argument_group("scoring", "how changes are scored (CKA against the original)")
+    g.add_argument("--scope", choices=["global", "local"], default=None,
+                   help="layermerge importance: CKA at the features (global, the default) or one conv after the change (local)")
+    g.add_argument("--feature-tensor", help="the representation to compare (default: the classifier's input)")
+    add_provider_argument(g)
+    g = p.add_argument_group("output")
+    g.add_argument("-o", "--output", required=True, help="where to write the pruned .onnx file")
+    g.add_argument("--plan", help="where to write the plan (default: OUTPUT with .plan.json)")
+    g.add_argument("--pareto", metavar="CURVE.json", help="layermerge: also write the whole predicted trade-off curve "
                    "(latency, speed-up, summed importance for every budget), from the same DP table")
-    p.add_argument("--scope", choices=["global", "local"], default="global",
-                   help="layermerge importance: CKA at the features (global) or one conv after the change (local)")
-    p.add_argument("--min-blocks-per-stage", type=int, default=1, metavar="K",
-                   help="keep at least K blocks in every stage (blocks with the same output shape); default 1")
-    p.add_argument("--one-shot", action="store_true", help="rank once instead of re-scoring after each removal")
-    p.add_argument("--feature-tensor", help="the representation to compare (default: the classifier's input)")
-    p.add_argument("-o", "--output", required=True, help="where to write the pruned .onnx file")
-    p.add_argument("--plan", help="where to write the plan (default: OUTPUT with .plan.json)")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_data_arguments(p)
-    add_provider_argument(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(run=_prune)
 
     p = verbs.add_parser(
@@ -139,11 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dtype and threads, and is refused for another model.",
     )
     p.add_argument("model", help="the .onnx file")
-    add_backend_argument(p)
-    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--threads", type=int, help="CPU threads for ort-cpu (default: all this process may use)")
-    p.add_argument("--rounds", type=int, default=20,
-                   help="rounds, each timing the whole model and every row once; medians are kept (default 20)")
+    add_latency_arguments(p, batch_flag="--batch", rounds_default=20)
     p.add_argument("-o", "--output", required=True, help="where to write the table (.json)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_latency)
@@ -156,10 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="the .onnx file (the original, when comparing)")
     p.add_argument("other", nargs="?", help="a second .onnx file (the pruned one)")
-    add_backend_argument(p)
-    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--threads", type=int, help="CPU threads for ort-cpu")
-    p.add_argument("--rounds", type=int, default=25, help="turns each model takes (default 25)")
+    add_latency_arguments(p, batch_flag="--batch", rounds_default=25)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_bench)
 
@@ -186,9 +185,20 @@ def print_json(result: dict) -> None:
     sys.stdout.write("\n")
 
 
-def add_backend_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=["ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt"], default="ort-cpu",
+def add_latency_arguments(p: argparse.ArgumentParser, batch_flag: str, table: bool = False,
+                          rounds_default: int | None = None) -> None:
+    g = p.add_argument_group("latency", "where and how latency is measured")
+    g.add_argument("--backend", choices=["ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt"], default="ort-cpu",
                    help="where latency is measured (default ort-cpu); GPU backends say why when they cannot run")
+    g.add_argument(batch_flag, dest="latency_batch", type=int, default=None, metavar="N",
+                   help="batch size latency is measured at (default: the model's fixed batch size, else 1)")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads for ort-cpu (default: all this process may use)")
+    if rounds_default is not None:
+        g.add_argument("--rounds", type=int, default=rounds_default,
+                       help=f"rounds, each model (or row) timed once per round; medians are kept (default {rounds_default})")
+    if table:
+        g.add_argument("--latency-table", help="layermerge: reuse a table from 'onnxprune latency' "
+                       "(e.g. measured on the target device)")
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -198,7 +208,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--labels", help="a .npy file of integer labels, overriding the data's own")
     g.add_argument("--samples", type=int, help="use a seeded random subset of this many samples")
     g.add_argument("--seed", type=int, default=0, help="seed of the subset and of random inputs (default 0)")
-    g.add_argument("--batch", type=int, default=64, help="samples per onnxruntime run (default 64)")
+    g.add_argument("--batch", type=int, default=64, help="samples per onnxruntime run (default 64; a model with a "
+                   "fixed batch dimension takes its own)")
     g.add_argument("--mean", type=_floats, help="per-channel mean for uint8 images, e.g. 0.485,0.456,0.406 "
                    "(default: the model's onnxprune.preprocess metadata)")
     g.add_argument("--std", type=_floats, help="per-channel std for uint8 images")
@@ -207,10 +218,36 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--size", type=_ints, help="resize images to H,W")
 
 
-def add_provider_argument(p: argparse.ArgumentParser) -> None:
+def add_provider_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
                    help="onnxruntime execution provider; auto takes CUDA when a session really gets it, else CPU "
                    "(the provider used is reported)")
+
+
+def data_options(args: argparse.Namespace) -> DataOptions:
+    return DataOptions(source=args.data, labels=args.labels, samples=args.samples, seed=args.seed, batch=args.batch,
+                       mean=args.mean, std=args.std, scale=args.scale, layout=args.layout, size=args.size)
+
+
+def scoring_options(args: argparse.Namespace) -> ScoringOptions:
+    return ScoringOptions(feature_tensor=getattr(args, "feature_tensor", None), provider=args.provider,
+                          scope=getattr(args, "scope", None))
+
+
+def latency_options(args: argparse.Namespace) -> LatencyOptions:
+    return LatencyOptions(backend=args.backend, batch=args.latency_batch, threads=args.threads,
+                          rounds=getattr(args, "rounds", None), table=getattr(args, "latency_table", None))
+
+
+def target_options(args: argparse.Namespace) -> TargetOptions:
+    return TargetOptions(method=args.method or ("layermerge" if args.speedup else "slp"), speedup=args.speedup,
+                         remove_blocks=args.remove_blocks, macs_reduction=args.macs_reduction,
+                         min_blocks_per_stage=args.min_blocks_per_stage, one_shot=args.one_shot)
+
+
+def print_json(result: dict) -> None:
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -227,96 +264,59 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _preprocess_overrides(args: argparse.Namespace) -> dict:
-    return {"mean": args.mean, "std": args.std, "scale": args.scale, "layout": args.layout, "size": args.size}
-
-
 def _eval(args: argparse.Namespace) -> int:
-    result = api.evaluate(args.model, args.data, reference=args.reference, samples=args.samples, seed=args.seed,
-                          batch=args.batch, labels=args.labels, preprocess=_preprocess_overrides(args),
-                          provider=args.provider)
-    if args.json:
-        print_json(result)
-        return 0
-    print(f"data: {result['data']}")
-    print(f"onnxruntime provider: {result['provider']}")
-    if "accuracy" in result:
-        print(f"top-1 accuracy: {100 * result['accuracy']:.2f}% on {result['samples']} samples")
-    if "agreement" in result:
-        print(f"top-1 agreement with {result['reference']}: {100 * result['agreement']:.2f}%, "
-              f"mean KL {result['mean_kl']:.4g}")
-        if "reference_accuracy" in result:
-            print(f"reference top-1 accuracy: {100 * result['reference_accuracy']:.2f}%")
+    from onnxprune import api
+    from onnxprune.report.text import eval_text
+
+    result = api.evaluate(args.model, data_options(args), reference=args.reference, provider=args.provider)
+    print_json(result) if args.json else print(eval_text(result))
     return 0
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    from onnxprune import api
     from onnxprune.report.text import structure_report
 
     structure = api.analyze(args.model)
-    if args.json:
-        print_json(structure.to_dict())
-    else:
-        print(structure_report(structure, args.model))
+    print_json(structure.to_dict()) if args.json else print(structure_report(structure, args.model))
     return 0
 
 
 def _apply(args: argparse.Namespace) -> int:
+    from onnxprune import api
+    from onnxprune.report.text import apply_text
+
     result = api.apply(args.model, args.plan, args.output)
     if args.json:
         result.pop("verification_text")
         print_json(result)
     else:
-        summary = result["plan"]
-        print(f"removed {len(summary['removed_blocks'])} blocks, replaced {len(summary['replaced_with_shortcut'])} "
-              f"by their shortcut, dropped {len(summary['dropped_activations'])} activations, "
-              f"merged {len(summary['merged'])} conv runs")
-        print(result["verification_text"])
-        print(f"wrote {result['output']}")
+        print(apply_text(result))
     return 0
 
 
 def _score(args: argparse.Namespace) -> int:
-    from onnxprune.report.text import human, table
+    from onnxprune import api
+    from onnxprune.report.text import score_text
 
-    result = api.score(args.model, args.data, feature_tensor=args.feature_tensor, samples=args.samples,
-                       seed=args.seed, batch=args.batch, preprocess=_preprocess_overrides(args), provider=args.provider)
-    if args.json:
-        print_json(result)
-        return 0
-    print(f"data: {result['data']}; feature tensor {result['feature_tensor']}; provider {result['provider']}; "
-          f"{result['seconds']:.1f} s")
-    ranks = {b["join"]: r for r, b in enumerate(sorted(result["blocks"], key=lambda b: b["score"]), start=1)}
-    rows = [[b["join"], f"{b['score']:.6f}", str(ranks[b["join"]]), human(b["macs"])] for b in result["blocks"]]
-    print(table(rows, ["join", "score (1 - CKA)", "rank", "MACs"], right={1, 2, 3}))
+    result = api.score(args.model, data_options(args), scoring_options(args))
+    print_json(result) if args.json else print(score_text(result))
     return 0
 
 
 def _prune(args: argparse.Namespace) -> int:
-    progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    method = args.method or ("layermerge" if args.speedup else "slp")
-    result = api.prune(args.model, args.output, method=method, data=args.data, remove_blocks=args.remove_blocks,
-                       macs_reduction=args.macs_reduction, min_blocks_per_stage=args.min_blocks_per_stage,
-                       one_shot=args.one_shot, feature_tensor=args.feature_tensor, samples=args.samples,
-                       seed=args.seed, batch=args.batch, preprocess=_preprocess_overrides(args),
-                       provider=args.provider, plan_path=args.plan, progress=progress, speedup=args.speedup,
-                       backend=args.backend, latency_batch=args.latency_batch, latency_table=args.latency_table,
-                       scope=args.scope, pareto=args.pareto)
-    text = result.pop("verification_text")
+    from onnxprune import api
+    from onnxprune.report.text import prune_text
+
+    if args.quiet:
+        logging.getLogger("onnxprune").setLevel(logging.WARNING)
+    result = api.prune(args.model, target_options(args), OutputOptions(args.output, args.plan, args.pareto),
+                       data_options(args), scoring_options(args), latency_options(args))
     if args.json:
+        result.pop("verification_text")
         print_json(result)
     else:
-        print(f"{result['method']}: removed {len(result['removed_blocks'])} blocks, MACs "
-              f"{result['macs_before'] / 1e6:.2f} M -> {result['macs_after'] / 1e6:.2f} M "
-              f"(-{100 * result['macs_reduction']:.1f}%), provider {result['provider']}")
-        if "measured_speedup" in result:
-            print(f"latency on {result['backend']['backend']} ({result['backend']['device']}), batch "
-                  f"{result['latency_batch']}: {1e3 * result['original_latency_s']:.3f} ms -> "
-                  f"{1e3 * result['pruned_latency_s']:.3f} ms, measured speed-up {result['measured_speedup']:.3f}x "
-                  f"(target {result['target_speedup']}x)")
-        print(f"data: {result['data']}")
-        print(text)
-        print(f"wrote {result['output']} and {result['plan']}")
+        print(prune_text(result))
     if not result["target_met"]:
         print(f"onnxprune: error: target not met: {result['message']}", file=sys.stderr)
         return 1
@@ -324,60 +324,62 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _latency(args: argparse.Namespace) -> int:
-    progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    result = api.latency(args.model, args.output, args.backend, args.batch, args.threads, rounds=args.rounds,
-                         progress=progress)
-    if args.json:
-        print_json(result)
-    else:
-        print(f"{result['rows']} distinct rows for {result['options']} options on {result['backend']} "
-              f"({result['device']}), batch {result['batch']}: whole model {1e3 * result['whole_s']:.3f} ms, "
-              f"fixed part {1e3 * result['fixed_s']:.3f} ms")
-        print(f"wrote {result['output']}")
+    from onnxprune import api
+    from onnxprune.report.text import latency_text
+
+    result = api.latency(args.model, args.output, latency_options(args))
+    print_json(result) if args.json else print(latency_text(result))
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    result = api.bench(args.model, args.other, args.backend, args.batch, args.threads, args.rounds)
-    if args.json:
-        print_json(result)
-        return 0
-    b = result["backend"]
-    print(f"{b['backend']} on {b['device']}, batch {result['batch']}")
-    for m in result["models"]:
-        print(f"  {m['model']}: {1e3 * m['latency_s']:.3f} ms (median)")
-    if "speedup" in result:
-        print(f"speed-up of {args.other} over {args.model}: {result['speedup']:.3f}x "
-              f"(median of {result['rounds']} rounds)")
+    from onnxprune import api
+    from onnxprune.report.text import bench_text
+
+    result = api.bench(args.model, args.other, latency_options(args))
+    print_json(result) if args.json else print(bench_text(result))
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    from onnxprune import api
+    from onnxprune.report.text import demo_text
+
     result = api.demo(args.out, args.model, args.data, args.test_data, args.speedup, args.method,
-                      latency_batch=args.latency_batch, progress=progress)
+                      LatencyOptions(batch=args.latency_batch))
     p = result["pruned"]
     if args.json:
         p.pop("verification_text", None)
         print_json(result)
-        return 0 if p["target_met"] else 1
-    print(f"model: {result['model']} ({p['method']}, target {p['target_speedup']}x on {p['backend']['backend']}, "
-          f"batch {p['latency_batch']})")
-    print(f"latency: {1e3 * p['original_latency_s']:.2f} ms -> {1e3 * p['pruned_latency_s']:.2f} ms, "
-          f"measured speed-up {p['measured_speedup']:.2f}x")
-    print(f"top-1 on {result['test_data']}: {100 * result['accuracy_before']:.2f}% -> "
-          f"{100 * result['accuracy_after']:.2f}% (agreement with the original {100 * result['agreement']:.2f}%)")
-    print(f"removed {len(p['removed_blocks'])} blocks, merged {len(p['merged'])} conv runs; "
-          f"MACs -{100 * p['macs_reduction']:.1f}%")
-    print(f"files: {p['output']} and {p['plan']}")
+    else:
+        print(demo_text(result))
     if not p["target_met"]:
         print(f"onnxprune: error: {p['message']}", file=sys.stderr)
         return 1
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a message comes (it may have been replaced since)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _log_to_stderr() -> None:
+    """Progress messages of every module (the ``onnxprune`` logger) go to stderr, one line each."""
+    logger = logging.getLogger("onnxprune")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_stderr()
     try:
         return args.run(args)
     except OnnxPruneError as exc:

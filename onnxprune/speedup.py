@@ -10,8 +10,8 @@ SLP: remove blocks by SLP until the measured speed-up meets the target.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import onnx
@@ -28,9 +28,10 @@ from onnxprune.latency.table import LatencyTable, build_table
 from onnxprune.plan import Plan, apply_plan, fingerprint
 from onnxprune.planning import dp
 from onnxprune.planning.candidates import conv_l1_norms, enumerate_options, options_plan
+from onnxprune.options import ScoringOptions
 from onnxprune.verify import Verification, verify
 
-Progress = Callable[[str], None]
+log = logging.getLogger(__name__)
 UNITS = 2000  # latency units in the budget: fine enough, and one solve stays well under a second
 
 
@@ -81,28 +82,29 @@ def tightened_budget(whole_s: float, predicted_s: float, measured_speedup: float
 
 
 def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: float, backend: Backend,
-                          batch: int, scope: str = "global", provider: str = "auto", table: LatencyTable | None = None,
-                          max_attempts: int = 4, progress: Progress | None = None,
+                          batch: int, scoring: ScoringOptions = ScoringOptions(), data_batch: int = 64,
+                          table: LatencyTable | None = None, max_attempts: int = 4,
                           with_pareto: bool = False) -> SpeedupResult:
-    say = progress or (lambda _m: None)
+    """LayerMerge to a measured ``target`` speed-up on ``backend`` at latency batch ``batch``; rows are scored
+    on ``data`` in runs of ``data_batch`` samples."""
     stages: dict[str, float] = {}
     clock = time.perf_counter()
     structure = analyze_model(model)
     options = enumerate_options(structure, conv_l1_norms(to_graph(model)))
     stages["candidates"] = time.perf_counter() - clock
-    say(f"layermerge: {len(options)} options over {len(structure.convs)} chain convs")
+    log.info(f"layermerge: {len(options)} options over {len(structure.convs)} chain convs")
     clock = time.perf_counter()
-    copies = row_copies(model, structure, options, feature, scope)
+    copies = row_copies(model, structure, options, feature, scoring.scope or "global")
     notes = [f"option {o.start}..{o.end} ({', '.join(o.keep or o.drop)}) left out: {why}" for o, why in copies.refused]
     for note in notes:
-        say(f"layermerge: {note}")
+        log.info(f"layermerge: {note}")
     stages["candidates"] += time.perf_counter() - clock
     if table is None:
         clock = time.perf_counter()
-        table = build_table(model, structure, copies.options, backend, batch, fingerprint(model), progress=say)
+        table = build_table(model, structure, copies.options, backend, batch, fingerprint(model))
         stages["latency table"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    rows, provider_used = score_rows(copies, data, provider, progress=say)
+    rows, provider_used = score_rows(copies, data, scoring.provider, data_batch)
     stages["importance"] = time.perf_counter() - clock
     dp_rows = [dp.Row(r.option.start, r.option.end, table.option_latency(r.option, structure), r.importance, r.option)
                for r in rows]
@@ -114,7 +116,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
     for attempt in range(1, max_attempts + 1):
         if chain_budget <= 0:
             if results:
-                say(f"layermerge: the tightened budget leaves nothing for the convs; stopping after {attempt - 1}")
+                log.info(f"layermerge: the tightened budget leaves nothing for the convs; stopping after {attempt - 1}")
                 break
             raise OnnxPruneError(f"a {target}x speed-up is out of reach: the part of the network LayerMerge "
                                  "cannot change takes more than the whole budget")
@@ -123,7 +125,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
             solution = dp.solve(dp_rows, len(structure.convs), chain_budget, chain_budget / UNITS)
         except dp.Infeasible:
             if results:
-                say(f"layermerge: no plan fits the tightened budget; stopping after {attempt - 1} attempts")
+                log.info(f"layermerge: no plan fits the tightened budget; stopping after {attempt - 1} attempts")
                 break
             raise OnnxPruneError(f"no combination of merges and removals reaches {target}x on {backend.name} "
                                  f"(attempt {attempt})") from None
@@ -147,7 +149,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
                          "predicted_speedup": table.whole_s / predicted, "measured_s": t_pruned,
                          "original_s": t_original, "speedup": speedup, "importance": solution.importance,
                          "rows_changed": sum(not o.original for o in chosen)})
-        say(f"layermerge: attempt {attempt}: predicted {table.whole_s / predicted:.3f}x ({1e3 * predicted:.2f} ms), "
+        log.info(f"layermerge: attempt {attempt}: predicted {table.whole_s / predicted:.3f}x ({1e3 * predicted:.2f} ms), "
             f"measured {speedup:.3f}x ({1e3 * t_original:.2f} -> {1e3 * t_pruned:.2f} ms; target {target}x)")
         plan.predicted = {"latency_s": predicted, "importance": solution.importance, "backend": table.backend,
                           "batch": batch, "attempts": attempts,
@@ -182,20 +184,19 @@ def _pareto(rows: list[dp.Row], positions: int, table: LatencyTable) -> list[dic
 
 
 def slp_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: float, backend: Backend, batch: int,
-                   min_blocks_per_stage: int = 1, provider: str = "auto",
-                   progress: Progress | None = None) -> SpeedupResult:
-    say = progress or (lambda _m: None)
+                   min_blocks_per_stage: int = 1, provider: str = "auto", data_batch: int = 64) -> SpeedupResult:
+    """SLP, one block at a time, until the speed-up measured on ``backend`` at ``batch`` meets ``target``."""
     measured: dict[str, float] = {}
 
     def fast_enough(current: onnx.ModelProto) -> bool:
         t_original, t_pruned, speedup = _measure(model, current, backend, batch)
         measured.update(original=t_original, pruned=t_pruned, speedup=speedup)
-        say(f"slp: measured {speedup:.3f}x (target {target}x)")
+        log.info(f"slp: measured {speedup:.3f}x (target {target}x)")
         return speedup >= target
 
     clock = time.perf_counter()
     result = prune_slp(model, data, feature, min_blocks_per_stage=min_blocks_per_stage, provider=provider,
-                       progress=say, until=fast_enough)
+                       batch=data_batch, until=fast_enough)
     pruned, _ = apply_plan(model, result.plan)
     verification = verify(model, pruned, feeds=next(data.batches(16)).feeds)
     if not verification.passed:

@@ -63,3 +63,54 @@ def test_score_feature_tensor_and_prune_one_shot(tmp_path, capsys):
     assert main(["prune", str(path), "--data", "random", "--samples", "8", "--remove-blocks", "2", "--one-shot",
                  "-o", str(tmp_path / "o.onnx"), "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["method"] == "slp-one-shot"
+
+
+@pytest.mark.parametrize("flags, refused", [
+    (["--speedup", "1.2", "--one-shot"], "--one-shot does not apply to --method layermerge"),
+    (["--speedup", "1.2", "--min-blocks-per-stage", "2"], "--min-blocks-per-stage does not apply"),
+    (["--remove-blocks", "1", "--scope", "local"], "--scope does not apply to --method slp"),
+    (["--remove-blocks", "1", "--pareto", "curve.json"], "--pareto does not apply to --method slp"),
+    (["--speedup", "1.2", "--method", "slp", "--latency-table", "t.json"], "--latency-table does not apply"),
+    (["--remove-blocks", "1", "--latency-batch", "4"], "need --speedup"),
+    (["--speedup", "1.0"], "a factor above 1"),
+])
+def test_a_flag_the_method_would_ignore_is_refused_before_any_work(tmp_path, capsys, flags, refused):
+    path = tmp_path / "net.onnx"
+    onnx.save(classifier(seed=5), path)
+    out = tmp_path / "o.onnx"
+    assert main(["prune", str(path), "--data", "random", "-o", str(out)] + flags) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and refused in err[0] and not out.exists()
+
+
+def test_help_imports_neither_onnx_nor_onnxruntime():
+    import subprocess
+    import sys
+
+    code = "import sys; from onnxprune.cli import main\ntry: main(['prune', '--help'])\nexcept SystemExit: pass\n" \
+           "print(sorted(m for m in ('onnx', 'onnxruntime', 'numpy') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_data_batch_reaches_layermerge_scoring(monkeypatch):
+    """--batch travels in DataOptions down to the CKA pass of LayerMerge's rows (it was lost once)."""
+    from onnxprune.data.sources import load_data
+    from onnxprune.importance import layermerge
+    from onnxprune.latency.backends import get_backend
+    from onnxprune.options import ScoringOptions
+    from onnxprune.runtime.capture import feature_tensor
+    from onnxprune.speedup import layermerge_to_speedup
+
+    seen = []
+
+    def spy(original, copies, data, provider="auto", batch=64, **kw):
+        seen.append(batch)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(layermerge, "cka_with_original", spy)
+    model = classifier(seed=5)
+    with pytest.raises(RuntimeError, match="stop here"):
+        layermerge_to_speedup(model, load_data("random", model, samples=8), feature_tensor(model), 1.2,
+                              get_backend("ort-cpu", 1), 1, ScoringOptions(provider="cpu"), data_batch=7)
+    assert seen == [7]

@@ -15,9 +15,9 @@ input as captured from the original network (as SLP's suffix scoring).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import onnx
@@ -30,6 +30,7 @@ from onnxprune.planning.candidates import Option, options_plan
 from onnxprune.runtime.capture import suffix_model
 from onnxprune.runtime.compare import Copy, cka_with_original
 
+log = logging.getLogger(__name__)
 FLOOR = math.log(1e-6)  # importance of a row whose representation no longer resembles the original
 
 
@@ -82,15 +83,14 @@ def row_copies(model: onnx.ModelProto, structure: Structure, options: list[Optio
     return RowCopies(base, kept, copies, refused)
 
 
-def score_rows(rows: RowCopies, data: Dataset, provider: str = "auto", batch: int = 64,
-               progress: Callable[[str], None] | None = None) -> tuple[list[RowImportance], str]:
+def score_rows(rows: RowCopies, data: Dataset, provider: str = "auto",
+               batch: int = 64) -> tuple[list[RowImportance], str]:
     """(h for every option of ``rows``, the onnxruntime provider used); originals get 0 without being run."""
-    say = progress or (lambda _m: None)
     start_time = time.perf_counter()
     similarity, provider_used = cka_with_original(rows.base, rows.copies, data, provider, batch)
     changed = iter(similarity)
     result = [RowImportance(o, 1.0, 0.0) if o.original else _row(o, next(changed)) for o in rows.options]
-    say(f"layermerge: scored {len(rows.copies)} rows in {time.perf_counter() - start_time:.1f} s")
+    log.info(f"layermerge: scored {len(rows.copies)} rows in {time.perf_counter() - start_time:.1f} s")
     return result, provider_used
 
 
@@ -99,7 +99,7 @@ def _row(option: Option, cka_value: float) -> RowImportance:
 
 
 def row_importances(model: onnx.ModelProto, structure: Structure, options: list[Option], data: Dataset,
-                    feature: str, scope: str = "global", provider: str = "auto", batch: int = 64,
-                    progress: Callable[[str], None] | None = None) -> tuple[list[RowImportance], str]:
+                    feature: str, scope: str = "global", provider: str = "auto",
+                    batch: int = 64) -> tuple[list[RowImportance], str]:
     """``row_copies`` then ``score_rows``: h for every option the rewrite accepts, and the provider used."""
-    return score_rows(row_copies(model, structure, options, feature, scope), data, provider, batch, progress)
+    return score_rows(row_copies(model, structure, options, feature, scope), data, provider, batch)

@@ -9,6 +9,7 @@ and then only the part of the network after each candidate (a suffix model) on t
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from onnxprune.plan import Plan, apply_plan, fingerprint
 from onnxprune.runtime.capture import suffix_model, with_outputs
 from onnxprune.runtime.compare import Copy, cka_with_original
 
-Progress = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,7 +85,7 @@ class SLPResult:
 
 def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, remove_blocks: int | None = None,
               macs_reduction: float | None = None, min_blocks_per_stage: int = 1, one_shot: bool = False,
-              provider: str = "auto", batch: int = 64, progress: Progress | None = None,
+              provider: str = "auto", batch: int = 64,
               until: Callable[[onnx.ModelProto], bool] | None = None) -> SLPResult:
     """Remove the lowest-scoring block, re-score on the pruned network, repeat until ``remove_blocks``
     blocks are gone, ``macs_reduction`` of the MACs, or ``until(pruned model)`` holds (a measured
@@ -93,7 +94,6 @@ def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, remove_blocks
         raise OnnxPruneError("give exactly one stop criterion: --remove-blocks N, --macs-reduction F or --speedup X")
     if macs_reduction is not None and not 0 < macs_reduction < 1:
         raise OnnxPruneError(f"--macs-reduction is a fraction between 0 and 1, not {macs_reduction}")
-    say = progress or (lambda _msg: None)
     original_macs = analyze_model(model).macs
     current, removed, history, provider_used = model, [], [], provider
     ranking: list[BlockScore] | None = None
@@ -118,7 +118,7 @@ def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, remove_blocks
             run = score_blocks(current, data, candidates, feature, provider, batch)
             provider_used = run.provider
             ranking = sorted(run.scores, key=lambda s: s.score)
-            say(f"slp: scored {len(candidates)} blocks on {run.samples} samples in {run.seconds:.1f} s ({run.provider})")
+            log.info(f"slp: scored {len(candidates)} blocks on {run.samples} samples in {run.seconds:.1f} s ({run.provider})")
         allowed = {b.join for b in candidates}
         choice = next((s for s in ranking if s.join in allowed and s.join not in removed), None)
         if choice is None:
@@ -128,7 +128,7 @@ def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, remove_blocks
         macs = analyze_model(current).macs
         history.append({"removed": choice.join, "score": choice.score, "macs": macs,
                         "macs_reduction": 1 - macs / original_macs})
-        say(f"slp: removed {choice.join} (score {choice.score:.5f}); MACs -{100 * (1 - macs / original_macs):.1f}%")
+        log.info(f"slp: removed {choice.join} (score {choice.score:.5f}); MACs -{100 * (1 - macs / original_macs):.1f}%")
     plan = Plan(remove_blocks=removed, fingerprint=fingerprint(model), method="slp-one-shot" if one_shot else "slp",
                 predicted={"macs_before": original_macs, "macs_after": analyze_model(current).macs,
                            "history": history})

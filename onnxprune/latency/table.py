@@ -17,6 +17,7 @@ or the same model exported at another input shape or dtype.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,7 @@ from onnxprune.planning.candidates import Option
 
 # 3: rows carry their conv's groups and their activation's attributes; 2: rows are their own work, shares of
 # the whole model timed in the same rounds
+log = logging.getLogger(__name__)
 TABLE_SCHEMA = 3
 # A fixed part down to -5% of the whole model is noise (at batch 32 on ort-cpu the original rows of real models sum
 # to nearly the whole, and a noisy round can tip them over): clamped to 0, with a note. Further below is refused.
@@ -253,14 +255,12 @@ def row_model(option: Option, structure: Structure, batch: int, dtype=np.float32
 
 
 def build_table(model: onnx.ModelProto, structure: Structure, options: list[Option], backend: Backend, batch: int,
-                fingerprint: str, warmup: int = 3, rounds: int = 20, group_bytes: int = 2 << 30,
-                progress: Callable[[str], None] | None = None) -> LatencyTable:
+                fingerprint: str, warmup: int = 3, rounds: int = 20, group_bytes: int = 2 << 30) -> LatencyTable:
     """Time every distinct row of ``options`` (its own work: Backend.own_clock) and the whole model on
     ``backend`` at ``batch``, the rows in rounds beside the whole model (measure.time_in_rounds).
 
     Rows are timed in groups whose input and output tensors stay under ``group_bytes`` together (the
     sessions of a group live at once), each group beside the whole model and scaled to one whole."""
-    say = progress or (lambda _m: None)
     feeds = random_feeds(model, batch)
     dtype = next(iter(feeds.values())).dtype
     row_dtype = dtype.type if np.issubdtype(dtype, np.floating) else np.float32
@@ -280,7 +280,7 @@ def build_table(model: onnx.ModelProto, structure: Structure, options: list[Opti
         whole_s, own = time_in_rounds(whole_run, reference, clocks, rounds, warmup)
         wholes.append(whole_s)
         shares.update((signature, seconds / whole_s) for signature, seconds in zip(group, own))
-        say(f"latency: timed {len(shares)}/{len(distinct)} distinct rows on {backend.name}")
+        log.info(f"latency: timed {len(shares)}/{len(distinct)} distinct rows on {backend.name}")
     whole = float(np.median(wholes)) if wholes else median_time(whole_run, warmup, rounds)
     rows = {signature: share * whole for signature, share in shares.items()}
     originals = [o for o in options if o.original]

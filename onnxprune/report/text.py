@@ -1,4 +1,4 @@
-"""Human-readable tables for the terminal."""
+"""Human-readable output for the terminal: every verb's text form of its result (the CLI prints these)."""
 
 from __future__ import annotations
 
@@ -45,3 +45,84 @@ def structure_report(s: Structure, source: str) -> str:
     for note in s.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def eval_text(result: dict) -> str:
+    lines = [f"data: {result['data']}", f"onnxruntime provider: {result['provider']}"]
+    if "accuracy" in result:
+        lines.append(f"top-1 accuracy: {100 * result['accuracy']:.2f}% on {result['samples']} samples")
+    if "agreement" in result:
+        lines.append(f"top-1 agreement with {result['reference']}: {100 * result['agreement']:.2f}%, "
+                     f"mean KL {result['mean_kl']:.4g}")
+        if "reference_accuracy" in result:
+            lines.append(f"reference top-1 accuracy: {100 * result['reference_accuracy']:.2f}%")
+    return "\n".join(lines)
+
+
+def apply_text(result: dict) -> str:
+    summary = result["plan"]
+    return "\n".join([
+        f"removed {len(summary['removed_blocks'])} blocks, replaced {len(summary['replaced_with_shortcut'])} "
+        f"by their shortcut, dropped {len(summary['dropped_activations'])} activations, "
+        f"merged {len(summary['merged'])} conv runs",
+        result["verification_text"],
+        f"wrote {result['output']}",
+    ])
+
+
+def score_text(result: dict) -> str:
+    ranks = {b["join"]: r for r, b in enumerate(sorted(result["blocks"], key=lambda b: b["score"]), start=1)}
+    rows = [[b["join"], f"{b['score']:.6f}", str(ranks[b["join"]]), human(b["macs"])] for b in result["blocks"]]
+    return "\n".join([
+        f"data: {result['data']}; feature tensor {result['feature_tensor']}; provider {result['provider']}; "
+        f"{result['seconds']:.1f} s",
+        table(rows, ["join", "score (1 - CKA)", "rank", "MACs"], right={1, 2, 3}),
+    ])
+
+
+def prune_text(result: dict) -> str:
+    lines = [f"{result['method']}: removed {len(result['removed_blocks'])} blocks, MACs "
+             f"{result['macs_before'] / 1e6:.2f} M -> {result['macs_after'] / 1e6:.2f} M "
+             f"(-{100 * result['macs_reduction']:.1f}%), provider {result['provider']}"]
+    if "measured_speedup" in result:
+        lines.append(f"latency on {result['backend']['backend']} ({result['backend']['device']}), batch "
+                     f"{result['latency_batch']}: {1e3 * result['original_latency_s']:.3f} ms -> "
+                     f"{1e3 * result['pruned_latency_s']:.3f} ms, measured speed-up {result['measured_speedup']:.3f}x "
+                     f"(target {result['target_speedup']}x)")
+    lines += [f"note: {note}" for note in result.get("notes", [])]
+    lines += [f"data: {result['data']}", result["verification_text"], f"wrote {result['output']} and {result['plan']}"]
+    return "\n".join(lines)
+
+
+def latency_text(result: dict) -> str:
+    lines = [f"{result['rows']} distinct rows for {result['options']} options on {result['backend']} "
+             f"({result['device']}), batch {result['batch']}: whole model {1e3 * result['whole_s']:.3f} ms, "
+             f"fixed part {1e3 * result['fixed_s']:.3f} ms"]
+    lines += [f"note: {note}" for note in result.get("notes", [])]
+    lines.append(f"wrote {result['output']}")
+    return "\n".join(lines)
+
+
+def bench_text(result: dict) -> str:
+    b = result["backend"]
+    lines = [f"{b['backend']} on {b['device']}, batch {result['batch']}"]
+    lines += [f"  {m['model']}: {1e3 * m['latency_s']:.3f} ms (median)" for m in result["models"]]
+    if "speedup" in result:
+        first, other = (m["model"] for m in result["models"])
+        lines.append(f"speed-up of {other} over {first}: {result['speedup']:.3f}x (median of {result['rounds']} rounds)")
+    return "\n".join(lines)
+
+
+def demo_text(result: dict) -> str:
+    p = result["pruned"]
+    return "\n".join([
+        f"model: {result['model']} ({p['method']}, target {p['target_speedup']}x on {p['backend']['backend']}, "
+        f"batch {p['latency_batch']})",
+        f"latency: {1e3 * p['original_latency_s']:.2f} ms -> {1e3 * p['pruned_latency_s']:.2f} ms, "
+        f"measured speed-up {p['measured_speedup']:.2f}x",
+        f"top-1 on {result['test_data']}: {100 * result['accuracy_before']:.2f}% -> "
+        f"{100 * result['accuracy_after']:.2f}% (agreement with the original {100 * result['agreement']:.2f}%)",
+        f"removed {len(p['removed_blocks'])} blocks, merged {len(p['merged'])} conv runs; "
+        f"MACs -{100 * p['macs_reduction']:.1f}%",
+        f"files: {p['output']} and {p['plan']}",
+    ])

@@ -11,6 +11,7 @@ from onnxprune import api
 from onnxprune.data.preprocess import Preprocess
 from onnxprune.data.sources import load_data
 from onnxprune.errors import OnnxPruneError
+from onnxprune.options import DataOptions
 
 CLASSES = ["red", "green", "blue"]
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
@@ -192,11 +193,11 @@ def test_eval_accuracy_and_agreement(tmp_path, model_file):
     y_wrong = y.copy()
     y_wrong[:3] = (y_wrong[:3] + 1) % 3
     np.savez(tmp_path / "d.npz", x=x, y=y_wrong)
-    result = api.evaluate(model_file, str(tmp_path / "d.npz"), reference=str(model_file))
+    result = api.evaluate(model_file, DataOptions(str(tmp_path / "d.npz")), reference=str(model_file))
     assert result["accuracy"] == pytest.approx(9 / 12) and result["agreement"] == 1.0 and result["mean_kl"] < 1e-12
     assert result["provider"] == "cpu" and not result["random_data"]
     with pytest.raises(OnnxPruneError, match="nothing to evaluate"):
-        api.evaluate(model_file, None)
+        api.evaluate(model_file, DataOptions(None))
 
 
 def static_colour_model(batch: int) -> onnx.ModelProto:
@@ -224,5 +225,5 @@ def test_a_static_batch_model_evaluates_every_sample_once(tmp_path):
     path = tmp_path / "static.onnx"
     onnx.save(static_colour_model(4), path)
     np.savez(tmp_path / "d.npz", x=x, y=y)
-    result = api.evaluate(path, str(tmp_path / "d.npz"), reference=str(path))
+    result = api.evaluate(path, DataOptions(str(tmp_path / "d.npz")), reference=str(path))
     assert result["samples"] == 9 and result["accuracy"] == 1.0 and result["agreement"] == 1.0

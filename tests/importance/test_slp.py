@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 from onnx import numpy_helper
@@ -61,13 +63,13 @@ def test_a_block_that_does_nothing_scores_lowest_and_goes_first():
 
 
 @pytest.mark.parametrize("one_shot", [False, True])
-def test_iterative_pruning_meets_the_target_and_verifies(one_shot):
+def test_iterative_pruning_meets_the_target_and_verifies(one_shot, caplog):
     model = classifier(seed=3)
     data = load_data("random", model, samples=32)
-    messages = []
-    result = prune_slp(model, data, feature_tensor(model), remove_blocks=3, provider="cpu", one_shot=one_shot,
-                       progress=messages.append)
-    assert len(result.plan.remove_blocks) == 3 and result.target_met and messages
+    with caplog.at_level(logging.INFO, logger="onnxprune"):
+        result = prune_slp(model, data, feature_tensor(model), remove_blocks=3, provider="cpu", one_shot=one_shot)
+    assert len(result.plan.remove_blocks) == 3 and result.target_met
+    assert sum("slp: removed" in r.getMessage() for r in caplog.records) == 3
     replay, _ = apply_plan(model, result.plan)  # the plan replays on the original model
     assert verify(model, replay).passed
     assert analyze_model(infer_shapes(replay)).macs == result.plan.predicted["macs_after"]

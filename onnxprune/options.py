@@ -1,0 +1,123 @@
+"""Options, one small frozen dataclass per concern, built once (by a CLI argument group or by a Python caller)
+and passed down as they are. Each says what it means for every verb that reads it; ``check_method`` refuses a
+flag that the chosen pruning method would ignore.
+
+    from onnxprune import api
+    from onnxprune.options import DataOptions, OutputOptions, TargetOptions
+    api.prune("model.onnx", TargetOptions(method="slp", remove_blocks=2), OutputOptions("pruned.onnx"),
+              DataOptions("calib.npz", samples=256))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from onnxprune.errors import OnnxPruneError
+
+METHODS = ("slp", "layermerge")
+SCOPES = ("global", "local")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Calibration or evaluation data (``--data`` and its group)."""
+
+    source: str | None = None  # a .npy/.npz file, an image folder, a tar of images, "random"; None: random inputs
+    labels: str | None = None  # a .npy of integer labels, overriding the data's own
+    samples: int | None = None  # a seeded random subset of this many samples
+    seed: int = 0
+    batch: int = 64  # samples per onnxruntime run (a model with a fixed batch dimension takes its own)
+    mean: tuple[float, ...] | None = None  # preprocessing of uint8 images, overriding the model's metadata
+    std: tuple[float, ...] | None = None
+    scale: float | None = None
+    layout: str | None = None
+    size: tuple[int, ...] | None = None
+
+    @property
+    def preprocess_overrides(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "scale": self.scale, "layout": self.layout, "size": self.size}
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How changes are scored: CKA at a representation, computed with onnxruntime."""
+
+    feature_tensor: str | None = None  # None: the classifier's input (the last Gemm/MatMul's data input)
+    provider: str = "auto"  # onnxruntime provider: auto, cpu, cuda, tensorrt
+    scope: str | None = None  # layermerge only: "global" (at the feature tensor, the default) or "local"
+
+
+@dataclass(frozen=True)
+class LatencyOptions:
+    """Where and how latency is measured."""
+
+    backend: str = "ort-cpu"
+    batch: int | None = None  # None: the model's fixed batch size, or 1 for a dynamic batch
+    threads: int | None = None  # CPU threads for ort-cpu; None: all this process may use
+    rounds: int | None = None  # None: each verb's default
+    table: str | None = None  # layermerge only: reuse a table written by `onnxprune latency`
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """What to prune to, and by which method."""
+
+    method: str = "slp"
+    speedup: float | None = None  # measured on the latency backend, original / pruned
+    remove_blocks: int | None = None  # slp only
+    macs_reduction: float | None = None  # slp only: a fraction of the MACs
+    min_blocks_per_stage: int | None = None  # slp only (default 1): blocks each stage keeps
+    one_shot: bool = False  # slp only: rank once instead of re-scoring after each removal
+
+    @property
+    def min_blocks(self) -> int:
+        return 1 if self.min_blocks_per_stage is None else self.min_blocks_per_stage
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where results go."""
+
+    model: str  # the pruned .onnx file
+    plan: str | None = None  # None: the model's path with .plan.json
+    pareto: str | None = None  # layermerge only: the predicted trade-off curve (JSON)
+
+
+# flag -> (the option object's attribute, the methods it applies to)
+_METHOD_FLAGS = {
+    "--remove-blocks": ("remove_blocks", {"slp"}),
+    "--macs-reduction": ("macs_reduction", {"slp"}),
+    "--min-blocks-per-stage": ("min_blocks_per_stage", {"slp"}),
+    "--one-shot": ("one_shot", {"slp"}),
+    "--scope": ("scope", {"layermerge"}),
+    "--latency-table": ("table", {"layermerge"}),
+    "--pareto": ("pareto", {"layermerge"}),
+}
+
+
+def check_method(target: TargetOptions, scoring: ScoringOptions, latency: LatencyOptions,
+                 output: OutputOptions) -> None:
+    """Refuse a combination that would silently ignore something the caller asked for."""
+    if target.method not in METHODS:
+        raise OnnxPruneError(f"unknown method {target.method!r}; available: {', '.join(METHODS)}")
+    stops = [s for s in ("speedup", "remove_blocks", "macs_reduction") if getattr(target, s) is not None]
+    if len(stops) != 1:
+        raise OnnxPruneError("give exactly one stop criterion: --remove-blocks N, --macs-reduction F or --speedup X")
+    if target.method == "layermerge" and target.speedup is None:
+        raise OnnxPruneError("--method layermerge needs a --speedup target")
+    if target.speedup is not None and target.speedup <= 1.0:
+        raise OnnxPruneError(f"--speedup is a factor above 1 (1.5 = 1.5x faster), not {target.speedup}")
+    if scoring.scope is not None and scoring.scope not in SCOPES:
+        raise OnnxPruneError(f"--scope is global or local, not {scoring.scope!r}")
+    given = {**_given(target), **_given(scoring), **_given(latency), **_given(output)}
+    for flag, (attribute, methods) in _METHOD_FLAGS.items():
+        if attribute in given and target.method not in methods:
+            raise OnnxPruneError(f"{flag} does not apply to --method {target.method} (only to {', '.join(sorted(methods))})")
+    if target.speedup is None and latency != LatencyOptions(backend=latency.backend, threads=latency.threads):
+        raise OnnxPruneError("--latency-batch and --latency-table need --speedup: nothing is timed without it")
+
+
+def _given(options: object) -> dict:
+    """The attributes of ``options`` set to something other than None or False."""
+    return {f.name: getattr(options, f.name) for f in fields(options)
+            if getattr(options, f.name) is not None and getattr(options, f.name) is not False}
