@@ -1,5 +1,5 @@
 """Kernel algebra for merging a run of convolutions into one (LayerMerge, Kim et al., ICML 2024, section 3;
-ALGORITHMS.md section 4). Pure numpy, float64.
+docs/algorithms.md section 4). Pure numpy, float64.
 
 A ``LinearMap`` says how a tensor inside a run is computed from the run's input x, per spatial
 axis: ``y[c, i] = b[c] + sum_{c', t} W[c, c', t] * x[c', i * stride + start + t]`` (x is zero

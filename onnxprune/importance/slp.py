@@ -1,5 +1,5 @@
 """SLP: similarity-guided layer pruning (Pons et al., "Effective Layer Pruning Through Similarity
-Metric Perspective", arXiv 2405.17081; ALGORITHMS.md section 2).
+Metric Perspective", arXiv 2405.17081; docs/algorithms.md section 2).
 
 A removable residual block's score is 1 - CKA(features of the original network, features with the
 block removed), label-free, at the classifier's input. The lowest score is the least important

@@ -1,4 +1,4 @@
-"""The LayerMerge dynamic program (Kim et al., ICML 2024, section 4; ALGORITHMS.md section 4).
+"""The LayerMerge dynamic program (Kim et al., ICML 2024, section 4; docs/algorithms.md section 4).
 
 Positions 0..P; a row (start, end, latency, importance) covers (start, end]. A solution tiles
 0..P with rows, maximising summed importance subject to summed latency <= budget:

@@ -1,6 +1,6 @@
 """CKA between tensors of the original network and the same tensors in modified copies of it,
 over a calibration set: the measurement behind both SLP's block scores and LayerMerge's row
-importances (ALGORITHMS.md sections 1, 2 and 4).
+importances (docs/algorithms.md sections 1, 2 and 4).
 
 A modified copy is usually a *suffix* (runtime.capture.suffix_model): the part after the change,
 fed with tensors captured from the original network, so the unchanged prefix never runs twice.

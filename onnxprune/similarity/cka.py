@@ -1,5 +1,5 @@
 """Linear CKA (centered kernel alignment; Kornblith et al., ICML 2019), the similarity every
-scoring method uses (ALGORITHMS.md section 1). float64 throughout; never NaN.
+scoring method uses (docs/algorithms.md section 1). float64 throughout; never NaN.
 
 - ``cka``: one-shot, picking the feature form (p small) or the Gram form (p large) by cost.
 - ``StreamingCKA``: the feature form accumulated batch by batch; memory independent of n.

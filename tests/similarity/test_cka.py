@@ -46,7 +46,7 @@ def test_streaming_equals_one_shot(seed, batch_sizes):
 
 
 def test_biased_estimator_is_inflated_and_the_unbiased_one_is_not():
-    """Independent Gaussian features (true CKA 0), p = 8: ALGORITHMS.md's 0.2 at n = 32, 0.03 at n = 256."""
+    """Independent Gaussian features (true CKA 0), p = 8: the plain estimator reads about 0.2 at n = 32, 0.03 at n = 256."""
     rng = np.random.default_rng(0)
     for n, low, high in ((32, 0.14, 0.26), (256, 0.02, 0.045)):
         pairs = [(rng.normal(size=(n, 8)), rng.normal(size=(n, 8))) for _ in range(30)]
