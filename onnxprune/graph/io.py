@@ -3,6 +3,10 @@
 - Loading validates what the rest of onnxprune relies on (parseable protobuf, a supported opset,
   something to prune) and runs shape inference on a weight-free skeleton of the model, so a
   multi-GB model costs no more to infer than a small one and symbolic dims (a dynamic batch) survive.
+- A model older than the supported opsets (the ONNX Model Zoo classics are at opset 9 or older) is
+  upgraded on load with ``onnx.version_converter``, again on the weight-free skeleton, to the oldest
+  supported opset; ``load_notes(model)`` says so. Saving keeps the upgraded opset. Newer opsets
+  than the supported ones are refused.
 - Saving is atomic: everything is written under a temporary name in the target folder and renamed,
   so a crash never leaves a half-written model; models whose weights exceed the protobuf limit, or
   that came with external data, keep their weights in a ``<name>.data`` file beside the output.
@@ -21,8 +25,18 @@ from onnx import external_data_helper
 from onnxprune.errors import OnnxPruneError
 
 SUPPORTED_OPSETS = range(11, 22)
+# Older models are upgraded to the oldest supported opset, not further: every converter step is an
+# adapter that may add nodes (from 13 on, Softmax gains a Flatten/Reshape pair to keep its old
+# meaning, Unsqueeze and Squeeze read their axes from a Constant node), and 11 is as far as any
+# model needs to go. The ONNX Model Zoo classics (opset 9) convert to 11 and compute the same
+# outputs in onnxruntime (tests/graph/test_old_opsets.py).
+UPGRADE_TARGET = SUPPORTED_OPSETS.start
 COMPUTE_OPS = {"Conv", "Gemm", "MatMul"}
 PROTOBUF_LIMIT = 2**31 - 1
+_EXTERNAL_DATA_KEY = "onnxprune.external_data"
+_NOTES_KEY = "onnxprune.load_notes"
+# Metadata the loader adds for onnxprune's own use; ``save_model`` never writes it out.
+_INTERNAL_KEYS = (_EXTERNAL_DATA_KEY, _NOTES_KEY)
 # Initializers at most this large keep their values in the skeleton: shape inference needs the
 # values of Reshape shapes, axes, pads and the like, never those of weights.
 _SKELETON_MAX_ELEMENTS = 64
@@ -48,14 +62,66 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise OnnxPruneError(f"{path} is not a readable ONNX model (truncated or not ONNX: {_first_line(exc)})") from None
     if not model.HasField("graph") or not model.graph.node or model.ir_version == 0:
         raise OnnxPruneError(f"{path} is not an ONNX model (no graph, nodes or IR version in it)")
+    old_opset = default_opset(model)
+    if old_opset is not None and old_opset < SUPPORTED_OPSETS.start:
+        model = upgrade_opset(model, UPGRADE_TARGET, name=str(path))
+        _add_note(model, f"converted from opset {old_opset} to opset {UPGRADE_TARGET} on load (onnxprune supports "
+                         f"opsets {SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}); a saved model keeps opset "
+                         f"{UPGRADE_TARGET}")
     validate_model(model, name=str(path))
     if any(external_data_helper.uses_external_data(t) for t in model.graph.initializer):
         try:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
         except (OSError, ValueError) as exc:
             raise OnnxPruneError(f"{path}: cannot read its external data ({_first_line(exc)})") from None
-        model.metadata_props.add(key="onnxprune.external_data", value="1")
+        model.metadata_props.add(key=_EXTERNAL_DATA_KEY, value="1")
     return infer_shapes(model)
+
+
+def load_notes(model: onnx.ModelProto) -> list[str]:
+    """What ``load_model`` changed in ``model`` on the way in (an opset upgrade), one line each."""
+    return [line for p in model.metadata_props if p.key == _NOTES_KEY for line in p.value.splitlines()]
+
+
+def _add_note(model: onnx.ModelProto, note: str) -> None:
+    for p in model.metadata_props:
+        if p.key == _NOTES_KEY:
+            p.value += "\n" + note
+            return
+    model.metadata_props.add(key=_NOTES_KEY, value=note)
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int, name: str = "model") -> onnx.ModelProto:
+    """``model`` converted to default-domain opset ``target`` by ``onnx.version_converter``.
+
+    The converter sees the weight-free skeleton (large initializers become typed graph inputs, as
+    for shape inference), so it never copies the weights; they are put back under their names
+    afterwards. The IR version is raised to the lowest that ``target`` allows. Raises
+    OnnxPruneError with the converter's first line of error.
+    """
+    opset = default_opset(model)
+    skeleton = _without_large_initializers(model)
+    try:
+        converted = onnx.version_converter.convert_version(skeleton, target)
+    except Exception as exc:  # the converter raises RuntimeError, IndexError and others
+        raise OnnxPruneError(f"{name} uses opset {opset}; converting it to opset {target} failed: "
+                             f"{_first_line(exc)}") from None
+    kept = {t.name for t in converted.graph.initializer}
+    original_inputs = {vi.name for vi in model.graph.input}
+    large = [t for t in model.graph.initializer if t.name not in kept]
+    large_names = {t.name for t in large}
+    inputs = [vi for vi in converted.graph.input if vi.name not in large_names or vi.name in original_inputs]
+    del converted.graph.input[:]
+    converted.graph.input.extend(inputs)
+    converted.graph.initializer.extend(large)
+    min_ir = onnx.helper.find_min_ir_version_for(list(converted.opset_import), ignore_unknown=True)
+    converted.ir_version = max(model.ir_version, min_ir)
+    converted.producer_name, converted.producer_version = model.producer_name, model.producer_version
+    converted.domain, converted.model_version = model.domain, model.model_version
+    converted.doc_string = model.doc_string
+    del converted.metadata_props[:]
+    converted.metadata_props.extend(model.metadata_props)
+    return converted
 
 
 def validate_model(model: onnx.ModelProto, name: str = "model") -> None:
@@ -138,16 +204,16 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], external_da
 
 
 def _had_external_data(model: onnx.ModelProto) -> bool:
-    return any(p.key == "onnxprune.external_data" for p in model.metadata_props)
+    return any(p.key == _EXTERNAL_DATA_KEY for p in model.metadata_props)
 
 
 def _strip_internal_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The loader's ``onnxprune.external_data`` marker is for ``save_model`` only: never written out."""
-    if not _had_external_data(model):
+    """The loader's markers (external data, load notes) are for onnxprune only: never written out."""
+    if not any(p.key in _INTERNAL_KEYS for p in model.metadata_props):
         return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    kept = [p for p in copy.metadata_props if p.key != "onnxprune.external_data"]
+    kept = [p for p in copy.metadata_props if p.key not in _INTERNAL_KEYS]
     del copy.metadata_props[:]
     copy.metadata_props.extend(kept)
     return copy

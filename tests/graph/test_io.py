@@ -3,7 +3,7 @@ import onnx
 import pytest
 
 from onnxprune.errors import OnnxPruneError
-from onnxprune.graph.io import load_model, save_model
+from onnxprune.graph.io import default_opset, load_model, load_notes, save_model
 from tests.builders import GraphBuilder, residual_block
 from tests.conftest import run
 
@@ -47,13 +47,57 @@ def test_missing_file_and_folder(tmp_path):
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize("opset", [10, 22])
-def test_unsupported_opset_is_refused(tmp_path, opset):
+@pytest.mark.parametrize("opset", [22, 23])
+def test_newer_opset_is_refused(tmp_path, opset):
     model = small_model()
     model.opset_import[0].version = opset
     onnx.save(model, tmp_path / "m.onnx")
     with pytest.raises(OnnxPruneError, match=f"opset {opset}; supported opsets are 11 to 21"):
         load_model(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("opset", [7, 9, 10])
+def test_older_opset_is_upgraded_with_a_note(tmp_path, rng, opset):
+    src = tmp_path / "m.onnx"
+    onnx.save(small_model(opset), src)
+    model = load_model(src)
+    assert default_opset(model) == 11
+    assert load_notes(model) == [f"converted from opset {opset} to opset 11 on load (onnxprune supports opsets 11"
+                                 " to 21); a saved model keeps opset 11"]
+    # the weights (over the skeleton's size limit) are back as initializers, not graph inputs
+    assert [vi.name for vi in model.graph.input] == ["input"]
+    assert len(model.graph.initializer) == len(small_model(opset).graph.initializer)
+    onnx.checker.check_model(model, full_check=True)
+    out = save_model(model, tmp_path / "out.onnx")
+    saved = onnx.load(out)
+    assert default_opset(saved) == 11 and not any(p.key.startswith("onnxprune.") for p in saved.metadata_props)
+    assert load_notes(load_model(out)) == []
+    x = rng.normal(size=(2, 4, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(run(str(src), {"input": x})[0], run(str(out), {"input": x})[0])
+
+
+def test_older_opset_with_external_data_is_upgraded(tmp_path, rng):
+    src = tmp_path / "src" / "m.onnx"
+    src.parent.mkdir()
+    onnx.save(small_model(10), src, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    model = load_model(src)
+    assert default_opset(model) == 11 and len(load_notes(model)) == 1
+    out = save_model(model, tmp_path / "out" / "m.onnx")
+    assert (tmp_path / "out" / "m.onnx.data").exists()
+    x = rng.normal(size=(2, 4, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(run(str(src), {"input": x})[0], run(str(out), {"input": x})[0])
+
+
+def test_failed_upgrade_names_the_opset_and_the_converter_error(tmp_path):
+    model = small_model(10)
+    model.graph.node.append(onnx.helper.make_node("NoSuchOp", [model.graph.output[0].name], ["extra"]))
+    onnx.save(model, tmp_path / "m.onnx")
+    with pytest.raises(OnnxPruneError) as info:
+        load_model(tmp_path / "m.onnx")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path / 'm.onnx'} uses opset 10; converting it to opset 11 failed: ")
+    assert "NoSuchOp" in message or "schema" in message
 
 
 @pytest.mark.parametrize("opset", [11, 13, 17, 18, 21])
