@@ -258,5 +258,30 @@ def _apply(graph: gs.Graph, plan: Plan, s: Structure) -> dict:
         "dropped_activations": [act.kind + ":" + act.nodes[-1].name for act in activations],
         "dropped_convs": list(plan.drop_convs),
         "merged": merged,
-        "changes_function": not plan.empty,
+        "changes_function": not preserves_function(plan, s),
     }
+
+
+def preserves_function(plan: Plan, s: Structure | None) -> bool:
+    """Whether the model ``plan`` makes computes the original's function, up to float32 rounding.
+
+    True for an empty plan and for plans that only merge, where no merged run drops an activation
+    and every conv after the first in a run is unpadded (1x1 or no pads): such a rewrite differs from
+    the original only by BN folding and merged kernels. A merge of padded convs differs in a band
+    along the border (the original zero-pads each intermediate map, a merged conv cannot), and
+    removing or replacing blocks, dropping activations or convs change the function outright.
+    ``s`` is the structure of the model the plan is for (merges are judged by it)."""
+    if plan.remove_blocks or plan.replace_with_shortcut or plan.drop_activations or plan.drop_convs:
+        return False
+    if not plan.merge:
+        return True
+    index = {c.name: c.index for c in s.convs} if s is not None else {}
+    for entry in plan.merge:
+        positions = [index.get(name) for name in run_convs(entry)]
+        if None in positions:
+            return False
+        if any(s.links[p].activations for p in range(min(positions), max(positions))):
+            return False
+        if any(any(s.convs[p].pads) for p in positions[1:]):
+            return False
+    return True

@@ -62,6 +62,7 @@ def test_apply_writes_a_verified_model_and_refuses_bad_plans(resnet_file, tmp_pa
     assert main(["apply", str(resnet_file), str(plan), "-o", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["verification"]["passed"] and result["plan"]["removed_blocks"] == [blocks[0]["join"]]
+    assert result["verification"]["finite"] and not result["verification"]["identical"]  # a block fewer
     assert out.exists() and len(json.loads(subprocess.run(
         [sys.executable, "-m", "onnxprune", "analyze", str(out), "--json"], capture_output=True, text=True,
         check=True).stdout)["residual_blocks"]) == 1

@@ -25,8 +25,9 @@ def resnet(seed=0, blocks=3):
 def test_empty_plan_is_bit_identical():
     model = resnet()
     out, summary = apply_plan(model, Plan())
-    v = verify(model, out, expect_identical=True)
+    v = verify(model, out, preserves_function=True)
     assert v.passed and v.identical and not summary["changes_function"]
+    assert v.within_tolerance and all(o.max_abs == 0 for o in v.outputs)
 
 
 def test_removing_a_block_equals_the_graph_built_without_it():
@@ -55,7 +56,9 @@ def test_removing_any_set_of_removable_blocks_verifies(seed, blocks, data):
     removable = [b.join for b in s.residual_blocks if b.removable]
     chosen = data.draw(st.lists(st.sampled_from(removable), unique=True))
     out, summary = apply_plan(model, Plan(remove_blocks=chosen))
-    assert verify(model, out).passed
+    v = verify(model, out)
+    assert v.passed
+    assert v.finite and v.identical == (not chosen) and summary["changes_function"] == bool(chosen)
     after = analyze_model(infer_shapes(out))
     assert len(after.residual_blocks) == len(s.residual_blocks) - len(chosen)
     removed_macs = sum(b.macs for b in s.residual_blocks if b.join in chosen)
@@ -72,6 +75,7 @@ def test_merging_a_whole_identity_block_folds_the_identity():
     run_names = [c.name for c in s.convs[1:3]]
     out, summary = apply_plan(model, Plan(merge=[run_names]))
     assert summary["merged"][0]["identity_folded"] == s.residual_blocks[0].join
+    assert not summary["changes_function"]  # linear run, 1x1 after the first conv: the function is kept
     after = analyze_model(infer_shapes(out))
     assert after.residual_blocks == [] and len(after.convs) == 2 and after.convs[1].kernel == [3, 3]
     feeds = random_feeds(model)
@@ -133,7 +137,9 @@ def test_dropping_an_activation_by_node_or_conv_name():
         assert summary["dropped_activations"] == [f"Relu:{conv.activation_nodes[0]}"]
         relus = [sum(n.op_type == "Relu" for n in m.graph.node) for m in (model, out)]
         assert relus[1] == relus[0] - 1
-        assert verify(model, out).passed
+        v = verify(model, out)
+        assert v.passed
+        assert v.finite and not v.identical and summary["changes_function"]
 
 
 def test_replace_projection_block_by_its_shortcut():
@@ -142,7 +148,9 @@ def test_replace_projection_block_by_its_shortcut():
     projection = next(b for b in s.residual_blocks if b.shortcut == "projection")
     out, summary = apply_plan(model, Plan(replace_with_shortcut=[projection.join]))
     assert summary["replaced_with_shortcut"] == [projection.join] and summary["changes_function"]
-    assert verify(model, out).passed
+    v = verify(model, out)
+    assert v.passed
+    assert v.finite and v.outputs[0].max_abs > 0
     after = analyze_model(infer_shapes(out))
     assert after.macs == s.macs - projection.macs and len(after.residual_blocks) == len(s.residual_blocks) - 1
     with pytest.raises(PlanError, match="not a projection"):
@@ -161,6 +169,7 @@ def test_apply_keeps_external_data_beside_the_output(tmp_path):
     onnx.save(model, src, save_as_external_data=True, location="src.weights", size_threshold=0)
     result = api.apply(src, plan, tmp_path / "out" / "pruned.onnx")
     assert result["verification"]["passed"]
+    assert result["verification"]["finite"] and not result["verification"]["preserves_function"]
     assert (tmp_path / "out" / "pruned.onnx.data").exists()
 
 
@@ -172,3 +181,4 @@ def test_verification_of_a_model_over_the_protobuf_limit_runs_from_disk(monkeypa
     out, _ = apply_plan(model, Plan(remove_blocks=[analyze_model(model).residual_blocks[0].join]))
     v = verify(model, out)
     assert v.passed and v.checker == "ok" and v.provider == "cpu"
+    assert v.finite and v.outputs[0].max_abs > 0  # run from disk, the pruned model still computes (another function)
