@@ -1,4 +1,4 @@
-"""Depth structure of an ONNX graph: residual blocks and the conv chain (ALGORITHMS.md section 0).
+"""Depth structure of an ONNX graph: residual blocks and the conv chain (docs/algorithms.md section 0).
 
 Nothing here is written per architecture. The graph is read as a data-flow DAG of the nodes that
 carry activations (``data`` nodes); shape arithmetic (``Shape`` and what is computed from it) and
@@ -102,6 +102,7 @@ class Link:
     joins: list[int]
     barrier: str | None
     escape: str | None = None  # a tensor between the two convs that something else reads too
+    activation_nodes: list[str] = field(default_factory=list)  # the nodes of ``activations``, in order
 
 
 @dataclass
@@ -435,6 +436,7 @@ def _link(flow: _Dataflow, i: int, prev: gs.Node, conv: gs.Node, join_blocks: di
         act = _activation_ending_at(flow, tensor)
         if act is not None:
             link.activations.insert(0, act.kind)
+            link.activation_nodes[:0] = [n.name for n in act.nodes]
             path.extend(act.nodes)
             tensor = act.input
             continue

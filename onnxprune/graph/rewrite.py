@@ -7,8 +7,8 @@ initializer survives. Whether a pass keeps the model's function is stated in its
 - ``remove_block``: drops a residual branch (x + f(x) -> x): changes the function by design.
 - ``replace_with_shortcut``: a projection block becomes its shortcut alone: changes the function.
 - ``drop_activation``: removes an activation: changes the function.
-- ``merge_run``: a run of convs with nothing but dropped activations and identity joins between
-  them becomes one conv: exact away from the borders once those activations are gone.
+- ``merge_run``: a run of convs with nothing but identity joins and no-ops between them (its
+  activations dropped first) becomes one conv: exact away from the borders.
 """
 
 from __future__ import annotations
@@ -101,10 +101,11 @@ def drop_conv(graph: gs.Graph, conv: gs.Node) -> None:
 def merge_run(graph: gs.Graph, conv_names: list[str], through_join: str | None = None) -> gs.Node:
     """Replace convs ``conv_names`` (consecutive on the chain) by one conv.
 
-    Between them there may be activations (dropped here), no-ops and joins of identity residual
-    blocks that lie wholly inside the run. With ``through_join`` (the join of an identity block
-    whose span the run covers exactly) the identity is folded in too: x + f(x) becomes one conv
-    with the identity added at the centre tap. Returns the new conv.
+    Between them there may be no-ops and joins of identity residual blocks that lie wholly inside the
+    run; activations must have been dropped before (a RewriteError names one that is left). With
+    ``through_join`` (the join of an identity block whose span the run covers exactly) the identity
+    is folded in too: x + f(x) becomes one conv with the identity added at the centre tap. Returns
+    the new conv.
     """
     convs = [node_named(graph, n) for n in conv_names]
     if not convs or (len(convs) < 2 and through_join is None):
@@ -198,10 +199,10 @@ def _map_of_region(graph: gs.Graph, region: list[gs.Node], convs: list[gs.Node],
             bias = np.asarray(node.inputs[2].values) if len(node.inputs) > 2 else None
             maps[out.name] = merge.compose(maps[node.inputs[0].name], merge.conv_map(
                 np.asarray(node.inputs[1].values), bias, info.stride, spatial_pads, info.groups))
-        elif out.name in islands:
-            maps[out.name] = maps[islands[out.name].input.name]
-        elif id(node) in members:
-            continue  # an inner node of an activation island: its output is never used on its own
+        elif id(node) in members:  # the plan drops the activations it merges across: none may be left
+            act = next(a for a in islands.values() if any(n is node for n in a.nodes))
+            raise RewriteError(f"activation {act.nodes[-1].name} ({act.kind}) lies inside the merge: a merge removes "
+                               "only the activations the plan drops (drop_activations)")
         elif node.op in NO_OP:
             maps[out.name] = maps[variable_inputs(node)[0].name]
         elif node.op in ("Add", "Sum") and len(variable_inputs(node)) == 2:

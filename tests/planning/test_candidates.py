@@ -9,7 +9,7 @@ from onnxprune.graph.io import infer_shapes, load_model
 from onnxprune.graph.normalize import to_graph
 from onnxprune.plan import Plan, apply_plan
 from onnxprune.planning.candidates import conv_l1_norms, enumerate_options, options_plan, valid_segment
-from onnxprune.verify import verify
+from onnxprune.verify import TOLERANCE, verify
 from tests.builders import GraphBuilder, residual_block
 
 
@@ -47,11 +47,13 @@ def test_every_option_alone_verifies():
     s, options = options_of(model)
     assert len(options) > 20
     for option in options:
-        pruned, _ = apply_plan(model, Plan(**options_plan([option])))
+        pruned, summary = apply_plan(model, Plan(**options_plan([option])))
         v = verify(model, pruned)
         assert v.passed, (option, v.summary())
         if option.original:
             assert v.identical
+        assert summary["changes_function"] or all(o.scaled <= TOLERANCE for o in v.outputs), (option, v.summary())
+        assert not summary["changes_function"] or not v.identical, option
 
 
 @st.composite
@@ -72,8 +74,10 @@ STRUCTURE, OPTIONS = options_of(MODEL)
 @settings(max_examples=25, deadline=None)
 @given(tilings(OPTIONS, len(STRUCTURE.convs)))
 def test_any_tiling_of_options_verifies(chosen):
-    pruned, _ = apply_plan(MODEL, Plan(**options_plan(chosen)))
-    assert verify(MODEL, pruned).passed
+    pruned, summary = apply_plan(MODEL, Plan(**options_plan(chosen)))
+    v = verify(MODEL, pruned)
+    assert v.passed
+    assert summary["changes_function"] or all(o.scaled <= TOLERANCE for o in v.outputs), v.summary()
     after = analyze_model(infer_shapes(pruned))
     assert len(after.convs) == sum(1 if o.keep else 0 for o in chosen)
 
@@ -86,8 +90,10 @@ def test_mobilenet_v2_options_verify(exported, exporter):
     rng = np.random.default_rng(0)
     for option in [o for o in options if not o.original][:: max(1, len(options) // 25)] + \
             [options[i] for i in rng.choice(len(options), 5, replace=False)]:
-        pruned, _ = apply_plan(model, Plan(**options_plan([option])))
-        assert verify(model, pruned).passed, option
+        pruned, summary = apply_plan(model, Plan(**options_plan([option])))
+        v = verify(model, pruned)
+        assert v.passed, option
+        assert summary["changes_function"] or all(o.scaled <= TOLERANCE for o in v.outputs), (option, v.summary())
 
 
 def test_blocks_with_barriers_inside_can_still_be_removed(exported):
@@ -96,4 +102,6 @@ def test_blocks_with_barriers_inside_can_still_be_removed(exported):
     removals = [o for o in options if o.remove_block]
     assert len(removals) == 9  # every identity MBConv, though squeeze-excite barriers lie inside
     pruned, _ = apply_plan(model, Plan(**options_plan(removals[:3])))
-    assert verify(model, pruned).passed
+    v = verify(model, pruned)
+    assert v.passed
+    assert v.finite and v.outputs[0].max_abs > 0  # three blocks removed: another function
