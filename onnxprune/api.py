@@ -11,11 +11,11 @@ from pathlib import Path
 import onnx
 
 from onnxprune.data.preprocess import Preprocess, preprocess_of
-from onnxprune.data.sources import load_data, static_batch
+from onnxprune.data.sources import load_data, model_inputs, static_batch
 from onnxprune.errors import OnnxPruneError
 from onnxprune.evaluate import evaluate_logits, logits_of
 from onnxprune.graph.analysis import Structure, analyze_model
-from onnxprune.graph.io import load_model, save_model
+from onnxprune.graph.io import load_model, save_model, specialise_inputs
 from onnxprune.graph.normalize import to_graph
 from onnxprune.importance.slp import prune_slp, removal_candidates, score_blocks
 from onnxprune.latency.backends import get_backend
@@ -23,8 +23,10 @@ from onnxprune.latency.measure import compare
 from onnxprune.latency.table import build_table, load_table
 from onnxprune.options import DataOptions, LatencyOptions, OutputOptions, ScoringOptions, TargetOptions, check_method
 from onnxprune.plan import apply_plan, fingerprint, load_plan, save_plan
-from onnxprune.planning.candidates import conv_l1_norms, enumerate_options
+from onnxprune.planning.blocks import search_space
+from onnxprune.planning.candidates import conv_l1_norms
 from onnxprune.runtime.capture import feature_tensor as find_feature_tensor
+from onnxprune.runtime.compare import memory_budget
 from onnxprune.runtime.session import create_session
 from onnxprune.speedup import layermerge_to_speedup, slp_to_speedup
 from onnxprune.verify import verify
@@ -47,7 +49,7 @@ def apply(model_path: str | os.PathLike[str], plan_path: str | os.PathLike[str],
     original = load_model(model_path)
     plan = load_plan(plan_path)
     rewritten, summary = apply_plan(original, plan)
-    verification = verify(original, rewritten, expect_identical=plan.empty)
+    verification = verify(original, rewritten, preserves_function=not summary["changes_function"])
     if not verification.passed:
         raise OnnxPruneError(f"the rewritten model failed verification; nothing written. {verification.summary()}")
     save_model(rewritten, out_path)
@@ -86,6 +88,23 @@ def _dataset(model: onnx.ModelProto, data: DataOptions):
     return load_data(data.source, model, samples=data.samples, seed=data.seed, preprocess=prep, labels=data.labels)
 
 
+def _specialised(model: onnx.ModelProto, data: DataOptions):
+    """(model, data set): a model whose input sizes after the batch are symbolic is fixed at ``data.input_shape``,
+    else at the data's sizes (latency rows and merged convs need them), with a note on the log."""
+    inputs = [i for i in model_inputs(model) if any(d is None for d in i.shape[1:])]
+    if inputs and data.input_shape:
+        model = specialise_inputs(model, {inputs[0].name: data.input_shape})
+    dataset = _dataset(model, data)
+    inputs = [i for i in model_inputs(model) if any(d is None for d in i.shape[1:])]
+    if inputs:
+        shapes = {i.name: tuple(dataset.inputs[i.name].shape[1:]) for i in inputs}
+        model = specialise_inputs(model, shapes)
+    for name, shape in (shapes if inputs else {}).items():
+        log.info(f"note: input {name} has symbolic sizes: analysed, timed and rewritten at the data's {list(shape)}; "
+                 "the pruned model takes that size")
+    return model, dataset
+
+
 def _feature(model, name: str | None) -> str:
     if name is None:
         try:
@@ -101,11 +120,11 @@ def _feature(model, name: str | None) -> str:
 def score(model_path: str | os.PathLike[str], data: DataOptions = DataOptions(),
           scoring: ScoringOptions = ScoringOptions()) -> dict:
     """SLP score (1 - CKA at the feature tensor) of every removable block; lower = less important."""
-    model = load_model(model_path)
-    dataset = _dataset(model, data)
+    model, dataset = _specialised(load_model(model_path), data)
     feature = _feature(model, scoring.feature_tensor)
     structure = analyze_model(model)
-    run = score_blocks(model, dataset, removal_candidates(structure, 0), feature, scoring.provider, data.batch)
+    run = score_blocks(model, dataset, removal_candidates(structure, 0), feature, scoring.provider, data.batch,
+                       memory_budget=scoring.memory_budget)
     return {"model": str(model_path), "feature_tensor": feature, "data": dataset.source, "random_data": dataset.random,
             "samples": run.samples, "provider": run.provider, "seconds": run.seconds,
             "blocks": [vars(s) for s in run.scores]}
@@ -119,16 +138,18 @@ def prune(model_path: str | os.PathLike[str], target: TargetOptions, output: Out
     With ``target.speedup``, prune until the speed-up measured on ``latency.backend`` meets it."""
     check_method(target, scoring, latency, output)
     _refuse_overwrite(model_path, output.model)
-    model = load_model(model_path)
-    dataset = _dataset(model, data)
+    model, dataset = _specialised(load_model(model_path), data)
     if dataset.random:
         log.warning("warning: no --data given: scoring on RANDOM inputs, which says little about real data")
     feature = _feature(model, scoring.feature_tensor)
+    _refuse_nothing_to_prune(analyze_model(model), target)
     if target.speedup is not None:
-        return _prune_to_speedup(model, dataset, feature, target, output, data, scoring, latency)
+        with memory_budget(scoring.memory_budget):  # reaches the scoring calls inside onnxprune.speedup
+            return _prune_to_speedup(model, dataset, feature, target, output, data, scoring, latency)
     result = prune_slp(model, dataset, feature, remove_blocks=target.remove_blocks,
                        macs_reduction=target.macs_reduction, min_blocks_per_stage=target.min_blocks,
-                       one_shot=target.one_shot, provider=scoring.provider, batch=data.batch)
+                       one_shot=target.one_shot, provider=scoring.provider, batch=data.batch,
+                       memory_budget=scoring.memory_budget)
     pruned, _ = apply_plan(model, result.plan)
     feeds = next(dataset.batches(min(data.batch, 16))).feeds
     verification = verify(model, pruned, feeds=feeds)
@@ -144,6 +165,17 @@ def prune(model_path: str | os.PathLike[str], target: TargetOptions, output: Out
             "target_met": result.target_met, "message": result.message, "provider": result.provider,
             "data": dataset.source, "random_data": dataset.random, "history": result.history,
             "verification": verification.to_dict(), "verification_text": verification.summary()}
+
+
+def _refuse_nothing_to_prune(structure, target: TargetOptions) -> None:
+    """Refuse, before anything is measured, a model the method finds nothing in."""
+    if target.method == "slp" and not any(b.removable for b in structure.residual_blocks):
+        reasons = sorted({b.reason for b in structure.residual_blocks})
+        raise OnnxPruneError("SLP has nothing to remove: the model has no removable residual block ("
+                             + (f"{len(structure.residual_blocks)} blocks: {'; '.join(reasons)}" if reasons else
+                                "no residual join found") + "); try --method layermerge --speedup X")
+    if target.method == "layermerge" and not structure.convs and not any(b.removable for b in structure.residual_blocks):
+        raise OnnxPruneError("LayerMerge has nothing to merge or remove: no conv chain and no removable residual block")
 
 
 def _plan_path(output: OutputOptions) -> Path:
@@ -170,12 +202,12 @@ def _prune_to_speedup(model, dataset, feature, target: TargetOptions, output: Ou
         if table is not None and table.batch != batch:
             raise OnnxPruneError(f"the latency table was measured at batch {table.batch}, not {batch}")
         result = layermerge_to_speedup(model, dataset, feature, target.speedup, timing, batch, scoring, data.batch,
-                                       table, with_pareto=output.pareto is not None)
+                                       table, with_pareto=output.pareto is not None, rounds=latency.rounds)
         if output.pareto is not None:
             Path(output.pareto).write_text(json.dumps(result.pareto, indent=1) + "\n")
     else:
         result = slp_to_speedup(model, dataset, feature, target.speedup, timing, batch, target.min_blocks,
-                                scoring.provider, data.batch)
+                                scoring.provider, data.batch, latency.rounds)
     plan_path = _plan_path(output)
     save_model(result.model, output.model)
     save_plan(result.plan, plan_path)
@@ -203,7 +235,7 @@ def latency(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str]
     model = load_model(model_path)
     structure = analyze_model(model)
     batch = latency_batch(model, latency)
-    options = enumerate_options(structure, conv_l1_norms(to_graph(model)))
+    options = search_space(structure, conv_l1_norms(to_graph(model)))
     table = build_table(model, structure, options, get_backend(latency.backend, latency.threads), batch,
                         fingerprint(model), rounds=latency.rounds or 20)
     table.save(out_path)

@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-tensor", help="the representation to compare (default: the input of the last "
                    "Gemm/MatMul on the way to the output)")
     add_provider_argument(p)
+    add_memory_budget_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with blocks: [{join, score, ...}]")
     p.set_defaults(run=_score)
 
@@ -119,12 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-blocks-per-stage", type=int, default=None, metavar="K",
                    help="slp: keep at least K blocks in every stage (blocks with the same output shape); default 1")
     g.add_argument("--one-shot", action="store_true", help="slp: rank once instead of re-scoring after each removal")
-    add_latency_arguments(p, batch_flag="--latency-batch", table=True)
+    add_latency_arguments(p, batch_flag="--latency-batch", table=True, rounds_default=None, rounds_flag=True)
     g = p.add_argument_group("scoring", "how changes are scored (CKA against the original)")
     g.add_argument("--scope", choices=["global", "local"], default=None,
                    help="layermerge importance: CKA at the features (global, the default) or one conv after the change (local)")
     g.add_argument("--feature-tensor", help="the representation to compare (default: the classifier's input)")
     add_provider_argument(g)
+    add_memory_budget_argument(g)
     g = p.add_argument_group("output")
     g.add_argument("-o", "--output", required=True, help="where to write the pruned .onnx file")
     g.add_argument("--plan", help="where to write the plan (default: OUTPUT with .plan.json)")
@@ -186,16 +188,17 @@ def print_json(result: dict) -> None:
 
 
 def add_latency_arguments(p: argparse.ArgumentParser, batch_flag: str, table: bool = False,
-                          rounds_default: int | None = None) -> None:
+                          rounds_default: int | None = None, rounds_flag: bool = False) -> None:
     g = p.add_argument_group("latency", "where and how latency is measured")
     g.add_argument("--backend", choices=["ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt"], default="ort-cpu",
                    help="where latency is measured (default ort-cpu); GPU backends say why when they cannot run")
     g.add_argument(batch_flag, dest="latency_batch", type=int, default=None, metavar="N",
                    help="batch size latency is measured at (default: the model's fixed batch size, else 1)")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads for ort-cpu (default: all this process may use)")
-    if rounds_default is not None:
+    if rounds_default is not None or rounds_flag:
+        default = f"default {rounds_default}" if rounds_default else "default 20 for the table, 25 side by side"
         g.add_argument("--rounds", type=int, default=rounds_default,
-                       help=f"rounds, each model (or row) timed once per round; medians are kept (default {rounds_default})")
+                       help=f"rounds, each model (or row) timed once per round; medians are kept ({default})")
     if table:
         g.add_argument("--latency-table", help="layermerge: reuse a table from 'onnxprune latency' "
                        "(e.g. measured on the target device)")
@@ -216,6 +219,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scale", type=float, help="factor applied to uint8 pixels before mean/std (e.g. 0.00392157)")
     g.add_argument("--layout", choices=["NCHW", "NHWC"], help="the model input's layout")
     g.add_argument("--size", type=_ints, help="resize images to H,W")
+    g.add_argument("--input-shape", type=_ints, metavar="C,H,W", help="for a model whose input sizes after the "
+                   "batch are symbolic: the sizes to analyse, score, time and rewrite it at (default: the data's)")
 
 
 def add_provider_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -224,14 +229,35 @@ def add_provider_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) 
                    "(the provider used is reported)")
 
 
+def add_memory_budget_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--memory-budget", type=memory_size, metavar="SIZE",
+                   help="memory that capture and scoring may hold, e.g. 4G or 512M (K, M, G, T: powers of 1024; "
+                   "plain bytes without a suffix); past it, copies are scored in groups and captured tensors spill to "
+                   "a temporary folder. Default: 40%% of the memory available. Scores do not depend on it")
+
+
+def memory_size(text: str) -> int:
+    """Bytes from '4G', '512M', '1.5GiB', '4gb', '100B' or '1048576' (K, M, G, T are powers of 1024)."""
+    import re
+
+    match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?", text.strip().upper())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4G, 512M or a number of bytes, got {text!r}")
+    size = int(float(match.group(1)) * (1 << (10 * " KMGT".index(match.group(2) or " "))))
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"the memory budget must be at least 1 byte, not {text!r}")
+    return size
+
+
 def data_options(args: argparse.Namespace) -> DataOptions:
     return DataOptions(source=args.data, labels=args.labels, samples=args.samples, seed=args.seed, batch=args.batch,
-                       mean=args.mean, std=args.std, scale=args.scale, layout=args.layout, size=args.size)
+                       mean=args.mean, std=args.std, scale=args.scale, layout=args.layout, size=args.size,
+                       input_shape=args.input_shape)
 
 
 def scoring_options(args: argparse.Namespace) -> ScoringOptions:
     return ScoringOptions(feature_tensor=getattr(args, "feature_tensor", None), provider=args.provider,
-                          scope=getattr(args, "scope", None))
+                          scope=getattr(args, "scope", None), memory_budget=getattr(args, "memory_budget", None))
 
 
 def latency_options(args: argparse.Namespace) -> LatencyOptions:

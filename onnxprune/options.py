@@ -32,6 +32,7 @@ class DataOptions:
     scale: float | None = None
     layout: str | None = None
     size: tuple[int, ...] | None = None
+    input_shape: tuple[int, ...] | None = None  # sizes after the batch for a model input with symbolic sizes
 
     @property
     def preprocess_overrides(self) -> dict:
@@ -45,6 +46,14 @@ class ScoringOptions:
     feature_tensor: str | None = None  # None: the classifier's input (the last Gemm/MatMul's data input)
     provider: str = "auto"  # onnxruntime provider: auto, cpu, cuda, tensorrt
     scope: str | None = None  # layermerge only: "global" (at the feature tensor, the default) or "local"
+    # Bytes that capture and scoring may hold (sessions, captured tensors, CKA accumulators), beyond the data
+    # set and the models themselves. None: 40% of the memory available when scoring starts
+    # (runtime.compare.default_memory_budget). Scores do not depend on it beyond float rounding.
+    memory_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise OnnxPruneError(f"--memory-budget must be a positive size in bytes, not {self.memory_budget}")
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,7 @@ def check_method(target: TargetOptions, scoring: ScoringOptions, latency: Latenc
         if attribute in given and target.method not in methods:
             raise OnnxPruneError(f"{flag} does not apply to --method {target.method} (only to {', '.join(sorted(methods))})")
     if target.speedup is None and latency != LatencyOptions(backend=latency.backend, threads=latency.threads):
-        raise OnnxPruneError("--latency-batch and --latency-table need --speedup: nothing is timed without it")
+        raise OnnxPruneError("--latency-batch, --latency-table and --rounds need --speedup: nothing is timed without it")
 
 
 def _given(options: object) -> dict:

@@ -4,7 +4,9 @@ LayerMerge (Kim et al., ICML 2024): enumerate options, time their rows on the ba
 table), score them by CKA, solve the DP for the latency budget, apply, verify, and measure the
 original and the pruned model side by side. When the measured speed-up misses the target, the
 budget is tightened by what the rows' predicted saving turned out to be worth (``tightened_budget``)
-and the DP solved again, a bounded number of times.
+and the DP solved again, a bounded number of times; when it overshoots the target by more than
+``OVERSHOOT``, the budget is loosened the same way (``loosened_budget``), since speed beyond the target
+costs accuracy the user did not agree to give. The met plan closest to the target is returned.
 SLP: remove blocks by SLP until the measured speed-up meets the target.
 """
 
@@ -27,12 +29,16 @@ from onnxprune.latency.measure import compare
 from onnxprune.latency.table import LatencyTable, build_table
 from onnxprune.plan import Plan, apply_plan, fingerprint
 from onnxprune.planning import dp
-from onnxprune.planning.candidates import conv_l1_norms, enumerate_options, options_plan
+from onnxprune.planning import blocks
+from onnxprune.planning.blocks import search_space
+from onnxprune.planning.candidates import conv_l1_norms, options_plan
 from onnxprune.options import ScoringOptions
 from onnxprune.verify import Verification, verify
 
 log = logging.getLogger(__name__)
 UNITS = 2000  # latency units in the budget: fine enough, and one solve stays well under a second
+TABLE_ROUNDS, MEASURE_ROUNDS = 20, 25  # defaults of `latency --rounds` and `bench --rounds`
+OVERSHOOT = 0.05  # a plan measured more than this much above the target gives away accuracy: solved again, looser
 
 
 @dataclass
@@ -56,9 +62,9 @@ class SpeedupResult:
 
 
 def _measure(original: onnx.ModelProto, pruned: onnx.ModelProto, backend: Backend,
-             batch: int) -> tuple[float, float, float]:
+             batch: int, rounds: int | None = None) -> tuple[float, float, float]:
     """(original seconds, pruned seconds, speed-up): medians, the speed-up read within rounds."""
-    measured = compare([original, pruned], backend, batch)
+    measured = compare([original, pruned], backend, batch, rounds or MEASURE_ROUNDS)
     return measured.medians[0], measured.medians[1], measured.speedups[1]
 
 
@@ -81,18 +87,34 @@ def tightened_budget(whole_s: float, predicted_s: float, measured_speedup: float
     return min(proportional, whole_s * (1 - wanted))
 
 
+def loosened_budget(whole_s: float, predicted_s: float, measured_speedup: float, target: float) -> float:
+    """The next whole-model budget after a solve predicted ``predicted_s`` and measured ``measured_speedup``
+    above ``target``: the savings read as in ``tightened_budget`` (1 - 1/measured of the predicted 1 -
+    predicted/whole came true), so the next solve asks for the saving the target needs at that yield. Never
+    looser than growing the last prediction by measured/target, never tighter than the last prediction."""
+    proportional = predicted_s * measured_speedup / target
+    predicted_saving = 1 - predicted_s / whole_s
+    measured_saving = 1 - 1 / measured_speedup
+    if predicted_saving <= 0 or measured_saving <= 0:
+        return max(predicted_s, proportional)
+    wanted = (1 - 1 / target) * predicted_saving / measured_saving
+    return max(predicted_s, min(proportional, whole_s * (1 - wanted)))
+
+
 def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: float, backend: Backend,
                           batch: int, scoring: ScoringOptions = ScoringOptions(), data_batch: int = 64,
                           table: LatencyTable | None = None, max_attempts: int = 4,
-                          with_pareto: bool = False) -> SpeedupResult:
+                          with_pareto: bool = False, rounds: int | None = None) -> SpeedupResult:
     """LayerMerge to a measured ``target`` speed-up on ``backend`` at latency batch ``batch``; rows are scored
     on ``data`` in runs of ``data_batch`` samples."""
     stages: dict[str, float] = {}
     clock = time.perf_counter()
     structure = analyze_model(model)
-    options = enumerate_options(structure, conv_l1_norms(to_graph(model)))
+    options = search_space(structure, conv_l1_norms(to_graph(model)))
+    last = blocks.positions(structure, options)
     stages["candidates"] = time.perf_counter() - clock
-    log.info(f"layermerge: {len(options)} options over {len(structure.convs)} chain convs")
+    log.info(f"layermerge: {len(options)} options over {len(structure.convs)} chain convs and "
+             f"{last - len(structure.convs)} blocks off the chain")
     clock = time.perf_counter()
     copies = row_copies(model, structure, options, feature, scoring.scope or "global")
     notes = [f"option {o.start}..{o.end} ({', '.join(o.keep or o.drop)}) left out: {why}" for o, why in copies.refused]
@@ -101,7 +123,8 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
     stages["candidates"] += time.perf_counter() - clock
     if table is None:
         clock = time.perf_counter()
-        table = build_table(model, structure, copies.options, backend, batch, fingerprint(model))
+        table = build_table(model, structure, copies.options, backend, batch, fingerprint(model),
+                            rounds=rounds or TABLE_ROUNDS)
         stages["latency table"] = time.perf_counter() - clock
     clock = time.perf_counter()
     rows, provider_used = score_rows(copies, data, scoring.provider, data_batch)
@@ -109,10 +132,11 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
     dp_rows = [dp.Row(r.option.start, r.option.end, table.option_latency(r.option, structure), r.importance, r.option)
                for r in rows]
     chain_budget = table.whole_s / target - table.fixed_s
-    curve = _pareto(dp_rows, len(structure.convs), table) if with_pareto else []
+    curve = _pareto(dp_rows, last, table) if with_pareto else []
     attempts: list[dict] = []
     results: list[SpeedupResult] = []
     stages["dp"] = stages["apply"] = stages["verify"] = stages["measure"] = 0.0
+    tried: set[tuple] = set()
     for attempt in range(1, max_attempts + 1):
         if chain_budget <= 0:
             if results:
@@ -122,7 +146,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
                                  "cannot change takes more than the whole budget")
         clock = time.perf_counter()
         try:
-            solution = dp.solve(dp_rows, len(structure.convs), chain_budget, chain_budget / UNITS)
+            solution = dp.solve(dp_rows, last, chain_budget, chain_budget / UNITS)
         except dp.Infeasible:
             if results:
                 log.info(f"layermerge: no plan fits the tightened budget; stopping after {attempt - 1} attempts")
@@ -131,6 +155,10 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
                                  f"(attempt {attempt})") from None
         stages["dp"] += time.perf_counter() - clock
         chosen = [r.key for r in solution.rows]
+        if tuple(chosen) in tried:
+            log.info(f"layermerge: the new budget gives a plan already measured; stopping after {attempt - 1} attempts")
+            break
+        tried.add(tuple(chosen))
         plan = Plan(**options_plan([o for o in chosen if not o.original]), fingerprint=fingerprint(model),
                     method="layermerge")
         clock = time.perf_counter()
@@ -142,7 +170,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
         if not verification.passed:
             raise OnnxPruneError(f"the pruned model failed verification: {verification.summary()}")
         clock = time.perf_counter()
-        t_original, t_pruned, speedup = _measure(model, pruned, backend, batch)
+        t_original, t_pruned, speedup = _measure(model, pruned, backend, batch, rounds)
         stages["measure"] += time.perf_counter() - clock
         predicted = table.fixed_s + solution.latency
         attempts.append({"attempt": attempt, "budget_s": chain_budget + table.fixed_s, "predicted_s": predicted,
@@ -157,11 +185,17 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
         results.append(SpeedupResult(pruned, plan, target, speedup, t_original, t_pruned, predicted,
                                      speedup >= target, attempts, stages, table, verification, provider_used, curve,
                                      notes=notes))
-        if speedup >= target:
+        if target <= speedup <= target * (1 + OVERSHOOT):
             break
-        chain_budget = tightened_budget(table.whole_s, predicted, speedup, target) - table.fixed_s
+        if speedup < target:
+            chain_budget = tightened_budget(table.whole_s, predicted, speedup, target) - table.fixed_s
+        else:
+            log.info(f"layermerge: {speedup:.3f}x overshoots the {target}x target by more than "
+                     f"{100 * OVERSHOOT:g}%: solving again with a looser budget")
+            chain_budget = loosened_budget(table.whole_s, predicted, speedup, target) - table.fixed_s
     met = [r for r in results if r.met]
-    return met[-1] if met else max(results, key=lambda r: r.speedup)  # a miss returns the fastest attempt
+    # the met plan closest to the target from above (the least accuracy given for speed); a miss: the fastest
+    return min(met, key=lambda r: r.speedup) if met else max(results, key=lambda r: r.speedup)
 
 
 def _describe(row: dp.Row) -> dict:
@@ -184,12 +218,13 @@ def _pareto(rows: list[dp.Row], positions: int, table: LatencyTable) -> list[dic
 
 
 def slp_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: float, backend: Backend, batch: int,
-                   min_blocks_per_stage: int = 1, provider: str = "auto", data_batch: int = 64) -> SpeedupResult:
+                   min_blocks_per_stage: int = 1, provider: str = "auto", data_batch: int = 64,
+                   rounds: int | None = None) -> SpeedupResult:
     """SLP, one block at a time, until the speed-up measured on ``backend`` at ``batch`` meets ``target``."""
     measured: dict[str, float] = {}
 
     def fast_enough(current: onnx.ModelProto) -> bool:
-        t_original, t_pruned, speedup = _measure(model, current, backend, batch)
+        t_original, t_pruned, speedup = _measure(model, current, backend, batch, rounds)
         measured.update(original=t_original, pruned=t_pruned, speedup=speedup)
         log.info(f"slp: measured {speedup:.3f}x (target {target}x)")
         return speedup >= target

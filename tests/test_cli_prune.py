@@ -23,6 +23,8 @@ def test_score_and_prune_verbs(tmp_path, capsys):
     result = json.loads(captured.out)
     assert "RANDOM" in captured.err  # random calibration data is called out
     assert len(result["removed_blocks"]) == 2 and result["verification"]["passed"]
+    assert result["verification"]["finite"] and not result["verification"]["identical"]
+    assert 0 <= result["verification"]["agreement"] <= 1  # the classifier's top-1 drift is reported
     assert load_plan(tmp_path / "pruned.plan.json").remove_blocks == result["removed_blocks"]
 
     assert main(["prune", str(model), "--data", "random", "--remove-blocks", "9", "--min-blocks-per-stage", "3",
@@ -114,3 +116,41 @@ def test_the_data_batch_reaches_layermerge_scoring(monkeypatch):
         layermerge_to_speedup(model, load_data("random", model, samples=8), feature_tensor(model), 1.2,
                               get_backend("ort-cpu", 1), 1, ScoringOptions(provider="cpu"), data_batch=7)
     assert seen == [7]
+
+
+def symbolic_size_net():
+    import numpy as np
+
+    from tests.builders import GraphBuilder, residual_block
+
+    g = GraphBuilder(("batch", 3, "height", "width"), seed=2)
+    x = g.relu(g.conv(g.input, 8))
+    for _ in range(3):
+        x = residual_block(g, x)
+    pooled = g.node("Flatten", [g.node("GlobalAveragePool", [x])], 8)
+    w = g.const(g.rng.normal(size=(10, 8)).astype(np.float32))
+    return g.build([g.node("Gemm", [pooled, w, g.const(np.zeros(10, np.float32))], 10, transB=1)])
+
+
+def test_symbolic_sizes_are_timed_at_the_given_shape_never_at_one(tmp_path, capsys):
+    import numpy as np
+
+    path = tmp_path / "any_size.onnx"
+    onnx.save(symbolic_size_net(), path)
+    base = ["prune", str(path), "--speedup", "1.2", "--rounds", "3", "--samples", "8", "--json", "--quiet"]
+    assert main(base + ["--data", "random", "-o", str(tmp_path / "a.onnx")]) == 1
+    assert "give --input-shape" in capsys.readouterr().err
+    code = main(base + ["--data", "random", "--input-shape", "3,12,12", "-o", str(tmp_path / "b.onnx")])
+    result = json.loads(capsys.readouterr().out)
+    assert code == (0 if result["target_met"] else 1) and result["verification"]["passed"]
+    assert result["macs_after"] < result["macs_before"]
+    pruned_dims = [d.dim_value for d in load_model_dims(tmp_path / "b.onnx")]
+    assert pruned_dims[1:] == [3, 12, 12]  # the pruned model takes the size it was timed at
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((8, 3, 10, 10)).astype(np.float32))
+    code = main(base + ["--data", str(tmp_path / "d.npz"), "-o", str(tmp_path / "c.onnx")])
+    json.loads(capsys.readouterr().out)
+    assert [d.dim_value for d in load_model_dims(tmp_path / "c.onnx")][1:] == [3, 10, 10]  # the data's size
+
+
+def load_model_dims(path):
+    return onnx.load(path).graph.input[0].type.tensor_type.shape.dim

@@ -12,9 +12,10 @@ from onnxprune.graph.io import infer_shapes
 from onnxprune.latency.backends import get_backend
 from onnxprune.plan import apply_plan
 from onnxprune.runtime.capture import feature_tensor
-from onnxprune.speedup import layermerge_to_speedup, slp_to_speedup, tightened_budget
-from onnxprune.verify import verify
+from onnxprune.speedup import OVERSHOOT, layermerge_to_speedup, loosened_budget, slp_to_speedup, tightened_budget
+from onnxprune.verify import random_feeds, verify
 from tests.builders import GraphBuilder, residual_block
+from tests.conftest import run as run_model
 
 
 def deep_net(seed=0):
@@ -41,6 +42,22 @@ def test_a_missed_target_tightens_the_budget_by_what_the_savings_were_worth(savi
     assert budget == pytest.approx(min(whole * (1 - min(wanted, 3 * saving)), predicted * measured / target))
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0.01, 0.7), st.floats(1.0, 4.0), st.floats(1.05, 3.0))
+def test_an_overshoot_loosens_the_budget_by_what_the_savings_were_worth(saving, came_true, target):
+    whole, predicted = 1.0, 1.0 - saving
+    if saving * came_true >= 0.99:
+        return
+    measured = 1 / (1 - saving * came_true)  # more of the predicted saving came true than predicted
+    if measured <= target * (1 + OVERSHOOT):
+        return
+    budget = loosened_budget(whole, predicted, measured, target)
+    assert predicted <= budget <= predicted * measured / target + 1e-12  # looser, never past the proportional rule
+    assert budget <= whole
+    # at the same yield, the next plan's saving meets the target: 1 / (1 - yield * (1 - budget)) >= target
+    assert 1 / (1 - came_true * (1 - budget)) >= target * (1 - 1e-9) or budget == predicted * measured / target
+
+
 def test_a_slower_pruned_model_falls_back_to_the_proportional_rule():
     assert tightened_budget(1.0, 0.8, 0.95, 1.5) == pytest.approx(0.8 * 0.95 / 1.5)
 
@@ -55,8 +72,11 @@ def test_speedup_result_is_consistent_and_verified(method):
     assert result.met == (result.speedup >= 1.3)
     assert result.speedup > 0 and result.original_s > 0 and result.pruned_s > 0  # the speed-up is read within rounds
     assert result.verification.passed
+    assert result.verification.finite and result.verification.agreement is not None  # (N, 10) logits
     replay, _ = apply_plan(model, result.plan)
     assert verify(model, replay).passed
+    feeds = random_feeds(model)
+    assert np.array_equal(run_model(replay, feeds)[0], run_model(result.model, feeds)[0])  # the plan replays exactly
     if method == "layermerge":
         assert 1 <= len(result.attempts) <= 4 and {"candidates", "importance", "dp", "latency table"} <= set(result.stages)
         assert all(a["predicted_s"] > 0 for a in result.attempts)
@@ -78,6 +98,7 @@ def test_cli_speedup_latency_and_bench(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert code == (0 if result["target_met"] else 1)
     assert result["method"] == "layermerge" and out.exists() and result["verification"]["passed"]
+    assert result["verification"]["finite"]
     if not result["target_met"]:
         assert "misses" in result["message"]
     curve = json.loads((tmp_path / "curve.json").read_text())

@@ -162,7 +162,11 @@ def _random(inputs: list[ModelInput], n: int, seed: int) -> Dataset:
     rng = np.random.default_rng(seed)
     arrays = {}
     for inp in inputs:
-        shape = (n,) + tuple(d if d is not None else 1 for d in inp.shape[1:])
+        if any(d is None for d in inp.shape[1:]):
+            readable = ["?" if d is None else d for d in inp.shape]
+            raise OnnxPruneError(f"random inputs for {inp.name} {readable}: its sizes other than the batch are "
+                                 "symbolic; give --input-shape (e.g. 3,224,224) or real --data")
+        shape = (n,) + tuple(inp.shape[1:])
         if np.issubdtype(inp.dtype, np.floating):
             arrays[inp.name] = rng.standard_normal(shape).astype(inp.dtype)
         else:

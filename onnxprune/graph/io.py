@@ -232,3 +232,25 @@ def over_protobuf_limit(model: onnx.ModelProto) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:200]
+
+
+def specialise_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs named in ``shapes`` have those sizes after the batch (the batch stays as
+    it is), shapes inferred again: what a model with symbolic heights and widths is analysed, timed and rewritten
+    at (a merged conv's padding depends on its input size)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for vi in copy.graph.input:
+        if vi.name not in shapes:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        sizes = tuple(shapes[vi.name])
+        if len(sizes) != len(dims) - 1:
+            raise OnnxPruneError(f"input {vi.name} has {len(dims)} dimensions; give its {len(dims) - 1} sizes after "
+                                 f"the batch, not {list(sizes)}")
+        for dim, size in zip(list(dims)[1:], sizes):
+            if dim.HasField("dim_value") and dim.dim_value != size:
+                raise OnnxPruneError(f"input {vi.name} has a fixed size {dim.dim_value} where {size} was given")
+            dim.dim_value = int(size)
+    del copy.graph.value_info[:]
+    return infer_shapes(copy)

@@ -28,7 +28,7 @@ from onnxprune.graph.normalize import to_graph, to_model
 from onnxprune.plan import Plan, PlanError, apply_plan
 from onnxprune.planning.candidates import Option, options_plan
 from onnxprune.runtime.capture import suffix_model
-from onnxprune.runtime.compare import Copy, cka_with_original
+from onnxprune.runtime.compare import Copy, cka_with_original, share_weights
 
 log = logging.getLogger(__name__)
 FLOOR = math.log(1e-6)  # importance of a row whose representation no longer resembles the original
@@ -73,21 +73,26 @@ def row_copies(model: onnx.ModelProto, structure: Structure, options: list[Optio
         except PlanError as exc:
             refused.append((option, str(exc)))
             continue
-        start = conv_io[structure.convs[option.start].name][0]
+        if option.remove_block is not None:  # cut at the block's input: the block may lie off the chain
+            start = next(b.input for b in structure.residual_blocks if b.join == option.remove_block)
+        else:
+            start = conv_io[structure.convs[option.start].name][0]
         target = feature
-        if scope == "local" and option.end < len(structure.convs):
+        if scope == "local" and option.remove_block is None and option.end < len(structure.convs):
             target = conv_io[structure.convs[option.end].name][1]
         suffix, side = suffix_model(modified, start, [target])
         kept.append(option)
-        copies.append(Copy(suffix, {t: t for t in (start, *side)}, target, target))
+        copies.append(share_weights(Copy(suffix, {t: t for t in (start, *side)}, target, target), base))
     return RowCopies(base, kept, copies, refused)
 
 
-def score_rows(rows: RowCopies, data: Dataset, provider: str = "auto",
-               batch: int = 64) -> tuple[list[RowImportance], str]:
-    """(h for every option of ``rows``, the onnxruntime provider used); originals get 0 without being run."""
+def score_rows(rows: RowCopies, data: Dataset, provider: str = "auto", batch: int = 64,
+               memory_budget: int | None = None) -> tuple[list[RowImportance], str]:
+    """(h for every option of ``rows``, the onnxruntime provider used); originals get 0 without being run.
+    ``memory_budget``: bytes scoring may hold (runtime.compare; None: the default)."""
     start_time = time.perf_counter()
-    similarity, provider_used = cka_with_original(rows.base, rows.copies, data, provider, batch)
+    similarity, provider_used = cka_with_original(rows.base, rows.copies, data, provider, batch,
+                                                  memory_budget=memory_budget)
     changed = iter(similarity)
     result = [RowImportance(o, 1.0, 0.0) if o.original else _row(o, next(changed)) for o in rows.options]
     log.info(f"layermerge: scored {len(rows.copies)} rows in {time.perf_counter() - start_time:.1f} s")
@@ -100,6 +105,6 @@ def _row(option: Option, cka_value: float) -> RowImportance:
 
 def row_importances(model: onnx.ModelProto, structure: Structure, options: list[Option], data: Dataset,
                     feature: str, scope: str = "global", provider: str = "auto",
-                    batch: int = 64) -> tuple[list[RowImportance], str]:
+                    batch: int = 64, memory_budget: int | None = None) -> tuple[list[RowImportance], str]:
     """``row_copies`` then ``score_rows``: h for every option the rewrite accepts, and the provider used."""
-    return score_rows(row_copies(model, structure, options, feature, scope), data, provider, batch)
+    return score_rows(row_copies(model, structure, options, feature, scope), data, provider, batch, memory_budget)

@@ -23,7 +23,7 @@ from onnxprune.graph.analysis import ResidualBlock, Structure, analyze_model
 from onnxprune.graph.io import infer_shapes
 from onnxprune.plan import Plan, apply_plan, fingerprint
 from onnxprune.runtime.capture import suffix_model, with_outputs
-from onnxprune.runtime.compare import Copy, cka_with_original
+from onnxprune.runtime.compare import Copy, cka_with_original, share_weights
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +57,20 @@ def removal_candidates(structure: Structure, min_blocks_per_stage: int = 1) -> l
 
 def score_blocks(model: onnx.ModelProto, data: Dataset, blocks: list[ResidualBlock], feature: str,
                  provider: str = "auto", batch: int = 64, suffix_only: bool = True,
-                 unbiased: bool = False) -> ScoreRun:
-    """SLP scores of ``blocks`` on ``data`` (the same samples for the original and every candidate)."""
+                 unbiased: bool = False, memory_budget: int | None = None) -> ScoreRun:
+    """SLP scores of ``blocks`` on ``data`` (the same samples for the original and every candidate);
+    ``memory_budget``: bytes scoring may hold (runtime.compare; None: the default)."""
     start = time.perf_counter()
     if suffix_only:  # the network after each block, fed with the block's input as its output
         copies = []
         for b in blocks:
             suffix, side = suffix_model(model, b.output, [feature])
-            copies.append(Copy(suffix, {b.output: b.input, **{t: t for t in side}}, feature, feature))
+            copies.append(share_weights(Copy(suffix, {b.output: b.input, **{t: t for t in side}}, feature, feature),
+                                        model))
     else:
-        copies = [Copy(with_outputs(apply_plan(model, Plan(remove_blocks=[b.join]))[0], [feature]),
-                       {name: name for name in data.inputs}, feature, feature) for b in blocks]
-    similarity, provider_used = cka_with_original(model, copies, data, provider, batch, unbiased)
+        copies = [share_weights(Copy(with_outputs(apply_plan(model, Plan(remove_blocks=[b.join]))[0], [feature]),
+                                     {name: name for name in data.inputs}, feature, feature), model) for b in blocks]
+    similarity, provider_used = cka_with_original(model, copies, data, provider, batch, unbiased, memory_budget)
     scores = [BlockScore(b.join, float(1.0 - value), b.macs, b.params) for b, value in zip(blocks, similarity)]
     return ScoreRun(scores, provider_used, time.perf_counter() - start, len(data))
 
@@ -86,7 +88,7 @@ class SLPResult:
 def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, remove_blocks: int | None = None,
               macs_reduction: float | None = None, min_blocks_per_stage: int = 1, one_shot: bool = False,
               provider: str = "auto", batch: int = 64,
-              until: Callable[[onnx.ModelProto], bool] | None = None) -> SLPResult:
+              until: Callable[[onnx.ModelProto], bool] | None = None, memory_budget: int | None = None) -> SLPResult:
     """Remove the lowest-scoring block, re-score on the pruned network, repeat until ``remove_blocks``
     blocks are gone, ``macs_reduction`` of the MACs, or ``until(pruned model)`` holds (a measured
     speed-up, say); ``one_shot`` ranks once and removes in that order."""
@@ -115,7 +117,7 @@ def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, remove_blocks
         if not candidates:
             break
         if ranking is None or not one_shot:
-            run = score_blocks(current, data, candidates, feature, provider, batch)
+            run = score_blocks(current, data, candidates, feature, provider, batch, memory_budget=memory_budget)
             provider_used = run.provider
             ranking = sorted(run.scores, key=lambda s: s.score)
             log.info(f"slp: scored {len(candidates)} blocks on {run.samples} samples in {run.seconds:.1f} s ({run.provider})")

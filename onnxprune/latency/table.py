@@ -29,8 +29,9 @@ from onnx import helper, numpy_helper
 
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import Structure
+from onnxprune.graph.normalize import to_graph, to_model
 from onnxprune.graph.ops import ACTIVATION_ATTRS
-from onnxprune.latency.backends import Backend, median_time
+from onnxprune.latency.backends import Backend, median_time, overhead_model
 from onnxprune.latency.measure import random_feeds, time_in_rounds
 from onnxprune.planning.candidates import Option
 
@@ -54,16 +55,36 @@ class LatencyTable:
     rows: dict[str, float] = field(default_factory=dict)  # signature -> seconds
     rounds: int = 0  # rounds the rows were timed in, each beside the whole model
     notes: list[str] = field(default_factory=list)  # rows timed otherwise than they run, a clamped fixed part
+    blocks: dict[str, float] = field(default_factory=dict)  # join -> seconds of the block's branch, its own work
+    # join -> seconds of a block on the chain beyond its convs' rows (e.g. a ConvNeXt block's LayerNorm and
+    # MatMuls): paid by the row that starts the block while the block stays, saved when it is removed
+    block_extras: dict[str, float] = field(default_factory=dict)
+    # seconds each graph node costs beyond its kernel (dispatch, allocation): the whole model's run beyond its
+    # kernels and an empty model's run, shared out by node count; what a row's nodes add to its own work
+    node_overhead_s: float = 0.0
     schema: int = TABLE_SCHEMA
 
     def option_latency(self, option: Option, structure: Structure) -> float:
+        if option.keep_block is not None:
+            return self.block_latency(option.keep_block, structure)
         signature = row_signature(option, structure, self.batch)
         if signature is None:
             return 0.0
         if signature not in self.rows:
             raise OnnxPruneError(f"the latency table has no row '{signature}' (convs {', '.join(option.keep)}): it was "
                                  "measured for other options of this model; measure it again with onnxprune latency")
-        return self.rows[signature]
+        extras = sum(self.block_extras.get(join, 0.0) for a, b, join in chain_spans(structure)
+                     if a == option.start and option.end <= b)
+        nodes = 1 + len(structure.convs[option.end - 1].activation_nodes)  # the conv and its activation
+        return self.rows[signature] + self.node_overhead_s * nodes + extras
+
+    def block_latency(self, join: str, structure: Structure) -> float:
+        """A block's branch as its own work, with the overhead of its nodes and of its join."""
+        if join not in self.blocks:
+            raise OnnxPruneError(f"the latency table has no row for block {join}: measure it again with "
+                                 "onnxprune latency")
+        block = next(b for b in structure.residual_blocks if b.join == join)
+        return self.blocks[join] + self.node_overhead_s * (len(block.branch_nodes) + 1)
 
     def predict(self, options: list[Option], structure: Structure) -> float:
         return self.fixed_s + sum(self.option_latency(o, structure) for o in options)
@@ -150,9 +171,17 @@ def activation_text(kind: str | None, attrs: dict) -> str:
     return f"{kind}({inner})" if inner else kind
 
 
+def chain_spans(structure: Structure) -> list[tuple[int, int, str]]:
+    """(first position, last position, join) of every identity block whose branch holds chain convs s..e-1."""
+    blocks = structure.residual_blocks
+    return [(span["source"] + 1, span["target"] + 1, blocks[span["block"]].join) for span in structure.spans
+            if blocks[span["block"]].shortcut == "identity"]
+
+
 def row_signature(option: Option, structure: Structure, batch: int) -> str | None:
-    """What determines a row's latency; None for a removed block (it costs nothing)."""
-    if option.remove_block is not None:
+    """What determines a conv row's latency; None for a removed block (it costs nothing) or a kept one (its
+    branch is timed as a whole: LatencyTable.blocks)."""
+    if option.remove_block is not None or option.keep_block is not None:
         return None
     in_shape, out_spatial, cout = _row_shape(option, structure, batch)
     groups = _conv_groups(option, in_shape[1], cout)
@@ -270,6 +299,8 @@ def build_table(model: onnx.ModelProto, structure: Structure, options: list[Opti
         if signature is not None and signature not in distinct:
             distinct[signature] = option
     whole_run, reference = backend.runner(model, feeds), backend.reference_runner(model, feeds)
+    removable = {o.remove_block or o.keep_block for o in options} - {None}
+    branches = block_models(model, [b for b in structure.residual_blocks if b.join in removable], feeds)
     shares: dict[str, float] = {}  # signature -> row seconds / whole seconds, within its group's rounds
     wholes: list[float] = []
     for group in _groups(distinct, structure, batch, np.dtype(row_dtype).itemsize, group_bytes):
@@ -281,14 +312,67 @@ def build_table(model: onnx.ModelProto, structure: Structure, options: list[Opti
         wholes.append(whole_s)
         shares.update((signature, seconds / whole_s) for signature, seconds in zip(group, own))
         log.info(f"latency: timed {len(shares)}/{len(distinct)} distinct rows on {backend.name}")
+    if branches:
+        clocks = [backend.own_clock(branch, branch_feeds) for branch, branch_feeds in branches.values()]
+        whole_s, own = time_in_rounds(whole_run, reference, clocks, rounds, warmup)
+        wholes.append(whole_s)
+        shares.update((f"block {join}", seconds / whole_s) for join, seconds in zip(branches, own))
+        log.info(f"latency: timed {len(branches)} residual blocks as a whole on {backend.name}")
     whole = float(np.median(wholes)) if wholes else median_time(whole_run, warmup, rounds)
-    rows = {signature: share * whole for signature, share in shares.items()}
+    node_overhead = _node_overhead(model, backend, reference, feeds, rounds) * whole
+    rows = {signature: share * whole for signature, share in shares.items() if not signature.startswith("block ")}
     originals = [o for o in options if o.original]
     table = LatencyTable(backend.describe(), batch, str(dtype), fingerprint, whole, 0.0, rows, rounds,
-                         _untimed_activations(distinct, structure))
+                         _untimed_activations(distinct, structure),
+                         blocks={join: shares[f"block {join}"] * whole for join in branches},
+                         node_overhead_s=node_overhead)
+    table.block_extras = _block_extras(table, structure, originals)
     table.fixed_s, note = fixed_part(whole, sum(table.option_latency(o, structure) for o in originals))
     table.notes += [note] if note else []
     return table
+
+
+def block_models(model: onnx.ModelProto, blocks: list, feeds: dict[str, np.ndarray]) -> dict[str, tuple]:
+    """join -> (a model of the block's branch alone, its inputs): the nodes from the block's input to its branch
+    output (runtime.capture.suffix_model), fed with the tensors of one run of the whole model on ``feeds``."""
+    from onnxprune.runtime.capture import suffix_model, with_outputs
+    from onnxprune.runtime.session import create_session
+
+    base = to_model(to_graph(model), model)  # normalized: tensor names as the analysis has them
+    parts = {b.join: suffix_model(base, b.input, [b.branch_output]) for b in blocks}
+    wanted = sorted({name for b in blocks for name in (b.input, *parts[b.join][1]) if name not in feeds})
+    if not parts:
+        return {}
+    session = create_session(with_outputs(base, wanted), "cpu")
+    values = {**feeds, **dict(zip(session.output_names, session.run(feeds)))}
+    return {b.join: (parts[b.join][0], {name: values[name] for name in (b.input, *parts[b.join][1])})
+            for b in blocks}
+
+
+def _node_overhead(model: onnx.ModelProto, backend: Backend, reference, feeds: dict[str, np.ndarray],
+                   rounds: int) -> float:
+    """Per graph node, the share of the whole model's run that is no kernel's work: (run - kernels - an empty
+    model's run) / run / nodes, from the reference run (the profiled whole model on ort-cpu). 0 where the
+    reference says nothing of its kernels (the GPU backends' clocks already subtract an empty model's run)."""
+    if not hasattr(reference, "seconds"):
+        return 0.0
+    wall = median_time(reference, 1, rounds)
+    kernels = float(np.median(reference.seconds()[-rounds:]))
+    empty_input = next(iter(feeds.values()))
+    empty = median_time(backend.runner(overhead_model(feeds), {"x": empty_input}), 3, rounds)
+    nodes = len(to_graph(model).nodes)
+    return max(0.0, wall - kernels - empty) / wall / max(1, nodes)
+
+
+def _block_extras(table: LatencyTable, structure: Structure, originals: list[Option]) -> dict[str, float]:
+    """For each timed block on the chain, its branch's time beyond the original rows of its convs (never below 0)."""
+    extras = {}
+    for a, b, join in chain_spans(structure):
+        if join in table.blocks:
+            convs = sum(table.option_latency(o, structure) for o in originals
+                        if o.keep_block is None and a <= o.start and o.end <= b)
+            extras[join] = max(0.0, table.block_latency(join, structure) - convs)
+    return extras
 
 
 def _untimed_activations(distinct: dict[str, Option], structure: Structure) -> list[str]:

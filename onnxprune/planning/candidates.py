@@ -4,8 +4,9 @@ DP positions are 0..D for a chain of D convs: position p sits after chain conv p
 is the chain's input). A segment (s, e] holds chain convs s..e-1; the activations strictly inside
 it are removed, the one at its end stays. A segment is valid when
 
-- its convs may be merged and nothing between them stops a merge (no barrier, no tensor read elsewhere),
-- only 1x1 convs follow a strided conv inside it,
+- nothing between its convs stops a merge (no barrier, no tensor read elsewhere),
+- the convs an option keeps may be merged, and only 1x1 convs follow a strided one among them (a
+  conv the option drops only has to be able to become the identity: ``subset_refusal``),
 - it is laminar with every identity residual span: inside it, disjoint from it, or covering it
   exactly (then the identity folds into the merged kernel's centre tap).
 
@@ -19,13 +20,14 @@ that covers an identity block exactly also has the option "remove the block" (SL
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph import rules
-from onnxprune.graph.analysis import Structure
+from onnxprune.graph.analysis import ChainConv, Structure
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,12 @@ class Option:
     fold_identity: str | None = None  # join of the block whose identity folds into the merged conv
     remove_block: str | None = None  # join of the block this option removes
     drop_activations: tuple[str, ...] = ()  # activation nodes strictly inside the segment
+    keep_block: str | None = None  # join of a block off the chain that this option keeps as it is (planning/blocks.py)
 
     @property
     def original(self) -> bool:
+        if self.keep_block is not None:
+            return True
         return self.end - self.start == 1 and len(self.keep) == 1 and self.fold_identity is None
 
 
@@ -68,27 +73,46 @@ def _exact_span(structure: Structure, s: int, e: int) -> str | None:
     return next((join for a, b, join in _identity_spans(structure) if (s, e) == (a, b)), None)
 
 
-def segment_refusal(structure: Structure, s: int, e: int) -> str | None:
-    """Why chain convs s..e-1 cannot become one conv (with the identity of a block they cover exactly folded
-    in), or None; the conv, link and block predicates are graph/rules.py's."""
-    convs = structure.convs[s:e]
-    exact = _exact_span(structure, s, e)
-    if e - s > 1 or exact:
-        for c in convs:
-            if refusal := rules.chain_merge_refusal(c):
-                return refusal
-        for k in range(s, e - 1):
-            if refusal := rules.link_refusal(structure.links[k]):
-                return refusal
-            if any(structure.residual_blocks[j].shortcut != "identity" for j in structure.links[k].joins):
-                return f"a projection join lies between chain convs {k} and {k + 1}"
-    if refusal := rules.stride_refusal(convs, [c.name for c in convs]):
-        return refusal
+def segment_refusal(structure: Structure, s: int, e: int, keep: Collection[str] | None = None) -> str | None:
+    """Why chain convs s..e-1 cannot become one conv, keeping the convs named in ``keep`` (all of them by
+    default) and dropping the others, with the identity of a block they cover exactly folded in; or None. The
+    conv, link and block predicates are graph/rules.py's."""
+    return layout_refusal(structure, s, e) or subset_refusal(structure, s, e, keep)
+
+
+def layout_refusal(structure: Structure, s: int, e: int) -> str | None:
+    """What lies between convs s..e-1 and stops them becoming one conv, whichever of them are kept: a barrier,
+    a tensor read elsewhere, a projection join, a residual span cut across, an identity that cannot fold."""
+    for k in range(s, e - 1):
+        if refusal := rules.link_refusal(structure.links[k]):
+            return refusal
+        if any(structure.residual_blocks[j].shortcut != "identity" for j in structure.links[k].joins):
+            return f"a projection join lies between chain convs {k} and {k + 1}"
     for a, b, join in _identity_spans(structure):
         if not (e <= a or b <= s or (a <= s and e <= b) or (s, e) == (a, b)):
             return f"convs {s}..{e - 1} cut across the residual block {join}"
+    exact = _exact_span(structure, s, e)
     if exact is not None:
         return rules.fold_refusal(structure.residual_blocks[_block_index(structure, exact)])
+    return None
+
+
+def subset_refusal(structure: Structure, s: int, e: int, keep: Collection[str] | None) -> str | None:
+    """Why the convs of s..e-1 named in ``keep`` cannot merge into one conv (the others dropped), or None. Only
+    merged convs (more than one, or one with an identity folded in) answer to the merge and stride rules: a
+    dropped conv only has to be able to become the identity."""
+    convs = structure.convs[s:e]
+    kept = convs if keep is None else [c for c in convs if c.name in keep]
+    if not kept:
+        return f"convs {s}..{e - 1}: none is kept"
+    for c in convs:
+        if c not in kept and (refusal := rules.drop_refusal(c)):
+            return f"{refusal}: it cannot become an identity"
+    if len(kept) > 1 or _exact_span(structure, s, e) is not None:
+        for c in kept:
+            if refusal := rules.chain_merge_refusal(c):
+                return refusal
+        return rules.stride_refusal(kept, [c.name for c in kept])
     return None
 
 
@@ -101,11 +125,13 @@ def enumerate_options(structure: Structure, l1: dict[str, float], max_convs: int
     """Every option of every valid segment of at most ``max_convs`` convs, originals first."""
     convs = structure.convs
     options: list[Option] = []
+    for s, conv in enumerate(convs):  # every conv may stay as it is, whatever the rules say of merging it
+        options.append(original_option(conv))
     for length in range(1, max_convs + 1):
         for s in range(0, len(convs) - length + 1):
             e = s + length
-            ok, exact = valid_segment(structure, s, e)
-            if not ok:
+            exact = _exact_span(structure, s, e)
+            if (length == 1 and exact is None) or layout_refusal(structure, s, e) is not None:
                 continue
             options.extend(_segment_options(structure, s, e, exact, l1, max_kernel))
     # Removing a whole block merges nothing: it needs no barrier-free segment and no length limit.
@@ -113,9 +139,16 @@ def enumerate_options(structure: Structure, l1: dict[str, float], max_convs: int
     for a, b, join in _identity_spans(structure):
         if join in removable and _laminar(structure, a, b):
             inner = tuple(name for c in convs[a:b - 1] for name in c.activation_nodes)
-            options.append(Option(a, b, (), tuple(c.name for c in convs[a:b]), (1, 1), (1, 1), False,
+            unit = (1,) * len(convs[a].kernel)
+            options.append(Option(a, b, (), tuple(c.name for c in convs[a:b]), unit, unit, False,
                                   remove_block=join, drop_activations=inner))
     return options
+
+
+def original_option(conv: ChainConv) -> Option:
+    """Chain conv ``conv`` kept as it is, with its activation: the option every tiling may fall back on."""
+    return Option(conv.index, conv.index + 1, (conv.name,), (), tuple(conv.kernel), tuple(conv.stride),
+                  conv.depthwise and conv.in_channels == conv.out_channels, conv.groups)
 
 
 def _laminar(structure: Structure, s: int, e: int) -> bool:
@@ -125,7 +158,7 @@ def _laminar(structure: Structure, s: int, e: int) -> bool:
 def _segment_options(structure: Structure, s: int, e: int, exact: str | None, l1: dict[str, float],
                      max_kernel: int) -> list[Option]:
     convs = structure.convs[s:e]
-    inner_acts = tuple(name for c in convs[:-1] for name in c.activation_nodes)
+    inner_acts = _inner_activations(structure, s, e, exact)
     required = [c for c in convs if rules.drop_refusal(c) is not None]
     optional = [c for c in convs if c not in required]
     best: dict[tuple, tuple[float, Option]] = {}
@@ -134,13 +167,14 @@ def _segment_options(structure: Structure, s: int, e: int, exact: str | None, l1
             kept = [c for c in convs if c not in dropped]
             if not kept:
                 continue
-            if len(kept) > 1 and rules.stride_refusal(kept):
+            if subset_refusal(structure, s, e, {c.name for c in kept}) is not None:
                 continue
             kernel = tuple(1 + sum(k[d] - 1 for k in (c.kernel for c in kept)) for d in range(len(kept[0].kernel)))
             if max(kernel) > max_kernel or (exact is not None and any(k % 2 == 0 for k in kernel)):
                 continue
             stride = tuple(int(np.prod([c.stride[d] for c in kept])) for d in range(len(kernel)))
-            depthwise = all(c.depthwise for c in kept)
+            # a depthwise conv with a channel multiplier merges into a dense conv (merge.conv_map)
+            depthwise = all(c.depthwise and c.in_channels == c.out_channels for c in kept)
             if len(kept) == 1 and e - s == 1 and exact is None:
                 key: tuple = ("original",)
             else:
@@ -154,6 +188,17 @@ def _segment_options(structure: Structure, s: int, e: int, exact: str | None, l1
             if key not in best or weight > best[key][0]:
                 best[key] = (weight, option)
     return [option for _, option in best.values()]
+
+
+def _inner_activations(structure: Structure, s: int, e: int, exact: str | None) -> tuple[str, ...]:
+    """The activation nodes strictly inside segment s..e-1, all of which a merge absorbs: those on its links
+    (a conv's own and one after a join on the way), and with an identity folded in, those between the last
+    conv and the join."""
+    names = [name for link in structure.links[s:e - 1] for name in link.activation_nodes]
+    if exact is not None:
+        branch = set(structure.residual_blocks[_block_index(structure, exact)].branch_nodes)
+        names += [name for name in structure.convs[e - 1].activation_nodes if name in branch]
+    return tuple(dict.fromkeys(names))
 
 
 def options_plan(options: list[Option]) -> dict:

@@ -39,16 +39,56 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return copy
 
 
+def _sample_elements(info: onnx.ValueInfoProto | None) -> int | None:
+    """Elements of one sample of a tensor (its dims after the first; symbolic ones count as 1), None if unknown."""
+    t = info.type.tensor_type if info is not None else None
+    if t is None or not t.HasField("shape"):
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim[1:]]
+    return max(1, int(np.prod(dims, dtype=np.int64)))
+
+
+def _itemsize(info: onnx.ValueInfoProto) -> int:
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 4
+
+
+def bytes_per_sample(model: onnx.ModelProto, names: list[str]) -> int:
+    """Bytes of one sample of the named tensors, each counted once (tensors of unknown shape count 0)."""
+    infos = _value_infos(model)
+    total = 0
+    for name in dict.fromkeys(names):
+        elements = _sample_elements(infos.get(name))
+        if elements is not None:
+            total += elements * _itemsize(infos[name])
+    return total
+
+
+def tensor_width(model: onnx.ModelProto, name: str) -> int:
+    """Elements of one sample of tensor ``name`` (what CKA compares), 0 when its shape is unknown."""
+    return _sample_elements(_value_infos(model).get(name)) or 0
+
+
+def activation_bytes_per_sample(model: onnx.ModelProto) -> int:
+    """A rough bound on what one sample's activations take while the model runs: three times its largest
+    tensor (an op's input and output, and a residual fork held across a block)."""
+    g = model.graph
+    initializers = {t.name for t in g.initializer}
+    largest = 0
+    for info in list(g.value_info) + list(g.input) + list(g.output):
+        if info.name in initializers:
+            continue
+        elements = _sample_elements(info)
+        if elements is not None:
+            largest = max(largest, elements * _itemsize(info))
+    return 3 * largest
+
+
 def capture_batch(model: onnx.ModelProto, names: list[str], batch: int, budget_bytes: int = 1 << 30) -> int:
     """``batch``, lowered so one batch of the captured tensors stays within ``budget_bytes`` (1 GiB)."""
-    infos = _value_infos(model)
-    per_sample = 0
-    for name in dict.fromkeys(names):
-        t = infos[name].type.tensor_type if name in infos else None
-        if t is None or not t.HasField("shape"):
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim[1:]]
-        per_sample += 4 * max(1, int(np.prod(dims)))
+    per_sample = bytes_per_sample(model, names)
     return max(1, min(batch, budget_bytes // max(per_sample, 1)))
 
 

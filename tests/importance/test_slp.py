@@ -11,8 +11,9 @@ from onnxprune.graph.io import infer_shapes, load_model
 from onnxprune.importance.slp import prune_slp, removal_candidates, score_blocks
 from onnxprune.plan import apply_plan
 from onnxprune.runtime.capture import feature_tensor
-from onnxprune.verify import verify
+from onnxprune.verify import random_feeds, verify
 from tests.builders import GraphBuilder, residual_block
+from tests.conftest import run
 
 
 def classifier(seed=0, tiny_block=None, blocks=4):
@@ -71,7 +72,11 @@ def test_iterative_pruning_meets_the_target_and_verifies(one_shot, caplog):
     assert len(result.plan.remove_blocks) == 3 and result.target_met
     assert sum("slp: removed" in r.getMessage() for r in caplog.records) == 3
     replay, _ = apply_plan(model, result.plan)  # the plan replays on the original model
-    assert verify(model, replay).passed
+    v = verify(model, replay)
+    assert v.passed
+    assert v.finite and not v.identical  # three blocks fewer: another function, and finite
+    feeds = random_feeds(model)
+    assert np.array_equal(run(replay, feeds)[0], run(result.model, feeds)[0])  # the same numbers as the pruned model
     assert analyze_model(infer_shapes(replay)).macs == result.plan.predicted["macs_after"]
 
 
