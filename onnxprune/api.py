@@ -230,9 +230,12 @@ def _prune_to_speedup(model, dataset, feature, target: TargetOptions, output: Ou
 
 
 def latency(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
-            latency: LatencyOptions = LatencyOptions()) -> dict:
-    """Build the LayerMerge latency table of a model on ``latency.backend`` and write it to ``out_path``."""
+            latency: LatencyOptions = LatencyOptions(), input_shape: tuple[int, ...] | None = None) -> dict:
+    """Build the LayerMerge latency table of a model on ``latency.backend`` and write it to ``out_path``; a
+    model with symbolic sizes after the batch is timed at ``input_shape`` (what ``prune --input-shape`` takes)."""
     model = load_model(model_path)
+    if input_shape is not None:
+        model = specialise_inputs(model, {model_inputs(model)[0].name: input_shape})
     structure = analyze_model(model)
     batch = latency_batch(model, latency)
     options = search_space(structure, conv_l1_norms(to_graph(model)))

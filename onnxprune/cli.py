@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="the .onnx file")
     add_latency_arguments(p, batch_flag="--batch", rounds_default=20)
+    p.add_argument("--input-shape", type=_ints, metavar="C,H,W", help="for a model whose input sizes after the "
+                   "batch are symbolic: the sizes to time it at (give prune the same, or data of that size)")
     p.add_argument("-o", "--output", required=True, help="where to write the table (.json)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_latency)
@@ -353,7 +355,7 @@ def _latency(args: argparse.Namespace) -> int:
     from onnxprune import api
     from onnxprune.report.text import latency_text
 
-    result = api.latency(args.model, args.output, latency_options(args))
+    result = api.latency(args.model, args.output, latency_options(args), args.input_shape)
     print_json(result) if args.json else print(latency_text(result))
     return 0
 

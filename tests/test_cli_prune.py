@@ -147,9 +147,16 @@ def test_symbolic_sizes_are_timed_at_the_given_shape_never_at_one(tmp_path, caps
     pruned_dims = [d.dim_value for d in load_model_dims(tmp_path / "b.onnx")]
     assert pruned_dims[1:] == [3, 12, 12]  # the pruned model takes the size it was timed at
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((8, 3, 10, 10)).astype(np.float32))
-    code = main(base + ["--data", str(tmp_path / "d.npz"), "-o", str(tmp_path / "c.onnx")])
-    json.loads(capsys.readouterr().out)
+    main(base + ["--data", str(tmp_path / "d.npz"), "-o", str(tmp_path / "c.onnx")])
+    assert json.loads(capsys.readouterr().out)["verification"]["passed"]
     assert [d.dim_value for d in load_model_dims(tmp_path / "c.onnx")][1:] == [3, 10, 10]  # the data's size
+    table = tmp_path / "table.json"
+    assert main(["latency", str(path), "-o", str(table), "--rounds", "2", "--json"]) == 1
+    assert "--input-shape" in capsys.readouterr().err
+    assert main(["latency", str(path), "-o", str(table), "--rounds", "2", "--input-shape", "3,10,10", "--json"]) == 0
+    capsys.readouterr()
+    main(base + ["--data", str(tmp_path / "d.npz"), "--latency-table", str(table), "-o", str(tmp_path / "d.onnx")])
+    assert json.loads(capsys.readouterr().out)["verification"]["passed"]  # the table fits the model at that size
 
 
 def load_model_dims(path):

@@ -144,7 +144,8 @@ def _row_shape(option: Option, structure: Structure, batch: int) -> tuple[list[i
     in_shape = [batch] + list(first.input_shape[1:])
     out_spatial = list(last.output_shape[2:])
     if not all(isinstance(d, int) for d in in_shape[1:] + out_spatial):
-        raise OnnxPruneError(f"conv {first.name}: latency tables need static channel and spatial sizes")
+        raise OnnxPruneError(f"conv {first.name}: latency tables need static channel and spatial sizes: give the "
+                             "model's input sizes with --input-shape")
     return in_shape, out_spatial, last.out_channels
 
 
