@@ -336,3 +336,48 @@ def test_a_missing_row_names_it(chain):
     table.rows.clear()
     with pytest.raises(OnnxPruneError, match=r"no row 'conv k3x3 s1x1 g1 .*Relu'.*measure it again"):
         table.option_latency(original(s, options, 0), s)
+
+
+@dataclass
+class OverheadBackend(FakeBackend):
+    """A whole model of ``whole`` seconds whose kernels take ``kernels`` of them; an empty model takes ``empty``."""
+
+    kernels: float = 6e-4
+    empty: float = 1e-4
+
+    def runner(self, model, feeds):
+        seconds = self.empty if model.graph.name == "overhead" else self.whole
+        return lambda: seconds
+
+    def reference_runner(self, model, feeds):
+        return ReferenceClock(self.whole, self.kernels)
+
+
+class ReferenceClock(FixedClock):
+    """Runs in ``wall`` seconds, of which its kernels take ``kernels`` (what a profiled session reports)."""
+
+    def __init__(self, wall, kernels):
+        super().__init__(kernels)
+        self.wall = wall
+
+    def __call__(self):
+        super().__call__()
+        return self.wall
+
+
+def test_rows_pay_the_per_node_overhead_the_whole_model_shows(chain):
+    """The whole model's run beyond its kernels and beyond an empty model's run, shared out by node count, is
+    added to every row for each node it stands for, so that removing nodes saves their overhead too."""
+    model, s, options = chain
+    backend = OverheadBackend("fake", 1, whole=1e-3, row=5e-5)
+    table = build_table(model, s, options, backend, 2, fingerprint(model), warmup=1, rounds=3)
+    nodes = len(to_graph(model).nodes)
+    assert table.node_overhead_s == pytest.approx((1e-3 - 6e-4 - 1e-4) / nodes)
+    with_activation = next(o for o in options if o.original and s.convs[o.start].activation_nodes)
+    signature = row_signature(with_activation, s, 2)
+    expected = table.rows[signature] + table.node_overhead_s * (1 + len(s.convs[with_activation.start].activation_nodes))
+    assert table.option_latency(with_activation, s) == pytest.approx(expected)
+    originals = [o for o in options if o.original]
+    assert table.predict(originals, s) == pytest.approx(table.whole_s)  # the fixed part keeps the rest
+    plain = fake_table(model, s, options, 0.5)
+    assert plain.node_overhead_s == 0.0  # a reference that reports no kernels: no overhead model
