@@ -14,8 +14,7 @@ Two ways to run a model: ``runner`` (the whole run, as a user's call sees it) an
 model's own work only, for a LayerMerge row timed alone). A row timed alone pays costs that the
 whole network pays once, not per conv: the call itself, and on ``ort-cpu`` the conversions into and
 out of onnxruntime's blocked NCHWc layout, which cost as much as a small conv (measured on the
-shipped MobileNetV2 at batch 32, rows timed by wall clock summed to 2.05x the whole model;
-benchmarks/RESULTS.md).
+shipped MobileNetV2, rows timed by wall clock summed to about twice the whole model; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -79,8 +78,8 @@ class Backend:
 
     def reference_runner(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]):
         """A run of the whole model under the conditions of ``own_clock``: rows are timed as shares of it.
-        On ``ort-cpu`` the profiler is on (it adds time to every node it times: the shipped MobileNetV2 at
-        batch 32 ran 7.17 ms plain and 7.98 ms profiled, benchmarks/RESULTS.md), elsewhere the plain run."""
+        On ``ort-cpu`` the profiler is on (it adds time to every node it times: benchmarks/RESULTS.md), elsewhere
+        the plain run."""
         if self.name == "ort-cpu":
             return ProfiledClock(model, feeds, self.threads)
         return self.runner(model, feeds)

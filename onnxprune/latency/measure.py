@@ -1,8 +1,8 @@
 """Fair timing on a shared machine: models take turns, and what is compared is read within a round.
 
-On the 2-core development machines (virtual machines on a shared host), the same model runs up to
-1.6x slower for seconds at a time; two medians taken one model after the other read a model
-against itself anywhere from 0.84x to 1.16x (benchmarks/RESULTS.md). So models take turns in short
+On the 2-core development machines (virtual machines on a shared host), the same model runs much
+slower for seconds at a time; two medians taken one model after the other read a model
+against itself as clearly faster or slower (benchmarks/RESULTS.md). So models take turns in short
 rounds (A B, then B A, cancelling a steady drift) and a speed-up is the median over rounds of the
 ratio measured within each round; a LayerMerge row is timed as a fraction of the whole model timed
 in the same round. Spinning is off in every session

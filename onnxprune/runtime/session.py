@@ -60,7 +60,7 @@ def session_options(threads: int | None = None, spinning: bool = False, optimize
 
     ``arena=False`` returns activation memory after each run instead of keeping it for the next:
     for scoring, where dozens of sessions (one per candidate) live at once, each arena would keep
-    its peak (scoring ResNet-34 at 224x224 peaked at 11.9 GB with them, 8.8 GB without: RESULTS.md).
+    its peak (benchmarks/RESULTS.md has the measured difference).
     ``profile``: turn onnxruntime's profiler on, writing to a file whose name starts with this prefix.
     """
     options = ort.SessionOptions()
