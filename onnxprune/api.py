@@ -15,7 +15,7 @@ from onnxprune.data.sources import load_data, model_inputs, static_batch
 from onnxprune.errors import OnnxPruneError
 from onnxprune.evaluate import evaluate_logits, logits_of
 from onnxprune.graph.analysis import Structure, analyze_model
-from onnxprune.graph.io import load_model, save_model, specialise_inputs
+from onnxprune.graph.io import load_model, load_notes, save_model, specialise_inputs
 from onnxprune.graph.normalize import to_graph
 from onnxprune.importance.slp import prune_slp, removal_candidates, score_blocks
 from onnxprune.latency.backends import get_backend
@@ -163,7 +163,7 @@ def prune(model_path: str | os.PathLike[str], target: TargetOptions, output: Out
             "removed_blocks": result.plan.remove_blocks, "macs_before": predicted["macs_before"],
             "macs_after": predicted["macs_after"], "macs_reduction": 1 - predicted["macs_after"] / predicted["macs_before"],
             "target_met": result.target_met, "message": result.message, "provider": result.provider,
-            "data": dataset.source, "random_data": dataset.random, "history": result.history,
+            "data": dataset.source, "random_data": dataset.random, "history": result.history, "notes": load_notes(model),
             "verification": verification.to_dict(), "verification_text": verification.summary()}
 
 
@@ -225,7 +225,7 @@ def _prune_to_speedup(model, dataset, feature, target: TargetOptions, output: Ou
             "merged": result.plan.merge, "dropped_convs": result.plan.drop_convs,
             "dropped_activations": result.plan.drop_activations, "macs_before": before, "macs_after": after,
             "macs_reduction": 1 - after / before, "data": dataset.source, "random_data": dataset.random,
-            "provider": result.provider, "notes": result.notes, "verification": result.verification.to_dict(),
+            "provider": result.provider, "notes": load_notes(model) + result.notes, "verification": result.verification.to_dict(),
             "verification_text": result.verification.summary()}
 
 

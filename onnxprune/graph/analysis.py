@@ -29,7 +29,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.graph.dominators import common_dominator, immediate_dominators
-from onnxprune.graph.io import default_opset
+from onnxprune.graph.io import default_opset, load_notes
 from onnxprune.graph.normalize import to_graph
 from onnxprune.graph.ops import (
     NO_OP,
@@ -191,7 +191,7 @@ def analyze_model(model: onnx.ModelProto) -> Structure:
 def analyze_graph(graph: gs.Graph, model: onnx.ModelProto | None = None) -> Structure:
     """Analyze a normalized, topologically sorted graph."""
     flow = _Dataflow(graph)
-    notes: list[str] = []
+    notes: list[str] = load_notes(model) if model is not None else []
     total_macs = sum(node_macs(n) for n in graph.nodes)
     total_params = _count_params(graph.nodes, flow.kind)
     blocks = _find_blocks(flow, total_macs, notes)

@@ -53,6 +53,7 @@ def test_zoo_classic_loads_upgraded_and_every_conv_has_a_weight(name):
     assert not any(n.op == "ConstantOfShape" for n in graph.nodes)
     s = analyze_graph(graph, model)
     assert not [note for note in s.notes if "non-constant weight" in note]
+    assert s.notes[0] == load_notes(model)[0]  # the analysis says the model was upgraded
     convs = sum(n.op_type == "Conv" for n in original.graph.node)
     assert s.convs and len(s.convs) + len(s.shortcut_convs) == convs
     assert len(s.residual_blocks) == BLOCKS.get(name, 0)
