@@ -339,12 +339,16 @@ def _why_not_removable(flow: _Dataflow, block: ResidualBlock, block_input: gs.Va
         if node is join:
             continue
         for t in node.outputs:
-            if t.name in flow.graph_outputs:
-                return f"branch tensor {t.name} is a graph output"
-            outside = [c for c in t.outputs if id(c) not in inside]
-            if outside:
-                return f"branch tensor {t.name} is read outside the block by {outside[0].name}"
+            if reader := _reader_outside(flow, t, inside):
+                return f"branch tensor {t.name} is read outside the block by {reader}"
     return None
+
+
+def _reader_outside(flow: _Dataflow, tensor: gs.Variable, inside: set[int]) -> str | None:
+    """A node outside ``inside`` (node ids) that reads ``tensor``, or "the graph output"; None if none does."""
+    if tensor.name in flow.graph_outputs:
+        return "the graph output"
+    return next((c.name for c in tensor.outputs if id(c) not in inside), None)
 
 
 def _count_params(nodes: list[gs.Node], kind: dict[str, str]) -> int:
@@ -456,11 +460,8 @@ def _escape(flow: _Dataflow, prev: gs.Node, path: list[gs.Node]) -> str | None:
         for t in variable_inputs(node):
             if not t.inputs or id(t.inputs[0]) not in made_here:
                 continue  # e.g. the shortcut input of a join on the way
-            if t.name in flow.graph_outputs:
-                return f"tensor {t.name} between chain convs is a graph output"
-            outside = [c for c in t.outputs if id(c) not in on_path]
-            if outside:
-                return f"tensor {t.name} between chain convs is also read by {outside[0].name}"
+            if reader := _reader_outside(flow, t, on_path):
+                return f"tensor {t.name} between chain convs is also read by {reader}"
     return None
 
 
