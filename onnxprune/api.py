@@ -107,10 +107,7 @@ def _specialised(model: onnx.ModelProto, data: DataOptions):
 
 def _feature(model, name: str | None) -> str:
     if name is None:
-        try:
-            return find_feature_tensor(model)
-        except ValueError as exc:
-            raise OnnxPruneError(str(exc)) from None
+        return find_feature_tensor(model)
     known = {t for n in model.graph.node for t in n.output}
     if name not in known:
         raise OnnxPruneError(f"--feature-tensor {name!r} is not a tensor of the model")

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the .onnx file")
     add_data_arguments(p)
     p.add_argument("--feature-tensor", help="the representation to compare (default: the input of the last "
-                   "Gemm/MatMul on the way to the output)")
+                   "Gemm/MatMul on the way to the output, or the first output when none leads to it)")
     add_provider_argument(p)
     add_memory_budget_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with blocks: [{join, score, ...}]")
@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("scoring", "how changes are scored (CKA against the original)")
     g.add_argument("--scope", choices=["global", "local"], default=None,
                    help="layermerge importance: CKA at the features (global, the default) or one conv after the change (local)")
-    g.add_argument("--feature-tensor", help="the representation to compare (default: the classifier's input)")
+    g.add_argument("--feature-tensor", help="the representation to compare (default: the classifier's input, or the "
+                   "model's first output when no Gemm/MatMul leads to it, e.g. a detector's map)")
     add_provider_argument(g)
     add_memory_budget_argument(g)
     g = p.add_argument_group("output")

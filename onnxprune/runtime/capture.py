@@ -151,7 +151,9 @@ def suffix_model(model: onnx.ModelProto, start: str, outputs: list[str]) -> tupl
 
 
 def feature_tensor(model: onnx.ModelProto) -> str:
-    """The classifier's input: the data input of the last Gemm/MatMul on the way to the first output."""
+    """The classifier's input: the data input of the last Gemm/MatMul on the way to the first output; for a
+    model with no classifier there (a detector or a segmenter whose output is a map, SqueezeNet's conv head),
+    the first output itself, the natural representation to compare."""
     g = model.graph
     producer = {t: n for n in g.node for t in n.output}
     initializers = {t.name for t in g.initializer}
@@ -167,7 +169,7 @@ def feature_tensor(model: onnx.ModelProto) -> str:
             if data:
                 return data[0]
         queue.extend(node.input)
-    raise ValueError("no Gemm or MatMul on the way to the model's output: name the feature tensor (--feature-tensor)")
+    return g.output[0].name
 
 
 def _depends_on_input(tensor: str, producer: dict, g: onnx.GraphProto) -> bool:
