@@ -21,7 +21,7 @@ import onnx
 from onnxprune.data.sources import Dataset
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import analyze_model
-from onnxprune.graph.normalize import to_graph
+from onnxprune.graph.normalize import to_graph, to_model
 from onnxprune.importance.layermerge import row_copies, score_rows
 from onnxprune.importance.slp import prune_slp
 from onnxprune.latency.backends import Backend
@@ -59,6 +59,13 @@ class SpeedupResult:
     pareto: list[dict] = field(default_factory=list)  # predicted trade-off curve, when asked for
     note: str = ""  # why the search stopped short of the target, when it did
     notes: list[str] = field(default_factory=list)  # options left out of the search, and why
+
+
+def normalized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The original as every rewrite starts from it (constants and BN folded: graph.normalize): the baseline of
+    every speed-up, so that what normalizing alone gains (weights computed at run time by an old export) is
+    never counted as pruning's."""
+    return to_model(to_graph(model), model)
 
 
 def _measure(original: onnx.ModelProto, pruned: onnx.ModelProto, backend: Backend,
@@ -110,6 +117,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
     stages: dict[str, float] = {}
     clock = time.perf_counter()
     structure = analyze_model(model)
+    baseline = normalized(model)
     options = search_space(structure, conv_l1_norms(to_graph(model)))
     last = blocks.positions(structure, options)
     stages["candidates"] = time.perf_counter() - clock
@@ -123,7 +131,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
     stages["candidates"] += time.perf_counter() - clock
     if table is None:
         clock = time.perf_counter()
-        table = build_table(model, structure, copies.options, backend, batch, fingerprint(model),
+        table = build_table(baseline, structure, copies.options, backend, batch, fingerprint(model),
                             rounds=rounds or TABLE_ROUNDS)
         stages["latency table"] = time.perf_counter() - clock
     clock = time.perf_counter()
@@ -170,7 +178,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
         if not verification.passed:
             raise OnnxPruneError(f"the pruned model failed verification: {verification.summary()}")
         clock = time.perf_counter()
-        t_original, t_pruned, speedup = _measure(model, pruned, backend, batch, rounds)
+        t_original, t_pruned, speedup = _measure(baseline, pruned, backend, batch, rounds)
         stages["measure"] += time.perf_counter() - clock
         predicted = table.fixed_s + solution.latency
         attempts.append({"attempt": attempt, "budget_s": chain_budget + table.fixed_s, "predicted_s": predicted,
@@ -223,8 +231,10 @@ def slp_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: 
     """SLP, one block at a time, until the speed-up measured on ``backend`` at ``batch`` meets ``target``."""
     measured: dict[str, float] = {}
 
+    baseline = normalized(model)
+
     def fast_enough(current: onnx.ModelProto) -> bool:
-        t_original, t_pruned, speedup = _measure(model, current, backend, batch, rounds)
+        t_original, t_pruned, speedup = _measure(baseline, current, backend, batch, rounds)
         measured.update(original=t_original, pruned=t_pruned, speedup=speedup)
         log.info(f"slp: measured {speedup:.3f}x (target {target}x)")
         return speedup >= target
