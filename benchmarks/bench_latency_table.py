@@ -1,20 +1,28 @@
 """How well a LayerMerge latency table predicts measured speed-ups on ort-cpu (issue 6).
 
-    python benchmarks/bench_latency_table.py [--cases mobilenetv2,resnet56,resnet34] [--plans 12]
+    python benchmarks/bench_latency_table.py [--cases resnet56,mobilenetv2,resnet34] [--batches 1,32]
+                                             [--resnet34-batch 32] [--plans 12] [--wall]
 
-For each model, two tables from the same rows: "wall" times each row alone by wall clock minus an
-identity model's run (the earlier method, still the one for GPU backends); "own work" times each row
-as onnxruntime's profiled kernel time without layout conversions, as a share of the whole model in
-the same round (what ort-cpu does now). Then random plans (seeded tilings of the DP positions by
-block removals, conv prunings and merges) are applied and measured side by side against the
-original; the table's predicted speed-up is compared with the measured one. The noise floor is the
-model measured against itself.
+For each model and batch, the table is built as ``prune --speedup`` builds it (every option of
+``planning.blocks.search_space`` the rewrite accepts; rows as their own work, removable blocks timed as a
+whole, a per-node overhead added to rows: ``LatencyTable.node_overhead_s``). From the same measurements a
+second table leaves the per-node overhead out: ``node_overhead_s`` = 0, the block extras and the fixed part
+recomputed (fixed = whole - the original rows without overhead), so the effect of the overhead model shows.
+``--wall`` adds the earlier variant (each row alone by wall clock minus an identity model's run, as the GPU
+backends still time rows; it has no per-node overhead).
+
+Then seeded random plans (tilings of the DP positions ``planning.blocks.positions`` by block removals, conv
+prunings and merges, off-chain block removals included) are applied and measured side by side against the
+original (``latency.measure.compare``); error = predicted speed-up / measured speed-up - 1. The noise floor is
+the model measured against itself (three side-by-side measurements). As in ``prune --speedup``, the table is
+built on, and plans are measured against, the normalized original (``speedup.normalized``).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import random
 import statistics
 import sys
@@ -27,13 +35,14 @@ sys.path.insert(0, str(ROOT))
 
 from onnxprune.graph.analysis import analyze_model  # noqa: E402
 from onnxprune.graph.io import load_model  # noqa: E402
-from onnxprune.graph.normalize import to_graph  # noqa: E402
-from onnxprune.latency.backends import (Backend, OverheadClock, ProfiledClock, get_backend, median_time,  # noqa: E402
-                                        overhead_model)
+from onnxprune.graph.normalize import to_graph, to_model  # noqa: E402
+from onnxprune.latency.backends import Backend, OverheadClock, get_backend, median_time, overhead_model  # noqa: E402
 from onnxprune.latency.measure import compare, random_feeds  # noqa: E402
-from onnxprune.latency.table import build_table  # noqa: E402
-from onnxprune.plan import Plan, apply_plan, fingerprint  # noqa: E402
-from onnxprune.planning.candidates import conv_l1_norms, enumerate_options, options_plan  # noqa: E402
+from onnxprune.latency.table import LatencyTable, _block_extras, build_table  # noqa: E402
+from onnxprune.plan import Plan, PlanError, apply_plan, fingerprint  # noqa: E402
+from onnxprune.planning import blocks  # noqa: E402
+from onnxprune.planning.candidates import conv_l1_norms, options_plan  # noqa: E402
+from onnxprune.speedup import normalized  # noqa: E402
 
 
 class WallClockBackend(Backend):
@@ -46,7 +55,7 @@ class WallClockBackend(Backend):
         return self.runner(model, feeds)
 
 
-def model_of(case: str, folder: Path) -> tuple[str, int]:
+def model_of(case: str, folder: Path) -> str:
     if case == "resnet34":
         from tests import zoo
 
@@ -54,8 +63,33 @@ def model_of(case: str, folder: Path) -> tuple[str, int]:
 
         torch.manual_seed(0)
         return str(zoo.export(zoo.perturb(zoo.BUILDERS["resnet34"](num_classes=10)), folder / "r34.onnx",
-                              "torchscript", 224)), 1
-    return str(ROOT / "models" / f"{case}.onnx"), 32
+                              "torchscript", 224))
+    return str(ROOT / "models" / f"{case}.onnx")
+
+
+def without_overhead(table: LatencyTable, structure, originals) -> LatencyTable:
+    """The same measurements with no per-node overhead: block extras and the fixed part recomputed."""
+    bare = copy.deepcopy(table)
+    bare.node_overhead_s = 0.0
+    bare.block_extras = _block_extras(bare, structure, originals)
+    bare.fixed_s = bare.whole_s - sum(bare.option_latency(o, structure) for o in originals)
+    return bare
+
+
+def accepted(model, options):
+    """The options the rewrite accepts alone (as importance.layermerge.row_copies keeps them), and the refused."""
+    base = to_model(to_graph(model), model)
+    kept, refused = [], []
+    for o in options:
+        if o.original:
+            kept.append(o)
+            continue
+        try:
+            apply_plan(base, Plan(**options_plan([o])))
+            kept.append(o)
+        except PlanError as exc:
+            refused.append((o, str(exc)))
+    return kept, refused
 
 
 def random_plans(options, positions: int, count: int, seed: int = 0):
@@ -78,60 +112,98 @@ def random_plans(options, positions: int, count: int, seed: int = 0):
     return plans
 
 
+def pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default="mobilenetv2,resnet56,resnet34")
+    p.add_argument("--cases", default="resnet56,mobilenetv2,resnet34")
+    p.add_argument("--batches", default="1,32")
+    p.add_argument("--resnet34-batch", type=int, default=None,
+                   help="the large batch for resnet34 (default: the largest of --batches if a run of the whole "
+                        "model stays under 2 s, else 8)")
     p.add_argument("--plans", type=int, default=12)
+    p.add_argument("--wall", action="store_true", help="also the earlier wall-clock table")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-table-"))
     cpu = get_backend("ort-cpu")
     wall_backend = WallClockBackend(**{k: getattr(cpu, k) for k in ("name", "threads", "device", "versions")})
-    summary = []
+    summary, details = [], []
     for case in args.cases.split(","):
-        path, batch = model_of(case, tmp)
-        model = load_model(path)
-        structure = analyze_model(model)
-        options = enumerate_options(structure, conv_l1_norms(to_graph(model)))
-        tables = {}
-        for name, backend in (("wall", wall_backend), ("own work", cpu)):
-            t0 = time.perf_counter()
-            table = build_table(model, structure, options, backend, batch, fingerprint(model))
-            tables[name] = table
-            rows = table.whole_s - table.fixed_s
-            print(f"{case} b{batch} {name}: {len(table.rows)} rows in {time.perf_counter() - t0:.1f} s; "
-                  f"whole {1e3 * table.whole_s:.2f} ms, original rows sum {1e3 * rows:.2f} ms "
-                  f"({rows / table.whole_s:.2f} of the whole), fixed {1e3 * table.fixed_s:.2f} ms", flush=True)
-        feeds = random_feeds(model, batch)
-        plain, profiled = cpu.runner(model, feeds), ProfiledClock(model, feeds, cpu.threads)
-        for run in (plain, profiled):
-            median_time(run, 3, 1)
-        turns = [(median_time(plain, 0, 1), median_time(profiled, 0, 1)) for _ in range(40)]
-        print(f"{case}: whole model {1e3 * statistics.median(a for a, _ in turns):.2f} ms plain, "
-              f"{1e3 * statistics.median(b for _, b in turns):.2f} ms under the profiler, taking turns", flush=True)
-        selves = [compare([model, model], cpu, batch).speedups[1] for _ in range(3)]
-        print(f"{case}: itself against itself {', '.join(f'{s:.3f}' for s in selves)}", flush=True)
-        errors = collections.defaultdict(list)
-        for k, (kind, chosen) in enumerate(random_plans(options, len(structure.convs), args.plans)):
-            pruned, _ = apply_plan(model, Plan(**options_plan([o for o in chosen if not o.original])))
-            measured = compare([model, pruned], cpu, batch).speedups[1]
-            line = f"{case} plan {k} ({kind}, {sum(not o.original for o in chosen)} rows changed): measured {measured:.3f}x"
+        path = model_of(case, tmp)
+        original = load_model(path)
+        structure = analyze_model(original)
+        model = normalized(original)  # the baseline prune --speedup times and measures against (speedup.py)
+        options, refused = accepted(model, blocks.search_space(structure, conv_l1_norms(to_graph(model))))
+        last = blocks.positions(structure, options)
+        originals = [o for o in options if o.original]
+        print(f"{case}: {len(options)} options ({len(refused)} refused by the rewrite) over {len(structure.convs)} "
+              f"chain convs and {last - len(structure.convs)} blocks off the chain", flush=True)
+        batches = [int(b) for b in args.batches.split(",")]
+        if case == "resnet34":
+            big = max(batches)
+            if args.resnet34_batch is not None:
+                big = args.resnet34_batch
+            elif big > 1:
+                one = median_time(cpu.runner(model, random_feeds(model, big)), 1, 3)
+                print(f"{case}: one run at batch {big} takes {one:.2f} s", flush=True)
+                big = big if one < 2.0 else 8
+            batches = sorted({b if b == 1 else big for b in batches})
+        for batch in batches:
+            case_start = time.perf_counter()
+            tables = {}
+            variants = [("wall", wall_backend)] if args.wall else []
+            for name, backend in variants + [("own work + node overhead", cpu)]:
+                t0 = time.perf_counter()
+                table = build_table(model, structure, options, backend, batch, fingerprint(original))
+                tables[name] = table
+                print(f"{case} b{batch} {name}: {len(table.rows)} rows, {len(table.blocks)} blocks in "
+                      f"{time.perf_counter() - t0:.1f} s; whole {1e3 * table.whole_s:.3f} ms, node overhead "
+                      f"{1e6 * table.node_overhead_s:.2f} us x {len(to_graph(model).nodes)} nodes, "
+                      f"fixed {1e3 * table.fixed_s:.3f} ms; notes {table.notes}", flush=True)
+            tables["own work, no node overhead"] = without_overhead(tables["own work + node overhead"], structure,
+                                                                   originals)
             for name, table in tables.items():
-                predicted = table.whole_s / table.predict(chosen, structure)
-                errors[name].append(measured / predicted - 1)
-                line += f", {name} predicts {predicted:.3f}x"
-            print(line, flush=True)
-        for name in tables:
-            e = errors[name]
-            rows = tables[name].whole_s - tables[name].fixed_s
-            summary.append(f"| {case} | {batch} | {name} | {rows / tables[name].whole_s:.2f} | "
-                           f"{100 * statistics.median(e):+.1f}% | {100 * statistics.median(abs(x) for x in e):.1f}% | "
-                           f"{100 * min(e):+.1f}% / {100 * max(e):+.1f}% | "
-                           f"{min(selves):.3f}-{max(selves):.3f} |")
+                rows = table.whole_s - table.fixed_s
+                print(f"{case} b{batch} {name}: original rows {rows / table.whole_s:.3f} of the whole, "
+                      f"fixed {1e3 * table.fixed_s:.3f} ms", flush=True)
+            selves = [compare([model, model], cpu, batch).speedups[1] for _ in range(3)]
+            print(f"{case} b{batch}: itself against itself {', '.join(f'{s:.3f}' for s in selves)}", flush=True)
+            errors = collections.defaultdict(list)
+            for k, (kind, chosen) in enumerate(random_plans(options, last, args.plans)):
+                pruned, _ = apply_plan(model, Plan(**options_plan([o for o in chosen if not o.original])))
+                measured = compare([model, pruned], cpu, batch).speedups[1]
+                changed = [o for o in chosen if not o.original]
+                kinds = collections.Counter("remove" if o.remove_block else "merge" if len(o.keep) > 1 or
+                                            o.fold_identity else "prune" for o in changed)
+                line = (f"{case} b{batch} plan {k} ({kind}: {', '.join(f'{n} {w}' for w, n in kinds.items())}): "
+                        f"measured {measured:.3f}x")
+                for name, table in tables.items():
+                    predicted = table.whole_s / table.predict(chosen, structure)
+                    errors[name].append(predicted / measured - 1)
+                    line += f", {name} predicts {predicted:.3f}x ({pct(predicted / measured - 1)})"
+                print(line, flush=True)
+                details.append((case, batch, k, kind, dict(kinds), measured,
+                                {n: t.whole_s / t.predict(chosen, structure) for n, t in tables.items()}))
+            minutes = (time.perf_counter() - case_start) / 60
+            print(f"{case} b{batch}: {minutes:.1f} min", flush=True)
+            for name, table in tables.items():
+                e = errors[name]
+                med, worst = statistics.median(abs(x) for x in e), max(abs(x) for x in e)
+                goal = "yes" if med <= 0.01 and worst <= 0.03 else "NO (" + ", ".join(
+                    s for s in (f"median over by {100 * (med - 0.01):.1f} pt" if med > 0.01 else "",
+                                f"worst over by {100 * (worst - 0.03):.1f} pt" if worst > 0.03 else "") if s) + ")"
+                rows = table.whole_s - table.fixed_s
+                summary.append(f"| {case} | {batch} | {name} | {1e6 * table.node_overhead_s:.2f} | "
+                               f"{rows / table.whole_s:.3f} | {pct(statistics.median(e))} | {100 * med:.1f}% | "
+                               f"{100 * worst:.1f}% | {pct(min(e))} / {pct(max(e))} | {goal} | "
+                               f"{min(selves):.3f}-{max(selves):.3f} | {minutes:.1f} |")
     print()
-    print(f"{args.plans} random plans per model, ort-cpu, {cpu.device}")
-    print("| model | batch | rows timed as | original rows / whole | measured/predicted - 1 (median) | median abs error "
-          "| min / max | itself vs itself |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"{args.plans} random plans per model and batch, ort-cpu, {cpu.device}; error = predicted / measured - 1")
+    print("| model | batch | table | node overhead us | original rows / whole | error (median) | median abs error "
+          "| worst abs error | min / max | goal (median <= 1%, worst <= 3%) | itself vs itself | minutes |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(summary))
 
 

@@ -224,3 +224,28 @@ def test_the_temporary_folder_is_removed_after_a_run(setup, tmp_path, monkeypatc
     for budget in (1, LARGE):
         cka_with_original(model, copies, data, "cpu", batch=10, memory_budget=budget)
         assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("verb", [["score"], ["prune", "--method", "slp", "--remove-blocks", "1"],
+                                  ["prune", "--method", "slp", "--speedup", "1.2"],
+                                  ["prune", "--method", "layermerge", "--speedup", "1.2"]])
+def test_the_flag_reaches_the_scoring_pass(verb, tmp_path, monkeypatch, capsys):
+    import onnx
+
+    from onnxprune.importance import layermerge, slp
+
+    seen = []
+
+    def spy(original, copies, data, provider="auto", batch=64, unbiased=False, memory_budget=None, **kw):
+        seen.append(resolve_budget(memory_budget))
+        raise OnnxPruneError("stop here")
+
+    monkeypatch.setattr(slp, "cka_with_original", spy)
+    monkeypatch.setattr(layermerge, "cka_with_original", spy)
+    onnx.save(classifier(seed=5), tmp_path / "net.onnx")
+    output = ["-o", str(tmp_path / "out.onnx")] if verb[0] == "prune" else []
+    assert cli.main([verb[0], str(tmp_path / "net.onnx"), *verb[1:], *output, "--data", "random", "--samples", "8",
+                     "--provider", "cpu", "--memory-budget", "12345K"]) == 1
+    assert "stop here" in capsys.readouterr().err
+    assert seen == [12345 * 1024]
+    assert resolve_budget() != 12345 * 1024  # set for that run only
