@@ -15,16 +15,17 @@ runs in a fresh process, which does what ``prune --speedup`` does up to the DP:
 
 The latency table, the DP, verification and the measurement are left out: they hold one or two
 sessions. ``--max-batches N`` stops the scoring pass(es) after N batches (memory only: every session
-exists and the per-batch memory is reached by then; the scores are then meaningless). Reported per run: the peak resident memory of each stage (VmHWM, reset between stages
-through /proc/self/clear_refs) and of the whole process (the largest stage peak; ru_maxrss where the
-peak cannot be reset), the scoring plan, the time, and the sum of the CKA values (equal across
-budgets up to float rounding).
+exists and the per-batch memory is reached by then; the scores are then meaningless).
+
+Reported per run: the peak resident memory of each stage (VmHWM, reset between stages through
+/proc/self/clear_refs) and of the whole process (the largest stage peak; with --whole, or where the
+peak cannot be reset, ru_maxrss: what /usr/bin/time -v reports), the scoring plan, the time, and the
+sum of the CKA values (equal across budgets up to float rounding).
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import resource
@@ -85,7 +86,7 @@ def child(args: argparse.Namespace) -> None:
     stage("load model and data")
     structure = analyze_model(model)
     budget = {} if args.budget == "default" else {"memory_budget": _size(args.budget)}
-    plan = None
+    plans = _record_plans()
     if args.method == "layermerge":
         from onnxprune.importance import layermerge
         from onnxprune.planning.candidates import conv_l1_norms
@@ -99,7 +100,6 @@ def child(args: argparse.Namespace) -> None:
         options = search_space(structure, conv_l1_norms(to_graph(model)))
         rows = layermerge.row_copies(model, structure, options, feature, "global")
         stage("copies")
-        plan = _plan(rows.base, rows.copies, data, args.batch, budget)
         scored, provider = layermerge.score_rows(rows, data, "cpu", args.batch, **budget)
         values = [r.cka for r in scored if not r.option.original]
         count = len(rows.copies)
@@ -115,7 +115,8 @@ def child(args: argparse.Namespace) -> None:
     peak = max(s["peak_rss"] for s in stages.values()) if resettable else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = {"samples": len(data), "method": args.method, "copies": count, "budget": args.budget,
-              "plan": plan, "provider": provider, "stages": stages if resettable else {}, "peak_rss": peak,
+              "plan": plans[0] if plans else None, "provider": provider, "stages": stages if resettable else {},
+              "peak_rss": peak,
               "cka_sum": float(sum(values)), "cka_min": float(min(values)), "values": [float(v) for v in values]}
     print(json.dumps(result), flush=True)
 
@@ -133,16 +134,23 @@ def _truncate(data, count: int) -> None:
     data.batches = first
 
 
-def _plan(original, copies, data, batch, budget) -> dict | None:
-    try:
-        from onnxprune.runtime.compare import plan_scoring
-    except ImportError:  # a checkout from before the memory budget
-        return None
-    if "memory_budget" not in inspect.signature(plan_scoring).parameters:
-        return None
-    p = plan_scoring(original, copies, data, batch, memory_budget=budget.get("memory_budget"))
-    return {"budget": p.budget, "batch": p.batch, "groups": len(p.groups), "store": p.store,
-            "store_bytes": p.store_bytes, "estimate": p.estimate}
+def _record_plans() -> list[dict]:
+    """The plans scoring makes (runtime.compare.plan_scoring), as they are made; none before the memory budget."""
+    from onnxprune.runtime import compare
+
+    plans: list[dict] = []
+    plan_scoring = getattr(compare, "plan_scoring", None)
+    if plan_scoring is None:  # a checkout from before the memory budget
+        return plans
+
+    def recorded(*args, **kwargs):
+        p = plan_scoring(*args, **kwargs)
+        plans.append({"budget": p.budget, "batch": p.batch, "groups": len(p.groups), "store": p.store,
+                      "store_bytes": p.store_bytes, "estimate": p.estimate})
+        return p
+
+    compare.plan_scoring = recorded
+    return plans
 
 
 def _size(text: str) -> int:
@@ -160,7 +168,8 @@ def build_model(case: str, train: str) -> Path:
         else:
             build = ("import torch; from tests import zoo; torch.manual_seed(0); "
                      f"zoo.export(zoo.perturb(zoo.BUILDERS[{case!r}]()), {str(path)!r}, 'torchscript', 224)")
-        code = f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'benchmarks')!r}]; from pathlib import Path; {build}"
+        paths = [str(ROOT), str(ROOT / "benchmarks")]
+        code = f"import sys; sys.path[:0] = {paths!r}; from pathlib import Path; {build}"
         subprocess.run([sys.executable, "-c", code], check=True)
     return path
 

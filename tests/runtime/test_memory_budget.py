@@ -96,9 +96,9 @@ def test_shared_weights_leave_the_copy_and_come_back_for_its_session(setup, tmp_
     assert {t.name for t in light.model.graph.initializer} | set(light.shared) == \
         {t.name for t in full.model.graph.initializer}
     files = compare._ModelFiles(tmp_path, model)
-    feeds = {name: np.random.default_rng(0).standard_normal((3, *[d.dim_value for d in vi.type.tensor_type.shape.dim[1:]]),
-                                                            dtype=np.float32)
-             for name, vi in ((vi.name, vi) for vi in full.model.graph.input)}
+    rng = np.random.default_rng(0)
+    feeds = {vi.name: rng.standard_normal((3, *[d.dim_value for d in vi.type.tensor_type.shape.dim[1:]]))
+             .astype(np.float32) for vi in full.model.graph.input}
     expected = run(full.model, feeds)[0]
     np.testing.assert_allclose(run(files.write(light.model, light.shared), feeds)[0], expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(run(files.write(full.model), feeds)[0], expected, rtol=1e-6, atol=1e-6)
@@ -249,3 +249,15 @@ def test_the_flag_reaches_the_scoring_pass(verb, tmp_path, monkeypatch, capsys):
     assert "stop here" in capsys.readouterr().err
     assert seen == [12345 * 1024]
     assert resolve_budget() != 12345 * 1024  # set for that run only
+
+
+def test_a_dynamo_vit_with_shape_side_inputs_scores_alike_within_a_tiny_budget(exported):
+    from onnxprune.graph.io import load_model
+
+    model = load_model(exported("vit_b_16", "dynamo"))
+    data = load_data("random", model, samples=6)
+    blocks = removal_candidates(analyze_model(model), 0)[:3]
+    feature = feature_tensor(model)
+    roomy = score_blocks(model, data, blocks, feature, "cpu", batch=4, memory_budget=LARGE)
+    tight = score_blocks(model, data, blocks, feature, "cpu", batch=4, memory_budget=1)
+    np.testing.assert_allclose([s.score for s in tight.scores], [s.score for s in roomy.scores], atol=1e-6)
