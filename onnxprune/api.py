@@ -21,8 +21,9 @@ from onnxprune.importance.slp import prune_slp, removal_candidates, score_blocks
 from onnxprune.latency.backends import get_backend
 from onnxprune.latency.measure import compare
 from onnxprune.latency.table import build_table, load_table
-from onnxprune.options import DataOptions, LatencyOptions, OutputOptions, ScoringOptions, TargetOptions, check_method
-from onnxprune.plan import apply_plan, fingerprint, load_plan, save_plan
+from onnxprune.options import (DataOptions, HealingOptions, LatencyOptions, OutputOptions, ScoringOptions, TargetOptions,
+                               check_method)
+from onnxprune.plan import Plan, apply_plan, fingerprint, load_plan, save_plan
 from onnxprune.planning.blocks import search_space
 from onnxprune.planning.candidates import conv_l1_norms
 from onnxprune.runtime.capture import feature_tensor as find_feature_tensor
@@ -129,13 +130,37 @@ def score(model_path: str | os.PathLike[str], data: DataOptions = DataOptions(),
 
 def prune(model_path: str | os.PathLike[str], target: TargetOptions, output: OutputOptions,
           data: DataOptions = DataOptions(), scoring: ScoringOptions = ScoringOptions(),
-          latency: LatencyOptions = LatencyOptions()) -> dict:
+          latency: LatencyOptions = LatencyOptions(), healing: HealingOptions | None = None,
+          heal_data: DataOptions | None = None) -> dict:
     """Prune, verify, and write the model and its plan (``output.plan``, else ``<output.model>.plan.json``).
 
-    With ``target.speedup``, prune until the speed-up measured on ``latency.backend`` meets it."""
+    With ``target.speedup``, prune until the speed-up measured on ``latency.backend`` meets it. With
+    ``heal_data``, the pruned model is then healed on it (``heal``) and the healed model is what is written; the
+    result gives agreement (and accuracy, for labelled data) before pruning, after pruning and after healing."""
     check_method(target, scoring, latency, output)
     _refuse_overwrite(model_path, output.model)
+    if heal_data is not None and heal_data.source in (None, "random"):
+        raise OnnxPruneError("--heal-data needs real data: random inputs teach nothing")
     model, dataset = _specialised(load_model(model_path), data)
+    result = _prune_and_write(model, dataset, target, output, data, scoring, latency)
+    if heal_data is None:
+        return result
+    healing = healing or HealingOptions()
+    healed, stages = heal_and_measure(load_model(output.model), model, _dataset(model, heal_data), healing,
+                                      scoring.provider)
+    plan = load_plan(result["plan"])
+    plan.healing = healed["record"]
+    save_model(healed["model"], output.model)
+    save_plan(plan, result["plan"])
+    target_check = agreement_target(stages, healing)
+    result.update(stages, healing=_brief(healed["record"]), healed_verification=healed["verification"].to_dict())
+    if result["target_met"] and not target_check["target_met"]:
+        result.update(target_check)
+    return result
+
+
+def _prune_and_write(model, dataset, target: TargetOptions, output: OutputOptions, data: DataOptions,
+                     scoring: ScoringOptions, latency: LatencyOptions) -> dict:
     if dataset.random:
         log.warning("warning: no --data given: scoring on RANDOM inputs, which says little about real data")
     feature = _feature(model, scoring.feature_tensor)
@@ -226,6 +251,68 @@ def _prune_to_speedup(model, dataset, feature, target: TargetOptions, output: Ou
             "verification_text": result.verification.summary()}
 
 
+def heal(model_path: str | os.PathLike[str], teacher_path: str | os.PathLike[str], output: OutputOptions,
+         data: DataOptions, healing: HealingOptions = HealingOptions(), provider: str = "auto") -> dict:
+    """Heal the pruned model at ``model_path`` against its original at ``teacher_path`` (onnxprune.train.heal),
+    verify it, and write it with its plan: the pruned model's plan (``<model>.plan.json`` when there is one)
+    with what healing did added."""
+    for source in (model_path, teacher_path):
+        _refuse_overwrite(source, output.model)
+    pruned, teacher = load_model(model_path), load_model(teacher_path)
+    if [o.name for o in pruned.graph.output] != [o.name for o in teacher.graph.output]:
+        raise OnnxPruneError("the pruned model and --teacher have different outputs: is the teacher its original?")
+    dataset = _dataset(pruned, data)
+    if dataset.random:
+        raise OnnxPruneError("healing needs real data (--data): random inputs teach nothing")
+    healed, stages = heal_and_measure(pruned, teacher, dataset, healing, provider)
+    source_plan = Path(model_path).with_suffix(".plan.json")
+    plan = load_plan(source_plan) if source_plan.exists() else Plan(fingerprint=fingerprint(teacher), method=None)
+    plan.healing = healed["record"]
+    plan_path = _plan_path(output)
+    save_model(healed["model"], output.model)
+    save_plan(plan, plan_path)
+    return {"output": str(output.model), "plan": str(plan_path), "teacher": str(teacher_path), "data": dataset.source,
+            **stages, **agreement_target(stages, healing), "healing": _brief(healed["record"]),
+            "verification": healed["verification"].to_dict(), "verification_text": healed["verification"].summary()}
+
+
+def agreement_target(stages: dict, healing: HealingOptions) -> dict:
+    """target_met and message for ``healing.min_agreement`` (met when there is none)."""
+    agreement = stages["after_healing"]["agreement"]
+    if healing.min_agreement is None or agreement >= healing.min_agreement:
+        return {"target_met": True, "message": ""}
+    return {"target_met": False, "message": f"the healed model agrees with the original on {100 * agreement:.1f}% of "
+                                            f"the held-back samples, under --min-agreement {healing.min_agreement}"}
+
+
+def heal_and_measure(pruned: onnx.ModelProto, original: onnx.ModelProto, dataset, healing: HealingOptions,
+                     provider: str = "auto") -> tuple[dict, dict]:
+    """Heal ``pruned`` on ``dataset``, verify the result, and measure agreement with ``original`` (and accuracy,
+    when the data has labels) on the held-back part, by onnxruntime: before pruning, after pruning, after healing."""
+    try:
+        from onnxprune.train.heal import heal as heal_model
+    except ImportError as exc:
+        raise OnnxPruneError(f"healing needs torch: pip install 'onnxprune[torch]' ({exc})") from None
+    result = heal_model(pruned, original, dataset, healing, provider)
+    held = dataset.subset(result.split.held_back)
+    verification = verify(pruned, result.model, feeds=next(held.batches(min(healing.batch, 16))).feeds)
+    if not verification.passed:
+        raise OnnxPruneError(f"the healed model failed verification; nothing written. {verification.summary()}")
+    sessions = {name: create_session(m, provider) for name, m in
+                (("original", original), ("pruned", pruned), ("healed", result.model))}
+    logits = {name: logits_of(s, held, dataset.static_batch or 64) for name, s in sessions.items()}
+    stages = {}
+    for stage, name in (("before_pruning", "original"), ("after_pruning", "pruned"), ("after_healing", "healed")):
+        measured = evaluate_logits(logits[name], held.labels, logits["original"])
+        stages[stage] = {k: measured[k] for k in ("agreement", "accuracy", "mean_kl") if k in measured}
+    stages["held_back_samples"] = len(held)
+    return {"model": result.model, "record": result.record, "verification": verification}, stages
+
+
+def _brief(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "history"}
+
+
 def latency(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
             latency: LatencyOptions = LatencyOptions(), input_shape: tuple[int, ...] | None = None) -> dict:
     """Build the LayerMerge latency table of a model on ``latency.backend`` and write it to ``out_path``; a
@@ -266,19 +353,31 @@ def shipped(name: str) -> str:
     raise OnnxPruneError(f"models/{name} is not here: run the demo from the onnxprune checkout, or give --model/--data")
 
 
+# The demo heals label-free (what a user of an exported model usually has) on the shipped calibration images.
+DEMO_HEALING = HealingOptions(steps=600, use_labels=False)
+
+
 def demo(out_dir: str = "out/demo", model: str | None = None, calib: str | None = None, test: str | None = None,
          speedup: float = 1.5, method: str = "layermerge", latency: LatencyOptions = LatencyOptions(batch=32),
-         samples: int = 256) -> dict:
-    """The whole pipeline on the shipped reference model: prune to ``speedup`` on ``latency.backend``, then
-    latency and accuracy on the shipped test subset, before and after."""
+         samples: int = 256, healing: HealingOptions | None = DEMO_HEALING) -> dict:
+    """The whole pipeline on the shipped reference model: prune to ``speedup`` on ``latency.backend``, heal the
+    pruned model on the calibration images (``healing``; None: no healing), then accuracy of the original, the
+    pruned and the healed model on the shipped test subset."""
     model = model or shipped("resnet56.onnx")
     calib = calib or shipped("cifar10_calib512.npz")
     test = test or shipped("cifar10_test1000.npz")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pruned_path = out / f"{Path(model).stem}_{method}_{speedup:g}x.onnx"
+    stem = f"{Path(model).stem}_{method}_{speedup:g}x"
+    pruned_path, healed_path = out / f"{stem}.onnx", out / f"{stem}_healed.onnx"
     pruned = prune(model, TargetOptions(method=method, speedup=speedup), OutputOptions(str(pruned_path)),
                    DataOptions(calib, samples=samples), latency=latency)
     accuracy = evaluate(pruned_path, DataOptions(test), reference=model)
-    return {"model": model, "pruned": pruned, "accuracy_before": accuracy["reference_accuracy"],
-            "accuracy_after": accuracy["accuracy"], "agreement": accuracy["agreement"], "test_data": accuracy["data"]}
+    result = {"model": model, "pruned": pruned, "accuracy_before": accuracy["reference_accuracy"],
+              "accuracy_after": accuracy["accuracy"], "agreement": accuracy["agreement"], "test_data": accuracy["data"]}
+    if healing is not None:
+        healed = heal(pruned_path, model, OutputOptions(str(healed_path)), DataOptions(calib), healing)
+        healed_accuracy = evaluate(healed_path, DataOptions(test), reference=model)
+        result.update(healed=healed, accuracy_healed=healed_accuracy["accuracy"],
+                      agreement_healed=healed_accuracy["agreement"])
+    return result

@@ -3,7 +3,9 @@ verb calls onnxprune.api with them, and onnxprune.report formats the result. Not
 verb runs, so ``--help`` is quick.
 
 Every failure the user can fix ends with one line on stderr ("onnxprune: error: ...") and exit
-status 1; ``--debug`` shows the traceback instead. Progress goes to stderr through the ``onnxprune`` logger.
+status 1; ``--debug`` shows the traceback instead. A run that worked but missed its target (a measured speed-up,
+a healed model's ``--min-agreement``) writes its outputs and exits with status 4 (EXIT_TARGET_MISSED). Progress
+goes to stderr through the ``onnxprune`` logger.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import sys
 from collections.abc import Sequence
 
 from onnxprune.errors import OnnxPruneError
-from onnxprune.options import DataOptions, LatencyOptions, OutputOptions, ScoringOptions, TargetOptions
+from onnxprune.options import DataOptions, HealingOptions, LatencyOptions, OutputOptions, ScoringOptions, TargetOptions
+
+EXIT_ERROR = 1
+EXIT_TARGET_MISSED = 4
 
 VERSION = "0.1.0"  # onnxprune.__version__ (kept here so that --version imports nothing)
 
@@ -32,8 +37,12 @@ verbs:
   score     SLP importance of every removable residual block (1 - CKA of the features without it)
   prune     SLP or LayerMerge until a block count, MACs reduction or measured speed-up is met
   latency   measure a model's LayerMerge latency table on a backend (e.g. on the deployment device)
+  heal      train a pruned model back towards its original on unlabelled data (needs torch)
   bench     latency of a model, or of two side by side with their ratio
-  demo      the whole pipeline on the shipped CIFAR-10 ResNet-56: 1.5x faster on ort-cpu, accuracy before/after
+  demo      the whole pipeline on the shipped CIFAR-10 ResNet-56: 1.5x faster on ort-cpu, healed, accuracy
+            of the original, the pruned and the healed model
+
+exit status: 0 done, 1 error (nothing written), 4 target missed (outputs written; --speedup, --min-agreement)
 """
 
 
@@ -106,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--remove-blocks N, --macs-reduction F or --speedup X is met (--one-shot ranks once). LayerMerge "
         "(--method layermerge, with --speedup X): time every merge/prune option on --backend, score it by CKA, "
         "solve the DP for the latency budget, then measure original and pruned side by side; when the measured "
-        "speed-up misses X the budget is tightened and the DP solved again (a few times); exit status 1 if X is "
+        "speed-up misses X the budget is tightened and the DP solved again (a few times); exit status 4 if X is "
         "still missed. Writes OUT and its plan (OUT with .plan.json) after verifying the result.",
     )
     p.add_argument("model", help="the original .onnx file (never modified)")
@@ -136,7 +145,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_data_arguments(p)
+    g = p.add_argument_group("healing", "train the pruned model back towards the original afterwards (needs torch; "
+                             "see heal --help)")
+    g.add_argument("--heal-data", metavar="D", help="data to heal on (the --data forms; may be the calibration data); "
+                   "without it nothing is healed")
+    add_healing_arguments(g, prefix="--heal-")
+    g.add_argument("--min-agreement", type=float, metavar="F", help="with --heal-data: exit with status 4 when the "
+                   "healed model agrees with the original on less than this share of the held-back samples")
     p.set_defaults(run=_prune)
+
+    p = verbs.add_parser(
+        "heal", help="train a pruned model back towards its original, without labels",
+        description="Heal MODEL (a pruned model) against --teacher (its original) on --data: a trainable torch "
+        "copy of MODEL's graph learns the original's feature map before global pooling (mean squared error, "
+        "relative to the original's) and its logits (KL divergence at a temperature), both computed by onnxruntime "
+        "on the same augmented batch (random crop and flip for images); cross-entropy is added when the data has "
+        "labels, unless --label-free. AdamW with warm-up and cosine decay. A held-back share of the data "
+        "measures agreement with the original before and during healing; the best checkpoint (the unhealed model "
+        "included) is kept. The trained weights are written back into MODEL's own graph (names, structure and "
+        "metadata unchanged), verified, and written to OUT with its plan: MODEL's plan (MODEL with .plan.json) "
+        "when there is one, with what healing did added.",
+    )
+    p.add_argument("model", help="the pruned .onnx file (never modified)")
+    p.add_argument("--teacher", required=True, help="the original .onnx model the pruned one was made from")
+    p.add_argument("-o", "--output", required=True, help="where to write the healed .onnx file")
+    p.add_argument("--plan", help="where to write the plan (default: OUTPUT with .plan.json)")
+    g = p.add_argument_group("healing")
+    add_healing_arguments(g, prefix="--")
+    add_provider_argument(g)
+    p.add_argument("--min-agreement", type=float, metavar="F", help="exit with status 4 when the healed model "
+                   "agrees with the original on less than this share of the held-back samples")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_data_arguments(p)
+    p.set_defaults(run=_heal)
 
     p = verbs.add_parser(
         "latency", help="measure a model's LayerMerge latency table",
@@ -170,8 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser(
         "demo", help="the whole pipeline on the shipped reference model",
         description="Prune the shipped CIFAR-10 ResNet-56 (models/resnet56.onnx) to a 1.5x measured speed-up on "
-        "ort-cpu with LayerMerge, using the shipped calibration images, then report latency before and after, the "
-        "measured speed-up, top-1 accuracy on the shipped 1,000 test images before and after, and where the files went.",
+        "ort-cpu with LayerMerge, using the shipped calibration images, heal the pruned model on the same images "
+        "without their labels (see heal --help), then report latency before and after, the measured speed-up, "
+        "top-1 accuracy on the shipped 1,000 test images of the original, the pruned and the healed model, and "
+        "where the files went.",
     )
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.add_argument("--speedup", type=float, default=1.5, help="target speed-up (default 1.5)")
@@ -180,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="another model than the shipped ResNet-56")
     p.add_argument("--data", help="calibration data (default: the shipped 512 CIFAR-10 training images)")
     p.add_argument("--test-data", help="labelled test data (default: the shipped 1,000 CIFAR-10 test images)")
+    p.add_argument("--no-heal", action="store_true", help="prune only (healing needs torch)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_demo)
     return parser
@@ -205,6 +249,36 @@ def add_latency_arguments(p: argparse.ArgumentParser, batch_flag: str, table: bo
     if table:
         g.add_argument("--latency-table", help="layermerge: reuse a table from 'onnxprune latency' "
                        "(e.g. measured on the target device)")
+
+
+def add_healing_arguments(g: argparse._ArgumentGroup, prefix: str) -> None:
+    """Healing flags: ``--epochs`` ... for heal, ``--heal-epochs`` ... for prune."""
+    d = HealingOptions()
+    stop = g.add_mutually_exclusive_group()
+    stop.add_argument(f"{prefix}epochs", dest="heal_epochs", type=float, metavar="E",
+                      help="passes over the training part of the data")
+    stop.add_argument(f"{prefix}steps", dest="heal_steps", type=int, metavar="N",
+                      help=f"optimiser steps (default {HealingOptions.DEFAULT_STEPS} when neither is given)")
+    g.add_argument(f"{prefix}lr", dest="heal_lr", type=float, default=d.lr, metavar="LR", help=f"AdamW peak learning rate (default {d.lr})")
+    g.add_argument("--heal-batch", dest="heal_batch", type=int, default=d.batch, metavar="N",
+                   help=f"samples per healing step (default {d.batch}; --batch is onnxruntime's)")
+    g.add_argument(f"{prefix}holdout", dest="heal_holdout", type=float, default=d.holdout, metavar="F",
+                   help=f"share of the data held back to measure agreement and pick the best checkpoint (default {d.holdout})")
+    g.add_argument("--label-free", action="store_true", help="ignore the data's labels (no cross-entropy)")
+    g.add_argument("--no-augment", dest="heal_augment", action="store_false",
+                   help="no random crop and flip (the original's outputs are then computed once and cached)")
+    g.add_argument("--device", dest="heal_device", choices=["cpu", "cuda"], default="cpu",
+                   help="torch device for healing (default cpu)")
+    if prefix == "--":
+        g.add_argument("--feature-tensor", help="the feature map to match (default: the input of the global "
+                       "pooling before the classifier, found in each model)")
+
+
+def healing_options(args: argparse.Namespace) -> HealingOptions:
+    return HealingOptions(steps=args.heal_steps, epochs=args.heal_epochs, lr=args.heal_lr, batch=args.heal_batch,
+                          holdout=args.heal_holdout, use_labels=not args.label_free, augment=args.heal_augment,
+                          device=args.heal_device, min_agreement=args.min_agreement,
+                          feature_tensor=getattr(args, "feature_tensor", None) if args.verb == "heal" else None)
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -274,11 +348,6 @@ def target_options(args: argparse.Namespace) -> TargetOptions:
                          min_blocks_per_stage=args.min_blocks_per_stage, one_shot=args.one_shot)
 
 
-def print_json(result: dict) -> None:
-    json.dump(result, sys.stdout)
-    sys.stdout.write("\n")
-
-
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
@@ -339,17 +408,42 @@ def _prune(args: argparse.Namespace) -> int:
 
     if args.quiet:
         logging.getLogger("onnxprune").setLevel(logging.WARNING)
+    heal_data = None
+    if args.heal_data is not None:
+        heal_data = DataOptions(source=args.heal_data, seed=args.seed, mean=args.mean, std=args.std, scale=args.scale,
+                                layout=args.layout, size=args.size, input_shape=args.input_shape)
+    elif args.min_agreement is not None:
+        raise OnnxPruneError("--min-agreement needs --heal-data: agreement is measured on its held-back part")
     result = api.prune(args.model, target_options(args), OutputOptions(args.output, args.plan, args.pareto),
-                       data_options(args), scoring_options(args), latency_options(args))
+                       data_options(args), scoring_options(args), latency_options(args),
+                       healing_options(args) if heal_data else None, heal_data)
     if args.json:
         result.pop("verification_text")
         print_json(result)
     else:
         print(prune_text(result))
+    return _target_status(result)
+
+
+def _target_status(result: dict) -> int:
     if not result["target_met"]:
         print(f"onnxprune: error: target not met: {result['message']}", file=sys.stderr)
-        return 1
+        return EXIT_TARGET_MISSED
     return 0
+
+
+def _heal(args: argparse.Namespace) -> int:
+    from onnxprune import api
+    from onnxprune.report.text import heal_text
+
+    result = api.heal(args.model, args.teacher, OutputOptions(args.output, args.plan), data_options(args),
+                      healing_options(args), args.provider)
+    if args.json:
+        result.pop("verification_text")
+        print_json(result)
+    else:
+        print(heal_text(result))
+    return _target_status(result)
 
 
 def _latency(args: argparse.Namespace) -> int:
@@ -374,18 +468,16 @@ def _demo(args: argparse.Namespace) -> int:
     from onnxprune import api
     from onnxprune.report.text import demo_text
 
+    healing = None if args.no_heal else api.DEMO_HEALING
     result = api.demo(args.out, args.model, args.data, args.test_data, args.speedup, args.method,
-                      LatencyOptions(batch=args.latency_batch))
-    p = result["pruned"]
+                      LatencyOptions(batch=args.latency_batch), healing=healing)
     if args.json:
-        p.pop("verification_text", None)
+        result["pruned"].pop("verification_text", None)
+        result.get("healed", {}).pop("verification_text", None)
         print_json(result)
     else:
         print(demo_text(result))
-    if not p["target_met"]:
-        print(f"onnxprune: error: {p['message']}", file=sys.stderr)
-        return 1
-    return 0
+    return _target_status(result["pruned"])
 
 
 class _StderrHandler(logging.StreamHandler):

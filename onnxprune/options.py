@@ -92,6 +92,48 @@ class OutputOptions:
     pareto: str | None = None  # layermerge only: the predicted trade-off curve (JSON)
 
 
+@dataclass(frozen=True)
+class HealingOptions:
+    """How a pruned model is healed against its original (``heal``, ``prune --heal-data``; docs/algorithms.md,
+    section "Healing"). The loss is label-free by default: the mean squared error at the feature map before
+    global pooling, relative to the teacher's mean square there, plus the KL divergence of the logits at
+    ``temperature`` (times its square); cross-entropy joins when the data has labels, unless ``use_labels`` is
+    False."""
+
+    steps: int | None = None  # optimiser steps; None: ``epochs`` over the training part, else DEFAULT_STEPS
+    epochs: float | None = None  # passes over the training part of the data (excludes ``steps``)
+    batch: int = 64  # samples per step (a model with a fixed batch dimension takes its own)
+    lr: float = 3e-4  # AdamW's peak learning rate: a short linear warm-up, then cosine decay to zero
+    weight_decay: float = 0.0
+    temperature: float = 4.0
+    feature_weight: float = 1.0
+    logit_weight: float = 1.0
+    use_labels: bool = True  # add cross-entropy when the data has labels (False: label-free whatever the data)
+    augment: bool = True  # random crop (zero padding of 1/8 of the size) and horizontal flip, for image inputs
+    holdout: float = 0.1  # share of the data held back to measure agreement and keep the best checkpoint
+    evaluations: int = 10  # held-back measurements over the run (the best one is kept)
+    device: str = "cpu"  # torch device: cpu or cuda
+    feature_tensor: str | None = None  # None: the input of the global pooling before the classifier
+    seed: int = 0
+    min_agreement: float | None = None  # the target: held-back agreement with the original after healing
+
+    DEFAULT_STEPS = 1000
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.epochs is not None:
+            raise OnnxPruneError("give --heal-steps or --heal-epochs, not both")
+        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
+            raise OnnxPruneError("healing needs at least one step")
+        if not 0 < self.holdout < 1:
+            raise OnnxPruneError(f"--holdout is a share of the data between 0 and 1, not {self.holdout}")
+        if self.device not in ("cpu", "cuda"):
+            raise OnnxPruneError(f"--device is cpu or cuda, not {self.device!r}")
+        if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
+            raise OnnxPruneError(f"--min-agreement is a share between 0 and 1, not {self.min_agreement}")
+        if self.lr <= 0 or self.batch < 1 or self.temperature <= 0:
+            raise OnnxPruneError("the learning rate, batch and temperature of healing must be positive")
+
+
 # flag -> (the option object's attribute, the methods it applies to)
 _METHOD_FLAGS = {
     "--remove-blocks": ("remove_blocks", {"slp"}),

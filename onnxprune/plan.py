@@ -31,7 +31,7 @@ from onnxprune.graph.normalize import to_graph, to_model
 
 SCHEMA = 1
 _LISTS = ("remove_blocks", "replace_with_shortcut", "drop_activations", "drop_convs", "merge")
-_KNOWN_KEYS = set(_LISTS) | {"schema", "model", "method", "predicted", "notes"}
+_KNOWN_KEYS = set(_LISTS) | {"schema", "model", "method", "predicted", "notes", "healing"}
 
 
 class PlanError(OnnxPruneError):
@@ -49,6 +49,7 @@ class Plan:
     method: str | None = None
     predicted: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    healing: dict | None = None  # what healing did after the rewrite (onnxprune.train.heal), when it ran
 
     def to_dict(self) -> dict:
         return {
@@ -58,6 +59,7 @@ class Plan:
             **{name: getattr(self, name) for name in _LISTS},
             "predicted": self.predicted,
             "notes": self.notes,
+            **({"healing": self.healing} if self.healing is not None else {}),
         }
 
     @classmethod
@@ -70,7 +72,8 @@ class Plan:
         if data.get("schema", SCHEMA) != SCHEMA:
             raise PlanError(f"plan schema {data.get('schema')} is not supported (this onnxprune reads schema {SCHEMA})")
         plan = cls(fingerprint=(data.get("model") or {}).get("fingerprint"), method=data.get("method"),
-                   predicted=data.get("predicted") or {}, notes=list(data.get("notes") or []))
+                   predicted=data.get("predicted") or {}, notes=list(data.get("notes") or []),
+                   healing=data.get("healing"))
         for name in ("remove_blocks", "replace_with_shortcut", "drop_activations", "drop_convs"):
             values = data.get(name, [])
             if not isinstance(values, list) or not all(isinstance(v, str) for v in values):

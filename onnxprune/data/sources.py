@@ -66,6 +66,11 @@ class Dataset:
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
 
+    def subset(self, rows: np.ndarray) -> Dataset:
+        """The samples at ``rows`` (indices), as a data set of their own."""
+        return Dataset({k: v[rows] for k, v in self.inputs.items()}, None if self.labels is None else self.labels[rows],
+                       self.source, self.random, self.static_batch)
+
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """Batches of ``batch_size`` samples, or of exactly ``static_batch`` rows for a model with a
         fixed batch dimension (the last one filled up with samples from the start of the data set)."""

@@ -90,8 +90,33 @@ def prune_text(result: dict) -> str:
                      f"{1e3 * result['pruned_latency_s']:.3f} ms, measured speed-up {result['measured_speedup']:.3f}x "
                      f"(target {result['target_speedup']}x)")
     lines += [f"note: {note}" for note in result.get("notes", [])]
-    lines += [f"data: {result['data']}", result["verification_text"], f"wrote {result['output']} and {result['plan']}"]
+    lines += [f"data: {result['data']}", result["verification_text"]]
+    if "healing" in result:
+        lines += healing_lines(result)
+    lines.append(f"wrote {result['output']} and {result['plan']}")
     return "\n".join(lines)
+
+
+def healing_lines(result: dict) -> list[str]:
+    """What healing did, and agreement (accuracy) on the held-back samples before pruning, after, and healed."""
+    h = result["healing"]
+    lines = [f"healed: {h['steps']} steps of {h['batch']} ({h['epochs']:.1f} epochs over {h['train_samples']} samples"
+             f"{', labels' if h['labels'] else ', no labels'}{', crop+flip' if h['augment'] else ''}) on {h['device']} "
+             f"in {h['seconds']:.0f} s; best checkpoint at step {h['best_step']}"]
+    rows = []
+    for stage, title in (("before_pruning", "original"), ("after_pruning", "pruned"), ("after_healing", "healed")):
+        m = result[stage]
+        rows.append([title, f"{100 * m['agreement']:.1f}%", f"{100 * m['accuracy']:.1f}%" if "accuracy" in m else "-",
+                     f"{m['mean_kl']:.4f}"])
+    lines.append(f"on the {result['held_back_samples']} held-back samples:")
+    lines.append(table(rows, ["model", "agreement", "top-1", "mean KL"], right={1, 2, 3}))
+    lines += [f"note: {h['note']}"] if h.get("note") else []
+    return lines
+
+
+def heal_text(result: dict) -> str:
+    return "\n".join([f"data: {result['data']}; teacher: {result['teacher']}", *healing_lines(result),
+                      result["verification_text"], f"wrote {result['output']} and {result['plan']}"])
 
 
 def latency_text(result: dict) -> str:
@@ -115,14 +140,25 @@ def bench_text(result: dict) -> str:
 
 def demo_text(result: dict) -> str:
     p = result["pruned"]
-    return "\n".join([
+    lines = [
         f"model: {result['model']} ({p['method']}, target {p['target_speedup']}x on {p['backend']['backend']}, "
         f"batch {p['latency_batch']})",
         f"latency: {1e3 * p['original_latency_s']:.2f} ms -> {1e3 * p['pruned_latency_s']:.2f} ms, "
         f"measured speed-up {p['measured_speedup']:.2f}x",
-        f"top-1 on {result['test_data']}: {100 * result['accuracy_before']:.2f}% -> "
-        f"{100 * result['accuracy_after']:.2f}% (agreement with the original {100 * result['agreement']:.2f}%)",
         f"removed {len(p['removed_blocks'])} blocks, merged {len(p['merged'])} conv runs; "
         f"MACs -{100 * p['macs_reduction']:.1f}%",
-        f"files: {p['output']} and {p['plan']}",
-    ])
+        f"top-1 on {result['test_data']}:",
+    ]
+    rows = [["original", f"{100 * result['accuracy_before']:.2f}%", "-"],
+            ["pruned", f"{100 * result['accuracy_after']:.2f}%", f"{100 * result['agreement']:.2f}%"]]
+    if "healed" in result:
+        rows.append(["pruned + healed", f"{100 * result['accuracy_healed']:.2f}%", f"{100 * result['agreement_healed']:.2f}%"])
+    lines.append(table(rows, ["model", "top-1", "agreement with the original"], right={1, 2}))
+    files = [p["output"], p["plan"]]
+    if "healed" in result:
+        h = result["healed"]["healing"]
+        lines.append(f"healed without labels on {h['train_samples']} calibration images ({h['steps']} steps of "
+                     f"{h['batch']}, {h['epochs']:.0f} epochs, crop+flip) in {h['seconds']:.0f} s on {h['device']}")
+        files += [result["healed"]["output"], result["healed"]["plan"]]
+    lines.append("files: " + ", ".join(files))
+    return "\n".join(lines)

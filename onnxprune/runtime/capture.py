@@ -172,6 +172,25 @@ def feature_tensor(model: onnx.ModelProto) -> str:
     return g.output[0].name
 
 
+# Ops between a feature map and the classifier that only pool or reshape it.
+_POOLING = {"GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax", "AveragePool", "MaxPool"}
+_RESHAPING = {"Flatten", "Reshape", "Squeeze", "Identity", "Dropout"}
+
+
+def pooled_feature(model: onnx.ModelProto) -> str:
+    """The feature map before global pooling (what PRACTISE matches; docs/algorithms.md, section "Healing"):
+    from the classifier's input (``feature_tensor``), back through reshapes to a pooling node, and that
+    node's input; the classifier's input itself when no pooling lies there (a ViT's class token)."""
+    producer = {t: n for n in model.graph.node for t in n.output}
+    tensor = feature_tensor(model)
+    node = producer.get(tensor)
+    while node is not None and node.op_type in _RESHAPING:
+        node = producer.get(node.input[0])
+    if node is not None and node.op_type in _POOLING:
+        return node.input[0]
+    return tensor
+
+
 def _depends_on_input(tensor: str, producer: dict, g: onnx.GraphProto) -> bool:
     inputs = {i.name for i in g.input}
     stack, seen = [tensor], set()

@@ -1,0 +1,165 @@
+"""Healing (onnxprune.train.heal, the heal verb, prune --heal-data) on the shipped ResNet-20 with blocks removed."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from onnxprune.api import agreement_target
+from onnxprune.cli import EXIT_TARGET_MISSED, main
+from onnxprune.data.sources import load_data
+from onnxprune.graph.analysis import analyze_model
+from onnxprune.graph.io import load_model
+from onnxprune.options import HealingOptions
+from onnxprune.plan import Plan, apply_plan, load_plan, save_plan
+from onnxprune.runtime.capture import pooled_feature, with_outputs
+from onnxprune.runtime.session import create_session
+from onnxprune.train.bridge import GraphModule
+from onnxprune.train.heal import augment, distillation_loss, heal, image_axes, schedule, split_data
+
+ROOT = Path(__file__).resolve().parents[2]
+RESNET20 = ROOT / "models" / "resnet20.onnx"
+CALIB = ROOT / "models" / "cifar10_calib512.npz"
+
+
+@pytest.fixture(scope="module")
+def pruned_pair(tmp_path_factory):
+    """(original, pruned, pruned path, plan path): the shipped ResNet-20 with its first three removable blocks gone."""
+    folder = tmp_path_factory.mktemp("heal")
+    original = load_model(RESNET20)
+    joins = [b.join for b in analyze_model(original).residual_blocks if b.removable][:3]
+    plan = Plan(remove_blocks=joins, method="slp")
+    pruned, _ = apply_plan(original, plan)
+    onnx.save(pruned, folder / "pruned.onnx")
+    save_plan(plan, folder / "pruned.plan.json")
+    return original, pruned, folder / "pruned.onnx", folder / "pruned.plan.json"
+
+
+@given(st.integers(2, 500), st.floats(0.01, 0.9), st.integers(0, 5))
+def test_split_is_a_seeded_partition(n, holdout, seed):
+    split = split_data(n, holdout, seed)
+    both = np.concatenate([split.train, split.held_back])
+    assert sorted(both.tolist()) == list(range(n)) and len(split.train) >= 1 and len(split.held_back) >= 1
+    assert np.array_equal(split_data(n, holdout, seed).held_back, split.held_back)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    values = [schedule(s, 1000) for s in range(1000)]
+    peak = int(np.argmax(values))
+    assert values[0] < values[peak] == pytest.approx(1.0) and 0 < peak <= 100
+    assert all(a >= b for a, b in zip(values[peak:], values[peak + 1:])) and values[-1] < 1e-4
+
+
+def test_augment_crops_and_flips_images_only():
+    rng = np.random.default_rng(0)
+    nchw = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
+    assert image_axes(nchw) == (2, 3) and image_axes(nchw.transpose(0, 2, 3, 1)) == (1, 2)
+    assert image_axes(np.zeros((4, 10), np.float32)) is None and image_axes(nchw.astype(np.int64)) is None
+    out = augment(nchw, (2, 3), rng)
+    assert out.shape == nchw.shape and out.dtype == nchw.dtype and not np.array_equal(out, nchw)
+    # every output row is a shifted (and maybe mirrored) window of its own image: its values come from it
+    for a, b in zip(out, nchw):
+        values = set(np.round(b.ravel(), 5)) | {0.0}
+        assert set(np.round(a.ravel(), 5)) <= values
+
+
+def test_a_heal_step_lowers_the_loss_on_a_fixed_batch(pruned_pair):
+    original, pruned, _, _ = pruned_pair
+    data = load_data(str(CALIB), original, samples=32)
+    x = data.inputs["input"]
+    s_out = [pruned.graph.output[0].name, pooled_feature(pruned)]
+    t_out = [original.graph.output[0].name, pooled_feature(original)]
+    teacher = [torch.from_numpy(t) for t in create_session(with_outputs(original, t_out), "cpu").run({"input": x}, t_out)]
+    student = GraphModule(pruned, s_out)
+    options = HealingOptions()
+    scale = float(teacher[1].square().mean())
+    optimizer = torch.optim.AdamW(student.parameters(), lr=options.lr)
+    losses = []
+    for _ in range(8):
+        loss = distillation_loss(student({"input": torch.from_numpy(x)}), teacher, scale, options)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_heal_keeps_the_graph_and_does_not_lose_agreement(pruned_pair):
+    original, pruned, _, _ = pruned_pair
+    data = load_data(str(CALIB), original, samples=160)
+    result = heal(pruned, original, data, HealingOptions(steps=40, batch=32, evaluations=4, use_labels=False), "cpu")
+    healed, record = result.model, result.record
+    # same graph, same names, same metadata: only initializer values may change
+    assert [(n.name, n.op_type, list(n.input), list(n.output)) for n in healed.graph.node] == \
+        [(n.name, n.op_type, list(n.input), list(n.output)) for n in pruned.graph.node]
+    assert [t.name for t in healed.graph.initializer] == [t.name for t in pruned.graph.initializer]
+    assert healed.metadata_props == pruned.metadata_props
+    onnx.checker.check_model(healed, full_check=True)
+    assert record["held_back_agreement_after"] >= record["held_back_agreement_before"]
+    assert record["steps"] == 40 and record["train_samples"] + record["held_back_samples"] == 160
+    assert record["feature_tensor"] == pooled_feature(pruned) and not record["labels"] and record["augment"]
+    if record["best_step"]:
+        changed = [a.name for a, b in zip(healed.graph.initializer, pruned.graph.initializer) if a != b]
+        assert changed
+
+
+def test_heal_verb_writes_the_model_and_its_plan(pruned_pair, tmp_path, capsys):
+    _, pruned, pruned_path, plan_path = pruned_pair
+    out = tmp_path / "healed.onnx"
+    code = main(["heal", str(pruned_path), "--teacher", str(RESNET20), "--data", str(CALIB), "--samples", "128",
+                 "--steps", "12", "--heal-batch", "16", "--label-free", "-o", str(out), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and out.exists() and result["verification"]["passed"]
+    assert result["before_pruning"]["agreement"] == 1.0 and "accuracy" in result["after_healing"]
+    assert result["held_back_samples"] == 13 and result["healing"]["steps"] == 12
+    plan = load_plan(tmp_path / "healed.plan.json")
+    assert plan.remove_blocks == load_plan(plan_path).remove_blocks  # the pruned model's plan, carried over
+    assert plan.healing["steps"] == 12 and len(plan.healing["history"]) >= 2
+    # --min-agreement above what the model reaches: written, status 4
+    code = main(["heal", str(pruned_path), "--teacher", str(RESNET20), "--data", str(CALIB), "--samples", "64",
+                 "--steps", "2", "--heal-batch", "16", "--min-agreement", "1.0", "--holdout", "0.5",
+                 "-o", str(tmp_path / "b.onnx")])
+    err = capsys.readouterr().err
+    agreement = load_plan(tmp_path / "b.plan.json").healing["held_back_agreement_after"]
+    assert code == (0 if agreement >= 1.0 else EXIT_TARGET_MISSED) and (tmp_path / "b.onnx").exists()
+    assert (code == 0) or "min-agreement" in err
+
+
+def test_agreement_target():
+    stages = {"after_healing": {"agreement": 0.9}}
+    assert agreement_target(stages, HealingOptions())["target_met"]
+    assert agreement_target(stages, HealingOptions(min_agreement=0.9))["target_met"]
+    missed = agreement_target(stages, HealingOptions(min_agreement=0.95))
+    assert not missed["target_met"] and "90.0%" in missed["message"]
+
+
+def test_heal_refusals(pruned_pair, tmp_path, capsys):
+    _, _, pruned_path, _ = pruned_pair
+    base = ["heal", str(pruned_path), "--teacher", str(RESNET20), "-o", str(tmp_path / "h.onnx")]
+    assert main(base + ["--data", "random"]) == 1
+    assert "real data" in capsys.readouterr().err
+    assert main(base + ["--data", str(CALIB), "--steps", "1", "--feature-tensor", "nope"]) == 1
+    assert "nope" in capsys.readouterr().err
+    assert main(["heal", str(pruned_path), "--teacher", str(RESNET20), "-o", str(pruned_path), "--data", str(CALIB)]) == 1
+    assert "never overwrites" in capsys.readouterr().err
+    assert main(["prune", str(RESNET20), "--remove-blocks", "1", "--data", str(CALIB), "--samples", "32",
+                 "--min-agreement", "0.5", "-o", str(tmp_path / "p.onnx")]) == 1
+    assert "needs --heal-data" in capsys.readouterr().err
+
+
+def test_prune_with_heal_data_reports_three_stages(tmp_path, capsys):
+    out = tmp_path / "p.onnx"
+    code = main(["prune", str(RESNET20), "--remove-blocks", "2", "--data", str(CALIB), "--samples", "64",
+                 "--heal-data", str(CALIB), "--heal-steps", "6", "--heal-batch", "16", "--label-free",
+                 "--min-agreement", "0", "-o", str(out), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["target_met"]
+    assert {"before_pruning", "after_pruning", "after_healing"} <= set(result)
+    assert result["after_pruning"]["agreement"] <= 1.0 and "accuracy" in result["before_pruning"]
+    assert load_plan(tmp_path / "p.plan.json").healing["steps"] == 6
+    assert result["healed_verification"]["passed"]
