@@ -142,6 +142,7 @@ def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: D
 
     outputs_s, outputs_t = _heal_outputs(student_model, teacher_model, options.feature_tensor)
     student = GraphModule(student_model, outputs_s).to(device)
+    layout = torch.contiguous_format
     teacher = create_session(with_outputs(teacher_model, outputs_t), provider)
     names = outputs_t
 
@@ -152,13 +153,16 @@ def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: D
     axes = image_axes(data.inputs[input_names[0]]) if options.augment and len(input_names) == 1 else None
     if options.augment and axes is None:
         log.info("heal: note: the input is not a batch of images; no augmentation")
+    if image_axes(data.inputs[input_names[0]]) == (2, 3):  # NCHW images: channels-last convs train faster
+        layout = torch.channels_last
+        student = student.to(memory_format=layout)
     held = data.subset(split.held_back)
     held_teacher = _teacher_outputs(teacher, held, batch, names[:1])[0]
     cached = None if axes is not None else _teacher_outputs(teacher, data, batch, names)  # same inputs every time
     steps = step_count(options, len(split.train), batch)
 
     def evaluate() -> tuple[float, float]:
-        return _held_back(student, held, held_teacher, batch, device)
+        return _held_back(student, held, held_teacher, batch, device, layout)
 
     agreement0, kl0 = evaluate()
     best = {"step": 0, "agreement": agreement0, "kl": kl0, "state": copy.deepcopy(student.state_dict())}
@@ -180,7 +184,7 @@ def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: D
         if feature_scale is None:
             feature_scale = float(targets[-1].float().square().mean().clamp_min(1e-12))
         y = torch.from_numpy(labels[rows]).to(device) if labels is not None else None
-        out = student({k: torch.from_numpy(v).to(device) for k, v in feeds.items()})
+        out = student({k: _tensor(v, device, layout) for k, v in feeds.items()})
         loss = distillation_loss(out, targets, feature_scale, options, y)
         if not torch.isfinite(loss):
             raise OnnxPruneError(f"healing diverged at step {step} (loss {loss.item()}); try a lower --heal-lr")
@@ -203,7 +207,8 @@ def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: D
             last_line = time.perf_counter()
 
     student.load_state_dict(best["state"])
-    healed = write_back(student_model, student.cpu()) if best["step"] else student_model
+    healed = write_back(student_model, student.cpu().to(memory_format=torch.contiguous_format)) if best["step"] \
+        else student_model
     record = {"method": "distillation from the original (PRACTISE-style feature MSE + logit KL)"
                         + (" + cross-entropy" if labels is not None else ""),
               "steps": steps, "epochs": steps * batch / len(split.train), "batch": batch, "lr": options.lr,
@@ -242,14 +247,19 @@ def _teacher_outputs(teacher, data: Dataset, batch: int, names: list[str]) -> li
     return [np.concatenate([r[i] for r in runs]) for i in range(len(names))]
 
 
+def _tensor(array: np.ndarray, device: torch.device, layout: torch.memory_format) -> torch.Tensor:
+    tensor = torch.from_numpy(array).to(device)
+    return tensor.contiguous(memory_format=layout) if tensor.ndim == 4 else tensor
+
+
 @torch.no_grad()
 def _held_back(student: GraphModule, data: Dataset, teacher_logits: np.ndarray, batch: int,
-               device: torch.device) -> tuple[float, float]:
+               device: torch.device, layout: torch.memory_format) -> tuple[float, float]:
     """(top-1 agreement, mean KL(teacher || student)) of the student on the held-back data."""
     student.eval()
     logits = []
     for b in data.batches(batch):
-        out = student({k: torch.from_numpy(v).to(device) for k, v in b.feeds.items()})[0]
+        out = student({k: _tensor(v, device, layout) for k, v in b.feeds.items()})[0]
         logits.append(out[:b.count].float().cpu())
     s = torch.cat(logits).reshape(len(teacher_logits), -1)
     t = torch.from_numpy(teacher_logits).float().reshape(len(teacher_logits), -1)

@@ -1,0 +1,115 @@
+"""Healing after pruning (issue "Healing"): test accuracy of the reference models unpruned, pruned, and healed.
+
+    python benchmarks/bench_heal.py [--models resnet56,mobilenetv2] [--methods layermerge,slp]
+                                    [--speedups 1.5,2.0] [--steps 1000] [--full-epochs 0] [--json OUT.json]
+
+For each model, method and target speed-up: ``api.prune`` to the measured speed-up on ort-cpu (latency batch 32,
+scoring on the 512 shipped calibration images), then ``api.heal`` without labels on those 512 images (10% of them
+held back to pick the checkpoint; ``--steps`` steps of 64, crop + flip), and with ``--full-epochs E`` also on the
+50,000 CIFAR-10 training images without labels for E epochs. Every model is evaluated on all 10,000 test images
+(``onnxprune eval``'s code path); wall time of each stage. The CIFAR-10 tarballs are decoded once into
+``~/.cache/onnxprune`` (models/train.py's cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.train import load_split  # noqa: E402
+from onnxprune import api  # noqa: E402
+from onnxprune.options import DataOptions, HealingOptions, LatencyOptions, OutputOptions, TargetOptions  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "cifar10"
+CACHE = Path.home() / ".cache" / "onnxprune"
+
+
+def split_file(split: str) -> str:
+    """The CIFAR-10 split as an .npz (x uint8 NHWC, y) that --data reads."""
+    path = CACHE / f"cifar10_{split}.npz"
+    if not path.exists():
+        load_split(DATA, split, CACHE)
+    return str(path)
+
+
+def accuracy(model: str, test: str) -> float:
+    return api.evaluate(model, DataOptions(test, batch=250))["accuracy"]
+
+
+def run(name: str, method: str, speedup: float, steps: int, full_epochs: float, folder: Path, test: str) -> dict:
+    original = str(ROOT / "models" / f"{name}.onnx")
+    calib = str(ROOT / "models" / "cifar10_calib512.npz")
+    row: dict = {"model": name, "method": method, "target": speedup}
+    pruned = folder / f"{name}_{method}_{speedup}.onnx"
+    t = time.perf_counter()
+    result = api.prune(original, TargetOptions(method=method, speedup=speedup), OutputOptions(str(pruned)),
+                       DataOptions(calib), latency=LatencyOptions(batch=32))
+    row.update(prune_s=time.perf_counter() - t, measured=result["measured_speedup"], met=result["target_met"],
+               removed=len(result["removed_blocks"]), merged=len(result.get("merged", [])))
+    row["original"] = accuracy(original, test)
+    row["pruned"] = accuracy(str(pruned), test)
+    healed = folder / f"{name}_{method}_{speedup}_healed512.onnx"
+    t = time.perf_counter()
+    h = api.heal(str(pruned), original, OutputOptions(str(healed)), DataOptions(calib),
+                 HealingOptions(steps=steps, use_labels=False))
+    row.update(heal512_s=time.perf_counter() - t, heal512=accuracy(str(healed), test),
+               heal512_held_back=[h["after_pruning"]["agreement"], h["after_healing"]["agreement"]],
+               heal512_best_step=h["healing"]["best_step"])
+    if full_epochs:
+        healed = folder / f"{name}_{method}_{speedup}_healed50k.onnx"
+        t = time.perf_counter()
+        h = api.heal(str(pruned), original, OutputOptions(str(healed)), DataOptions(split_file("train")),
+                     HealingOptions(epochs=full_epochs, use_labels=False, holdout=0.02))
+        row.update(heal50k_s=time.perf_counter() - t, heal50k=accuracy(str(healed), test),
+                   heal50k_epochs=h["healing"]["epochs"], heal50k_best_step=h["healing"]["best_step"])
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="resnet56,mobilenetv2")
+    p.add_argument("--methods", default="layermerge,slp")
+    p.add_argument("--speedups", default="1.5,2.0")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--full-epochs", type=float, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    test = split_file("test")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-heal-") as tmp:
+        for name in args.models.split(","):
+            for method in args.methods.split(","):
+                for speedup in map(float, args.speedups.split(",")):
+                    try:
+                        rows.append(run(name, method, speedup, args.steps, args.full_epochs, Path(tmp), test))
+                    except Exception as exc:  # a refusal is a result too
+                        rows.append({"model": name, "method": method, "target": speedup, "error": str(exc)})
+                        print(json.dumps(rows[-1]), flush=True)
+                    if args.json:
+                        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    print("| model | method | target | measured | removed / merged | original | pruned | healed, 512 imgs | "
+          "prune s | heal s |")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | {r['method']} | {r['target']} | failed: {r['error'][:80]} |")
+            continue
+        print(f"| {r['model']} | {r['method']} | {r['target']}x | {r['measured']:.2f}x | {r['removed']} / {r['merged']} | "
+              f"{100 * r['original']:.2f}% | {100 * r['pruned']:.2f}% | {100 * r['heal512']:.2f}% | "
+              f"{r['prune_s']:.0f} | {r['heal512_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()
