@@ -237,8 +237,10 @@ def print_json(result: dict) -> None:
 def add_latency_arguments(p: argparse.ArgumentParser, batch_flag: str, table: bool = False,
                           rounds_default: int | None = None, rounds_flag: bool = False) -> None:
     g = p.add_argument_group("latency", "where and how latency is measured")
-    g.add_argument("--backend", choices=["ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt"], default="ort-cpu",
-                   help="where latency is measured (default ort-cpu); GPU backends say why when they cannot run")
+    g.add_argument("--backend", choices=["ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt", "torch", "torch-cpu",
+                                         "torch-cuda"], default="ort-cpu",
+                   help="where latency is measured (default ort-cpu); torch: the model's torch copy in eager mode, on "
+                   "CUDA when torch sees a GPU (needs the torch extra); GPU backends say why when they cannot run")
     g.add_argument(batch_flag, dest="latency_batch", type=int, default=None, metavar="N",
                    help="batch size latency is measured at (default: the model's fixed batch size, else 1)")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads for ort-cpu (default: all this process may use)")

@@ -6,6 +6,9 @@ median of repeated runs, with its thread count fixed and reported.
 - ``ort-tensorrt``: onnxruntime's TensorRT provider, engine and timing caches on;
 - ``tensorrt``: the TensorRT Python API (builder with a shared timing cache, execute_async_v3,
   CUDA events through torch's CUDA runtime). Imported lazily.
+- ``torch`` (CUDA when torch sees a GPU, else the CPU), ``torch-cpu``, ``torch-cuda``: the model's trainable torch
+  copy (``onnxprune.train.bridge``) in eval mode without autograd, as PyTorch-eager speed-ups (LayerMerge's own
+  figures) are measured; on CUDA timed by CUDA events, inputs on the device. Needs the torch extra.
 
 A backend that cannot run on this machine raises ``BackendUnavailable`` saying why; the provider
 a session really got is checked, never assumed (onnxruntime-gpu silently falls back to the CPU).
@@ -38,7 +41,7 @@ from onnx import helper
 from onnxprune.errors import OnnxPruneError
 from onnxprune.runtime.session import create_session, session_options
 
-BACKENDS = ("ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt", "torch", "torch-cpu", "torch-cuda")
 # onnxruntime's CPU layout conversions: inside a network they happen once at its ends, not per conv.
 LAYOUT_OPS = frozenset({"ReorderInput", "ReorderOutput"})
 
@@ -62,6 +65,8 @@ class Backend:
         """A callable that runs ``model`` once on ``feeds`` and waits for the result."""
         if self.name == "tensorrt":
             return _tensorrt_runner(model, feeds, self.cache_dir)
+        if self.name.startswith("torch"):
+            return _torch_runner(model, feeds, "cuda" if self.name == "torch-cuda" else "cpu", self.threads)
         provider = {"ort-cpu": "cpu", "ort-cuda": "cuda", "ort-tensorrt": "tensorrt"}[self.name]
         if provider == "cpu":
             session = create_session(model, "cpu", threads=self.threads)
@@ -204,6 +209,8 @@ def get_backend(name: str, threads: int | None = None, cache_dir: str | None = N
     if name == "ort-cpu":
         threads = threads or default_threads()
         return Backend(name, threads, f"{cpu_name()}, {threads} threads", versions)
+    if name.startswith("torch"):
+        return _torch_backend(name, threads, versions)
     if name == "tensorrt":
         trt, torch = _tensorrt_modules()
         versions.update(tensorrt=trt.__version__, torch=torch.__version__)
@@ -247,6 +254,51 @@ def _ort_gpu_runner(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provid
     def run() -> None:
         session.run_with_iobinding(binding)  # returns once the device work has finished
     return run
+
+
+def _torch_backend(name: str, threads: int | None, versions: dict) -> Backend:
+    """``torch`` resolves to ``torch-cuda`` when torch sees a GPU, else ``torch-cpu``; the name says which."""
+    try:
+        import torch
+    except ImportError:
+        raise BackendUnavailable(f"backend {name} needs torch: pip install 'onnxprune[torch]'") from None
+    versions = {**versions, "torch": torch.__version__}
+    if name == "torch":
+        name = "torch-cuda" if torch.cuda.is_available() else "torch-cpu"
+    if name == "torch-cuda":
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("backend torch-cuda needs a CUDA GPU; torch sees none")
+        return Backend(name, None, torch.cuda.get_device_name(0), versions)
+    threads = threads or default_threads()
+    return Backend(name, threads, f"{cpu_name()}, {threads} threads", versions)
+
+
+def _torch_runner(model: onnx.ModelProto, feeds: dict[str, np.ndarray], device: str, threads: int | None):
+    """The model's torch copy in eval mode, no autograd, inputs already on ``device``; on CUDA the runner returns
+    its own seconds from CUDA events."""
+    import torch
+
+    from onnxprune.train.bridge import GraphModule
+
+    if threads:
+        torch.set_num_threads(threads)
+    module = GraphModule(model).eval().to(device)
+    inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in feeds.items()}
+    if device == "cpu":
+        def run_cpu() -> None:
+            with torch.inference_mode():
+                module(inputs)
+        return run_cpu
+
+    def run_cuda() -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.inference_mode():
+            start.record()
+            module(inputs)
+            end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    return run_cuda
 
 
 def _tensorrt_modules():

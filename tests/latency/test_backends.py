@@ -59,3 +59,29 @@ def test_overhead_clock_subtracts_the_identity_run_and_keeps_a_floor():
     floor = OverheadClock(lambda: 0.004, lambda: 0.005)
     floor()
     assert clock.seconds() == pytest.approx([0.003]) and floor.seconds() == pytest.approx([0.0002])
+
+
+def test_torch_backend_times_the_torch_copy_and_its_rows():
+    pytest.importorskip("torch")
+    import torch
+
+    from onnxprune.latency.backends import BackendUnavailable
+    from onnxprune.latency.measure import compare
+
+    g = GraphBuilder((2, 8, 8, 8))
+    small = infer_shapes(g.build([g.relu(g.conv(g.input, 8))]))
+    g = GraphBuilder((2, 8, 8, 8))
+    big = infer_shapes(g.build([g.relu(g.conv(g.relu(g.conv(g.relu(g.conv(g.input, 64)), 64)), 8))]))
+    backend = get_backend("torch", threads=1)
+    assert backend.name == ("torch-cuda" if torch.cuda.is_available() else "torch-cpu")
+    assert "torch" in backend.describe()["versions"]
+    cpu = get_backend("torch-cpu", threads=1)
+    assert cpu.time(small, random_feeds(small, 2), warmup=1, repeats=3) > 0
+    measured = compare([big, small], cpu, 2, 5)
+    assert measured.speedups[1] > 1  # three convs of 64 channels against one of 8
+    clock = cpu.own_clock(small, random_feeds(small, 2))
+    clock()
+    assert len(clock.seconds()) == 1
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="CUDA"):
+            get_backend("torch-cuda")
