@@ -108,6 +108,15 @@ def loosened_budget(whole_s: float, predicted_s: float, measured_speedup: float,
     return max(predicted_s, min(proportional, whole_s * (1 - wanted)))
 
 
+def out_of_reach(target: float, backend: str, whole_s: float, fixed_s: float, fastest_s: float, attempt: int) -> str:
+    """Why no plan reaches ``target``: the fastest plan the options allow, and the share of the latency that lies in
+    what LayerMerge may not change (the table's fixed part: shortcut convs, concatenations, pooling, classifiers)."""
+    best = whole_s / (fixed_s + fastest_s) if fixed_s + fastest_s > 0 else float("inf")
+    return (f"no combination of merges and removals reaches {target}x on {backend} (attempt {attempt}): the fastest "
+            f"plan its options allow is predicted at {best:.2f}x, and {100 * fixed_s / whole_s:.0f}% of the latency lies "
+            "in what LayerMerge may not change (convs off the chain, concatenations, pooling, the classifier)")
+
+
 def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: float, backend: Backend,
                           batch: int, scoring: ScoringOptions = ScoringOptions(), data_batch: int = 64,
                           table: LatencyTable | None = None, max_attempts: int = 4,
@@ -159,8 +168,8 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
             if results:
                 log.info(f"layermerge: no plan fits the tightened budget; stopping after {attempt - 1} attempts")
                 break
-            raise OnnxPruneError(f"no combination of merges and removals reaches {target}x on {backend.name} "
-                                 f"(attempt {attempt})") from None
+            raise OnnxPruneError(out_of_reach(target, backend.name, table.whole_s, table.fixed_s,
+                                              dp.fastest(dp_rows, last), attempt)) from None
         stages["dp"] += time.perf_counter() - clock
         chosen = [r.key for r in solution.rows]
         if tuple(chosen) in tried:

@@ -105,3 +105,16 @@ def pareto(rows: Sequence[Row], positions: int, max_budget: float, unit: float) 
             chosen = _backtrack(rows, choice, g, positions, t)
             curve.append(Solution(chosen, sum(r.latency for r in chosen), sum(r.importance for r in chosen), t * unit))
     return curve
+
+
+def fastest(rows: Sequence[Row], positions: int) -> float:
+    """The smallest summed latency of any tiling of 0..positions, importance ignored (what the budget can reach):
+
+        F[0] = 0;   F[e] = min over rows (s, e) of F[s] + latency
+
+    ``inf`` when no tiling exists."""
+    best = np.full(positions + 1, np.inf)
+    best[0] = 0.0
+    for row in sorted(rows, key=lambda r: r.end):
+        best[row.end] = min(best[row.end], best[row.start] + row.latency)
+    return float(best[positions])

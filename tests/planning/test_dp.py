@@ -3,7 +3,7 @@ import math
 import pytest
 from hypothesis import example, given, settings, strategies as st
 
-from onnxprune.planning.dp import Infeasible, Row, pareto, solve
+from onnxprune.planning.dp import Infeasible, Row, fastest, pareto, solve
 
 
 def tilings(rows, positions):
@@ -95,3 +95,12 @@ def test_four_hundred_rows_and_thousands_of_units_solve_quickly_enough_to_sweep(
     assert len(rows) == 400 - 10
     solution = solve(rows, 80, budget=300.0, unit=0.1)  # 3,000 units
     assert solution.latency <= 300.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(instances())
+def test_fastest_is_the_smallest_latency_of_any_tiling(instance):
+    positions, rows, _ = instance
+    best = min(sum(r.latency for r in t) for t in tilings(rows, positions))
+    assert fastest(rows, positions) == pytest.approx(best)
+    assert fastest([r for r in rows if r.start != 0], positions) == math.inf  # nothing starts at 0: no tiling
