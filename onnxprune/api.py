@@ -354,7 +354,7 @@ def shipped(name: str) -> str:
 
 
 # The demo heals label-free (what a user of an exported model usually has) on the shipped calibration images.
-DEMO_HEALING = HealingOptions(steps=600, use_labels=False)
+DEMO_HEALING = HealingOptions(steps=300, use_labels=False)
 
 
 def demo(out_dir: str = "out/demo", model: str | None = None, calib: str | None = None, test: str | None = None,

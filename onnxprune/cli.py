@@ -11,6 +11,7 @@ goes to stderr through the ``onnxprune`` logger.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -224,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="calibration data (default: the shipped 512 CIFAR-10 training images)")
     p.add_argument("--test-data", help="labelled test data (default: the shipped 1,000 CIFAR-10 test images)")
     p.add_argument("--no-heal", action="store_true", help="prune only (healing needs torch)")
+    p.add_argument("--heal-steps", type=int, default=None, metavar="N",
+                   help="healing steps of 64 images (default 300, about 2.5 minutes on 2 CPU cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_demo)
     return parser
@@ -419,11 +422,16 @@ def _prune(args: argparse.Namespace) -> int:
     result = api.prune(args.model, target_options(args), OutputOptions(args.output, args.plan, args.pareto),
                        data_options(args), scoring_options(args), latency_options(args),
                        healing_options(args) if heal_data else None, heal_data)
-    if args.json:
+    return _report_target(result, args.json, prune_text)
+
+
+def _report_target(result: dict, as_json: bool, text) -> int:
+    """Print ``result`` (JSON without the verification text, or ``text(result)``); the status of its target."""
+    if as_json:
         result.pop("verification_text")
         print_json(result)
     else:
-        print(prune_text(result))
+        print(text(result))
     return _target_status(result)
 
 
@@ -440,12 +448,7 @@ def _heal(args: argparse.Namespace) -> int:
 
     result = api.heal(args.model, args.teacher, OutputOptions(args.output, args.plan), data_options(args),
                       healing_options(args), args.provider)
-    if args.json:
-        result.pop("verification_text")
-        print_json(result)
-    else:
-        print(heal_text(result))
-    return _target_status(result)
+    return _report_target(result, args.json, heal_text)
 
 
 def _latency(args: argparse.Namespace) -> int:
@@ -471,6 +474,8 @@ def _demo(args: argparse.Namespace) -> int:
     from onnxprune.report.text import demo_text
 
     healing = None if args.no_heal else api.DEMO_HEALING
+    if healing is not None and args.heal_steps is not None:
+        healing = dataclasses.replace(healing, steps=args.heal_steps)
     result = api.demo(args.out, args.model, args.data, args.test_data, args.speedup, args.method,
                       LatencyOptions(batch=args.latency_batch), healing=healing)
     if args.json:

@@ -94,6 +94,13 @@ def augment(batch: np.ndarray, axes: tuple[int, int], rng: np.random.Generator) 
     return out
 
 
+def mixup(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each sample blended with another of the batch, at a uniform random weight (mixup, Zhang et al. 2018; for
+    distillation, where the teacher labels the blend itself: Beyer et al., CVPR 2022, "function matching")."""
+    weight = rng.random(len(batch)).astype(batch.dtype).reshape(-1, *([1] * (batch.ndim - 1)))
+    return weight * batch + (1 - weight) * batch[rng.permutation(len(batch))]
+
+
 def schedule(step: int, steps: int) -> float:
     """Learning-rate factor at ``step``: linear warm-up over WARMUP_SHARE of the steps, then cosine to zero."""
     warmup = max(1, min(WARMUP_MAX, round(WARMUP_SHARE * steps)))
@@ -179,6 +186,8 @@ def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: D
         feeds = {k: data.inputs[k][rows] for k in input_names}
         if axes is not None:
             feeds[input_names[0]] = augment(feeds[input_names[0]], axes, rng)
+            if options.mixup:
+                feeds[input_names[0]] = mixup(feeds[input_names[0]], rng)
         outputs = [c[rows] for c in cached] if cached is not None else teacher.run(feeds, names)
         targets = [torch.from_numpy(np.ascontiguousarray(t)).to(device) for t in outputs]
         if feature_scale is None:
@@ -215,7 +224,8 @@ def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: D
               "weight_decay": options.weight_decay, "temperature": options.temperature,
               "feature_tensor": outputs_s[1] if len(outputs_s) > 1 else None,
               "teacher_feature_tensor": outputs_t[1] if len(outputs_t) > 1 else None,
-              "labels": labels is not None, "augment": axes is not None, "device": device.type,
+              "labels": labels is not None, "augment": axes is not None,
+              "mixup": axes is not None and options.mixup, "device": device.type,
               "train_samples": int(len(split.train)), "held_back_samples": int(len(split.held_back)),
               "held_back_agreement_before": agreement0, "held_back_agreement_after": best["agreement"],
               "best_step": best["step"], "seconds": time.perf_counter() - started, "history": history}
