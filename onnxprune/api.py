@@ -353,8 +353,9 @@ def shipped(name: str) -> str:
     raise OnnxPruneError(f"models/{name} is not here: run the demo from the onnxprune checkout, or give --model/--data")
 
 
-# The demo heals label-free (what a user of an exported model usually has) on the shipped calibration images.
-DEMO_HEALING = HealingOptions(steps=300, use_labels=False)
+# The demo heals label-free (what a user of an exported model usually has) on the shipped calibration images, in a
+# short run: without mixup, which pays off over longer runs only (benchmarks/RESULTS.md, "Healing").
+DEMO_HEALING = HealingOptions(steps=300, use_labels=False, mixup=False)
 
 
 def demo(out_dir: str = "out/demo", model: str | None = None, calib: str | None = None, test: str | None = None,

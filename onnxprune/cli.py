@@ -160,10 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Heal MODEL (a pruned model) against --teacher (its original) on --data: a trainable torch "
         "copy of MODEL's graph learns the original's feature map before global pooling (mean squared error, "
         "relative to the original's) and its logits (KL divergence at a temperature), both computed by onnxruntime "
-        "on the same augmented batch (random crop and flip for images); cross-entropy is added when the data has "
+        "on the same augmented batch (random crop, flip and mixup for images); cross-entropy is added when the data has "
         "labels, unless --label-free. AdamW with warm-up and cosine decay. A held-back share of the data "
-        "measures agreement with the original before and during healing; the best checkpoint (the unhealed model "
-        "included) is kept. The trained weights are written back into MODEL's own graph (names, structure and "
+        "measures agreement with the original before and during healing; the checkpoint closest to it (lowest KL; the "
+        "unhealed model included) is kept. The trained weights are written back into MODEL's own graph (names, structure and "
         "metadata unchanged), verified, and written to OUT with its plan: MODEL's plan (MODEL with .plan.json) "
         "when there is one, with what healing did added.",
     )
@@ -268,10 +268,13 @@ def add_healing_arguments(g: argparse._ArgumentGroup, prefix: str) -> None:
     g.add_argument("--heal-batch", dest="heal_batch", type=int, default=d.batch, metavar="N",
                    help=f"samples per healing step (default {d.batch}; --batch is onnxruntime's)")
     g.add_argument(f"{prefix}holdout", dest="heal_holdout", type=float, default=d.holdout, metavar="F",
-                   help=f"share of the data held back to measure agreement and pick the best checkpoint (default {d.holdout})")
+                   help=f"share of the data held back to measure agreement and pick the checkpoint closest to the original "
+                   f"(lowest KL; default {d.holdout})")
     g.add_argument("--label-free", action="store_true", help="ignore the data's labels (no cross-entropy)")
     g.add_argument("--no-augment", dest="heal_augment", action="store_false",
                    help="no random crop and flip (the original's outputs are then computed once and cached)")
+    g.add_argument("--no-mixup", dest="heal_mixup", action="store_false",
+                   help="do not blend augmented images in pairs (mixup helps long runs; benchmarks/RESULTS.md)")
     g.add_argument("--device", dest="heal_device", choices=["cpu", "cuda"], default="cpu",
                    help="torch device for healing (default cpu)")
     if prefix == "--":
@@ -282,6 +285,7 @@ def add_healing_arguments(g: argparse._ArgumentGroup, prefix: str) -> None:
 def healing_options(args: argparse.Namespace) -> HealingOptions:
     return HealingOptions(steps=args.heal_steps, epochs=args.heal_epochs, lr=args.heal_lr, batch=args.heal_batch,
                           holdout=args.heal_holdout, use_labels=not args.label_free, augment=args.heal_augment,
+                          mixup=args.heal_mixup,
                           device=args.heal_device, min_agreement=args.min_agreement,
                           feature_tensor=getattr(args, "feature_tensor", None) if args.verb == "heal" else None)
 

@@ -206,10 +206,10 @@ def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: D
             agreement, kl = evaluate()
             student.train()
             history.append({"step": step, "agreement": agreement, "kl": kl, "loss": float(np.mean(losses[-every:]))})
-            if (agreement, -kl) > (best["agreement"], -best["kl"]):
+            if kl < best["kl"]:
                 best = {"step": step, "agreement": agreement, "kl": kl, "state": copy.deepcopy(student.state_dict())}
             log.info(f"heal: step {step}/{steps}  loss {np.mean(losses[-every:]):.4f}  held-back agreement "
-                     f"{100 * agreement:.1f}% (best {100 * best['agreement']:.1f}%)  {time.perf_counter() - started:.0f} s")
+                     f"{100 * agreement:.1f}%, KL {kl:.4f} (kept: step {best['step']})  {time.perf_counter() - started:.0f} s")
             last_line = time.perf_counter()
         elif time.perf_counter() - last_line > 30:
             log.info(f"heal: step {step}/{steps}  loss {np.mean(losses[-50:]):.4f}  {time.perf_counter() - started:.0f} s")
@@ -228,9 +228,10 @@ def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: D
               "mixup": axes is not None and options.mixup, "device": device.type,
               "train_samples": int(len(split.train)), "held_back_samples": int(len(split.held_back)),
               "held_back_agreement_before": agreement0, "held_back_agreement_after": best["agreement"],
+              "held_back_kl_before": kl0, "held_back_kl_after": best["kl"],
               "best_step": best["step"], "seconds": time.perf_counter() - started, "history": history}
     if best["step"] == 0:
-        record["note"] = "no checkpoint agreed better with the original than the unhealed model: it is kept as it was"
+        record["note"] = "no checkpoint came closer to the original than the unhealed model: it is kept as it was"
     return HealResult(healed, split, record)
 
 
