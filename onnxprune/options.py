@@ -110,7 +110,8 @@ class HealingOptions:
     logit_weight: float = 1.0
     use_labels: bool = True  # add cross-entropy when the data has labels (False: label-free whatever the data)
     augment: bool = True  # random crop (zero padding of 1/8 of the size) and horizontal flip, for image inputs
-    mixup: bool = True  # also blend each augmented image with another of the batch (teacher and student see the blend)
+    mixup: bool = True  # blend each augmented image with another of the batch (teacher and student see the blend);
+    # left out when cross-entropy on labels is used (a blend has no label)
     holdout: float = 0.1  # share of the data held back to measure agreement and keep the best checkpoint (lowest KL)
     evaluations: int = 10  # held-back measurements over the run (the best one is kept)
     device: str = "cpu"  # torch device: cpu or cuda

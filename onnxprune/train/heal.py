@@ -160,6 +160,7 @@ def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: D
     axes = image_axes(data.inputs[input_names[0]]) if options.augment and len(input_names) == 1 else None
     if options.augment and axes is None:
         log.info("heal: note: the input is not a batch of images; no augmentation")
+    blend = axes is not None and options.mixup and labels is None  # a blend has no label of its own
     if image_axes(data.inputs[input_names[0]]) == (2, 3):  # NCHW images: channels-last convs train faster
         layout = torch.channels_last
         student = student.to(memory_format=layout)
@@ -186,7 +187,7 @@ def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: D
         feeds = {k: data.inputs[k][rows] for k in input_names}
         if axes is not None:
             feeds[input_names[0]] = augment(feeds[input_names[0]], axes, rng)
-            if options.mixup:
+            if blend:
                 feeds[input_names[0]] = mixup(feeds[input_names[0]], rng)
         outputs = [c[rows] for c in cached] if cached is not None else teacher.run(feeds, names)
         targets = [torch.from_numpy(np.ascontiguousarray(t)).to(device) for t in outputs]
@@ -225,7 +226,7 @@ def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: D
               "feature_tensor": outputs_s[1] if len(outputs_s) > 1 else None,
               "teacher_feature_tensor": outputs_t[1] if len(outputs_t) > 1 else None,
               "labels": labels is not None, "augment": axes is not None,
-              "mixup": axes is not None and options.mixup, "device": device.type,
+              "mixup": blend, "device": device.type,
               "train_samples": int(len(split.train)), "held_back_samples": int(len(split.held_back)),
               "held_back_agreement_before": agreement0, "held_back_agreement_after": best["agreement"],
               "held_back_kl_before": kl0, "held_back_kl_after": best["kl"],

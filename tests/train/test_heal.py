@@ -113,6 +113,7 @@ def test_heal_keeps_the_graph_and_does_not_lose_agreement(pruned_pair):
     assert record["held_back_kl_after"] <= record["held_back_kl_before"]  # the kept checkpoint is the closest
     assert record["steps"] == 40 and record["train_samples"] + record["held_back_samples"] == 160
     assert record["feature_tensor"] == pooled_feature(pruned) and not record["labels"] and record["augment"]
+    assert record["mixup"]  # label-free: blends are labelled by the teacher
     if record["best_step"]:
         changed = [a.name for a, b in zip(healed.graph.initializer, pruned.graph.initializer) if a != b]
         assert changed
