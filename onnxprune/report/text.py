@@ -101,8 +101,8 @@ def healing_lines(result: dict) -> list[str]:
     """What healing did, and agreement (accuracy) on the held-back samples before pruning, after, and healed."""
     h = result["healing"]
     lines = [f"healed: {h['steps']} steps of {h['batch']} ({h['epochs']:.1f} epochs over {h['train_samples']} samples"
-             f"{', labels' if h['labels'] else ', no labels'}{', crop+flip' if h['augment'] else ''}) on {h['device']} "
-             f"in {h['seconds']:.0f} s; best checkpoint at step {h['best_step']}"]
+             f"{', labels' if h['labels'] else ', no labels'}{augmentation(h)}) on {h['device']} "
+             f"in {h['seconds']:.0f} s; kept the checkpoint of step {h['best_step']} (lowest held-back KL)"]
     rows = []
     for stage, title in (("before_pruning", "original"), ("after_pruning", "pruned"), ("after_healing", "healed")):
         m = result[stage]
@@ -112,6 +112,13 @@ def healing_lines(result: dict) -> list[str]:
     lines.append(table(rows, ["model", "agreement", "top-1", "mean KL"], right={1, 2, 3}))
     lines += [f"note: {h['note']}"] if h.get("note") else []
     return lines
+
+
+def augmentation(record: dict) -> str:
+    """', crop+flip', ', crop+flip+mixup' or '' for a healing record."""
+    if not record["augment"]:
+        return ""
+    return ", crop+flip+mixup" if record.get("mixup") else ", crop+flip"
 
 
 def heal_text(result: dict) -> str:
@@ -158,7 +165,7 @@ def demo_text(result: dict) -> str:
     if "healed" in result:
         h = result["healed"]["healing"]
         lines.append(f"healed without labels on {h['train_samples']} calibration images ({h['steps']} steps of "
-                     f"{h['batch']}, {h['epochs']:.0f} epochs, crop+flip) in {h['seconds']:.0f} s on {h['device']}")
+                     f"{h['batch']}, {h['epochs']:.0f} epochs{augmentation(h)}) in {h['seconds']:.0f} s on {h['device']}")
         files += [result["healed"]["output"], result["healed"]["plan"]]
     lines.append("files: " + ", ".join(files))
     return "\n".join(lines)
