@@ -174,3 +174,13 @@ def test_prune_with_heal_data_reports_three_stages(tmp_path, capsys):
     assert result["after_pruning"]["agreement"] <= 1.0 and "accuracy" in result["before_pruning"]
     assert load_plan(tmp_path / "p.plan.json").healing["steps"] == 6
     assert result["healed_verification"]["passed"]
+
+
+def test_heal_flags_epochs_no_augment_no_mixup(pruned_pair, tmp_path, capsys):
+    _, _, pruned_path, _ = pruned_pair
+    code = main(["heal", str(pruned_path), "--teacher", str(RESNET20), "--data", str(CALIB), "--samples", "64",
+                 "--epochs", "0.5", "--heal-batch", "16", "--no-augment", "--no-mixup", "--label-free",
+                 "-o", str(tmp_path / "e.onnx"), "--json"])
+    healing = json.loads(capsys.readouterr().out)["healing"]
+    assert code == 0 and healing["steps"] == 2  # ceil(0.5 x 58 training samples / 16)
+    assert not healing["augment"] and not healing["mixup"] and not healing["labels"]
