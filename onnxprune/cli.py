@@ -319,7 +319,7 @@ def add_memory_budget_argument(p: argparse.ArgumentParser | argparse._ArgumentGr
     p.add_argument("--memory-budget", type=memory_size, metavar="SIZE",
                    help="memory that capture and scoring may hold, e.g. 4G or 512M (K, M, G, T: powers of 1024; "
                    "plain bytes without a suffix); past it, copies are scored in groups and captured tensors spill to "
-                   "a temporary folder. Default: 40%% of the memory available. Scores do not depend on it")
+                   "a temporary folder. Default: 40%% of the memory available, at most 3G. Scores do not depend on it")
 
 
 def memory_size(text: str) -> int:

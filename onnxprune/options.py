@@ -47,7 +47,7 @@ class ScoringOptions:
     provider: str = "auto"  # onnxruntime provider: auto, cpu, cuda, tensorrt
     scope: str | None = None  # layermerge only: "global" (at the feature tensor, the default) or "local"
     # Bytes that capture and scoring may hold (sessions, captured tensors, CKA accumulators), beyond the data
-    # set and the models themselves. None: 40% of the memory available when scoring starts
+    # set and the models themselves. None: 40% of the memory available when scoring starts, at most 3 GiB
     # (runtime.compare.default_memory_budget). Scores do not depend on it beyond float rounding.
     memory_budget: int | None = None
 

@@ -6,7 +6,7 @@ A modified copy is usually a *suffix* (runtime.capture.suffix_model): the part a
 fed with tensors captured from the original network, so the unchanged prefix never runs twice.
 
 Memory stays within a budget (``memory_budget`` bytes; None: ``default_memory_budget()``, 40% of
-the memory available when scoring starts). What scoring holds, and how each term is bounded:
+the memory available when scoring starts, at most 3 GiB). What scoring holds, and how each term is bounded:
 
 - the copies: ``share_weights`` keeps only the initializers a copy does not share with the
   original, so dozens of copies cost kilobytes, not dozens of networks' weights;
@@ -54,6 +54,7 @@ from onnxprune.runtime.session import create_session
 from onnxprune.similarity.cka import accumulator
 
 MEMORY_SHARE = 0.4  # of the available memory, when no budget is given
+MAX_DEFAULT_BUDGET = 3 << 30  # ... but never more than this unless asked
 MIN_BUDGET = 64 << 20  # the default budget never goes below this
 SESSION_FACTOR = 1.25  # a session's bytes per byte of weights (measured: 1.0 from external data, 2.0 from bytes)
 SESSION_OVERHEAD = 4 << 20  # bytes of a session besides its weights (measured: about 1 MB)
@@ -165,15 +166,20 @@ def _cgroup_left() -> int | None:
 
 
 def default_memory_budget() -> int:
-    """``MEMORY_SHARE`` (40%) of ``available_memory()``, at least 64 MiB; 2 GiB when nothing says how much is free.
+    """``MEMORY_SHARE`` (40%) of ``available_memory()``, at most ``MAX_DEFAULT_BUDGET`` (3 GiB) and at
+    least 64 MiB; 2 GiB when nothing says how much is free.
 
     Why 40%: the budget covers what scoring allocates (sessions, captured tensors, accumulators),
     not the data set, the models and Python around it, and onnxruntime's working memory in it is
-    estimated, not measured; less than half leaves room for all of that and for other processes."""
+    estimated, not measured; less than half leaves room for all of that and for other processes.
+    Why a cap: past a few GiB a bigger budget buys one pass instead of two over the calibration
+    data, not less work (the copies are the same), while a tool in a shared pipeline that takes
+    10 GB because the machine happened to have it free is a bad neighbour. ``--memory-budget``
+    lifts it."""
     available = available_memory()
     if available is None:
         return 2 << 30
-    return max(MIN_BUDGET, int(MEMORY_SHARE * available))
+    return max(MIN_BUDGET, min(MAX_DEFAULT_BUDGET, int(MEMORY_SHARE * available)))
 
 
 @contextlib.contextmanager

@@ -56,9 +56,12 @@ def test_the_default_budget_is_a_share_of_the_available_memory(monkeypatch):
     available = compare.available_memory()
     assert available is None or available > 0
     if available is not None:
-        assert default_memory_budget() == max(compare.MIN_BUDGET, int(compare.MEMORY_SHARE * available))
-    monkeypatch.setattr(compare, "available_memory", lambda: 10 << 30)
-    assert default_memory_budget() == int(0.4 * (10 << 30))
+        share = min(compare.MAX_DEFAULT_BUDGET, int(compare.MEMORY_SHARE * available))
+        assert default_memory_budget() == max(compare.MIN_BUDGET, share)
+    monkeypatch.setattr(compare, "available_memory", lambda: 5 << 30)
+    assert default_memory_budget() == int(0.4 * (5 << 30))
+    monkeypatch.setattr(compare, "available_memory", lambda: 20 << 30)
+    assert default_memory_budget() == 3 << 30
     monkeypatch.setattr(compare, "available_memory", lambda: 1 << 20)
     assert default_memory_budget() == compare.MIN_BUDGET
     monkeypatch.setattr(compare, "available_memory", lambda: None)
