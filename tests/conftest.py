@@ -44,3 +44,22 @@ def exported(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def exported_encoder(tmp_path_factory):
+    """exported_encoder(exporter, token_types=False) -> (torch model, path of its ONNX export) of the small
+    post-LN encoder of tests/encoder.py, exported once per session."""
+    from tests import encoder
+
+    cache: dict[tuple, tuple] = {}
+
+    def get(exporter: str = "torchscript", token_types: bool = False):
+        key = (exporter, token_types)
+        if key not in cache:
+            model = encoder.Encoder(token_types=token_types)
+            path = tmp_path_factory.mktemp("encoder") / f"encoder_{exporter}{'_types' if token_types else ''}.onnx"
+            cache[key] = model, encoder.export(model, path, exporter)
+        return cache[key]
+
+    return get

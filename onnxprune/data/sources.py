@@ -4,7 +4,9 @@ Accepted: ``.npy`` / ``.npz`` arrays, a folder of images (labels from sub-folder
 images, or ``random`` (clearly labelled as such wherever it is used). A float array shaped like the
 model's input is fed as it is; a uint8 image array (NHWC or NCHW) goes through the model's
 ``onnxprune.preprocess`` metadata or the flags that override it. In an ``.npz`` the images are
-under ``x`` or the model's input name, the labels (optional) under ``y``.
+under ``x`` or the model's input name, the labels (optional) under ``y``; a model with several
+inputs (a BERT's ``input_ids`` and ``attention_mask``) takes one array per input name, integers of
+another width and booleans cast to the input's type when every value fits (docs/algorithms.md section 9).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ RANDOM = "random"
 _PREPROCESS_CHUNK = 256  # images turned into float inputs at a time
 _ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                   onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
-                  onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT8: np.uint8}
+                  onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT8: np.uint8,
+                  onnx.TensorProto.BOOL: np.bool_}
 
 
 @dataclass(frozen=True)
@@ -238,11 +241,22 @@ def _as_input(array: np.ndarray, inp: ModelInput, prep: Preprocess | None, sourc
         raise OnnxPruneError(f"{source} has dtype {array.dtype}; the model input {inp.name} takes floats "
                              "(give floats shaped like the input, or uint8 images)")
     if not np.issubdtype(inp.dtype, np.floating) and array.dtype != inp.dtype:
-        raise OnnxPruneError(f"{source} has dtype {array.dtype}; the model input {inp.name} takes {inp.dtype}")
+        _check_integers(array, inp, source)
     _check_shape(array.shape, inp, source)
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise OnnxPruneError(f"{source} contains NaN or Inf values")
     return np.array(array, dtype=inp.dtype, order="C")  # a copy: never a view of a memory-mapped file
+
+
+def _check_integers(array: np.ndarray, inp: ModelInput, source: str) -> None:
+    """Integers (or booleans) for an integer or boolean input, of another width (token ids saved as int32 for
+    an int64 input, a boolean attention mask), are taken when every value fits the input's dtype."""
+    if not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
+        raise OnnxPruneError(f"{source} has dtype {array.dtype}; the model input {inp.name} takes {inp.dtype}")
+    low, high = (0, 1) if inp.dtype == np.bool_ else (np.iinfo(inp.dtype).min, np.iinfo(inp.dtype).max)
+    if array.size and (array.min() < low or array.max() > high):
+        raise OnnxPruneError(f"{source} has values from {array.min()} to {array.max()}; the model input {inp.name} "
+                             f"takes {inp.dtype}")
 
 
 def _check_shape(shape: tuple, inp: ModelInput, source: str) -> None:

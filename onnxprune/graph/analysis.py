@@ -5,12 +5,17 @@ carry activations (``data`` nodes); shape arithmetic (``Shape`` and what is comp
 constant subgraphs are kept out of it, so a dynamic-batch ``Reshape`` inside an attention block
 does not hide the block. Then:
 
+- with several graph inputs, the one most nodes depend on is the residual stream's source; the others
+  are *side inputs* (an attention mask, token-type ids), and what is computed from them and constants
+  alone is kept out of the DAG like a constant, so a mask added to attention scores is a bias;
 - a **join** is an ``Add``/``Sum`` of two distinct data tensors;
 - its **fork** is the nearest common dominator of the two producers (virtual source = node 0);
 - the block's body is every data node on a path fork -> join; each join input's exclusive part of
   the body decides the shortcut: empty (identity), one linear op (projection), else the branch;
-- a block is **removable** when its shortcut is the identity, its input and output have the same
-  shape and type, and nothing outside the block reads a tensor of its branch.
+- a block is **removable** when its shortcut is the identity, the fork hands it one tensor (side tensors
+  it reads besides do not count), its input and output have the same shape and type, and nothing
+  outside the block reads a tensor of its branch. Post-LN blocks (``LN(x + f(x))``, BERT) are found
+  like pre-LN ones (``x + f(LN(x))``, ViT): the LayerNorm after the join is not part of the block.
 
 The chain is the list of convolutions on the main path in topological order, with the activation
 after each one, the links between consecutive convs (through an activation, through a residual
@@ -124,12 +129,17 @@ class Structure:
 
 
 class _Dataflow:
-    """The data nodes of a graph as a DAG over integers (0 = virtual source), in topological order."""
+    """The data nodes of a graph as a DAG over integers (0 = virtual source), in topological order.
+
+    Every tensor has a kind: ``data`` (computed from the residual stream's source), ``side`` (from
+    the other graph inputs and constants only: an attention mask, position ids), ``meta`` (shape
+    arithmetic) or ``const``. Only data nodes are in the DAG (docs/algorithms.md section 0)."""
 
     def __init__(self, graph: gs.Graph) -> None:
         self.graph = graph
         self.graph_outputs = {t.name for t in graph.outputs}
-        self.kind: dict[str, str] = {t.name: "data" for t in graph.inputs}
+        self.side_inputs = side_inputs(graph)
+        self.kind: dict[str, str] = {t.name: "side" if t.name in self.side_inputs else "data" for t in graph.inputs}
         self.nodes: list[gs.Node | None] = [None]
         self.index: dict[int, int] = {}
         self.meta_nodes: list[gs.Node] = []
@@ -139,6 +149,8 @@ class _Dataflow:
                 out_kind = "meta"
             elif "data" in kinds:
                 out_kind = "data"
+            elif "side" in kinds:
+                out_kind = "side"
             elif "meta" in kinds:
                 out_kind = "meta"
             else:
@@ -177,6 +189,30 @@ class _Dataflow:
         return seen
 
 
+def side_inputs(graph: gs.Graph) -> list[str]:
+    """The graph inputs that are not the residual stream's source (docs/algorithms.md section 0).
+
+    The source is the input that most nodes depend on (the first such input on a tie): a BERT's
+    ``input_ids``, whose embeddings every layer carries, not its ``attention_mask``, which only
+    biases the attention scores. Shape arithmetic (``Shape``, ``Size``) carries no input's values."""
+    if len(graph.inputs) < 2:
+        return []
+    depends: dict[str, int] = {t.name: 1 << k for k, t in enumerate(graph.inputs)}  # tensor -> bit set of inputs
+    counts = [0] * len(graph.inputs)
+    for node in graph.nodes:
+        if node.op in SHAPE_OPS:
+            continue
+        bits = 0
+        for t in variable_inputs(node):
+            bits |= depends.get(t.name, 0)
+        for t in node.outputs:
+            depends[t.name] = bits
+        for k in range(len(counts)):
+            counts[k] += bits >> k & 1
+    source = max(range(len(counts)), key=lambda k: (counts[k], -k))
+    return [t.name for k, t in enumerate(graph.inputs) if k != source]
+
+
 def through_noops(tensor: gs.Variable) -> gs.Variable:
     while tensor.inputs and tensor.inputs[0].op in NO_OP and variable_inputs(tensor.inputs[0]):
         tensor = variable_inputs(tensor.inputs[0])[0]
@@ -194,6 +230,8 @@ def analyze_graph(graph: gs.Graph, model: onnx.ModelProto | None = None) -> Stru
     notes: list[str] = load_notes(model) if model is not None else []
     total_macs = sum(node_macs(n) for n in graph.nodes)
     total_params = _count_params(graph.nodes, flow.kind)
+    if flow.side_inputs:
+        notes.append(f"side inputs {flow.side_inputs}: not the residual stream's source; blocks may read them")
     blocks = _find_blocks(flow, total_macs, notes)
     convs, shortcut_convs, links = _find_chain(flow, blocks, notes)
     _mark_foldable(flow, blocks, convs)

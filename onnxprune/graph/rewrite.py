@@ -49,7 +49,8 @@ def node_named(graph: gs.Graph, name: str) -> gs.Node:
 
 
 def remove_block(graph: gs.Graph, block: ResidualBlock) -> None:
-    """x + f(x) -> x: the join's readers read the block's input; the branch goes (SLP's move)."""
+    """x + f(x) -> x: the join's readers read the block's input; the branch goes (SLP's move). What reads the
+    join stays, so a post-LN block LN(x + f(x)) becomes LN(x) (docs/algorithms.md sections 0 and 9)."""
     if not block.removable:
         raise RewriteError(f"block {block.join} is not removable: {block.reason}")
     _keep_shortcut(graph, block)

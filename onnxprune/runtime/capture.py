@@ -151,25 +151,34 @@ def suffix_model(model: onnx.ModelProto, start: str, outputs: list[str]) -> tupl
 
 
 def feature_tensor(model: onnx.ModelProto) -> str:
-    """The classifier's input: the data input of the last Gemm/MatMul on the way to the first output; for a
-    model with no classifier there (a detector or a segmenter whose output is a map, SqueezeNet's conv head),
-    the first output itself, the natural representation to compare."""
+    """What SLP and LayerMerge compare (docs/algorithms.md sections 2 and 9): the classifier's input, i.e. the
+    data input of the Gemm/MatMul reached from the first output through nothing but a head's ops (a bias or
+    scale by a constant, reshapes, a softmax). A model with no classifier at its output (an encoder whose
+    output is its token sequence, a detector or a segmenter whose output is a map, SqueezeNet's conv head)
+    is compared at the first output itself."""
     g = model.graph
+    output = g.output[0].name
     producer = {t: n for n in g.node for t in n.output}
     initializers = {t.name for t in g.initializer}
-    queue, seen = deque([g.output[0].name]), set()
-    while queue:
-        t = queue.popleft()
-        node = producer.get(t)
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
+    node = producer.get(output)
+    while node is not None:
+        data = [i for i in node.input if i and i not in initializers and _depends_on_input(i, producer, g)]
         if node.op_type in ("Gemm", "MatMul"):
-            data = [i for i in node.input if i and i not in initializers and _depends_on_input(i, producer, g)]
-            if data:
-                return data[0]
-        queue.extend(node.input)
-    return g.output[0].name
+            return data[0] if len(data) == 1 else output
+        if node.op_type in _HEAD_UNARY and node.input[0] in data:
+            node = producer.get(node.input[0])
+        elif node.op_type in _HEAD_BINARY and len(data) == 1:
+            node = producer.get(data[0])
+        else:
+            return output
+    return output
+
+
+# Ops between a classifier's linear layer and the output: reshapes and a final activation on one tensor
+# (its other inputs, a shape or axes, are not data), and arithmetic with a constant (a bias, a scale).
+_HEAD_UNARY = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Dropout", "Cast",
+               "Softmax", "LogSoftmax", "Sigmoid"}
+_HEAD_BINARY = {"Add", "Sub", "Mul", "Div"}
 
 
 # Ops between a feature map and the classifier that only pool or reshape it.
@@ -191,15 +200,87 @@ def pooled_feature(model: onnx.ModelProto) -> str:
     return tensor
 
 
+# Ops an attention mask passes on its way to the scores: casts, reshapes, broadcasts, arithmetic with
+# constants (BERT's (1 - mask) * -10000), comparisons and selections (a Where on a boolean mask).
+_MASK_OPS = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Expand", "Identity", "Slice", "Sub", "Mul", "Div", "Add",
+             "Neg", "Not", "Equal", "Less", "Greater", "Where", "Min", "Max", "Clip"}
+
+
+def attention_mask_input(model: onnx.ModelProto) -> str | None:
+    """The graph input that masks attention (docs/algorithms.md section 9), None if none does: a
+    (batch, tokens) input read only by the ops a mask passes (``_MASK_OPS``), through which it reaches a
+    Softmax. A token-id input is read by an embedding's Gather and never qualifies."""
+    g = model.graph
+    initializers = {t.name for t in g.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for t in dict.fromkeys(node.input):
+            readers.setdefault(t, []).append(node)
+    for vi in g.input:
+        if vi.name in initializers or len(vi.type.tensor_type.shape.dim) != 2:
+            continue
+        if readers.get(vi.name) and all(n.op_type in _MASK_OPS for n in readers[vi.name]) and _reaches_softmax(vi.name, readers):
+            return vi.name
+    return None
+
+
+def _reaches_softmax(tensor: str, readers: dict[str, list[onnx.NodeProto]]) -> bool:
+    """Whether a Softmax reads ``tensor`` through ``_MASK_OPS`` alone."""
+    queue, seen = deque([tensor]), set()
+    while queue:
+        for node in readers.get(queue.popleft(), []):
+            if node.op_type == "Softmax":
+                return True
+            if node.op_type in _MASK_OPS and id(node) not in seen:
+                seen.add(id(node))
+                queue.extend(node.output)
+    return False
+
+
+def _masks_tokens(shape: tuple, tokens: int | None) -> bool:
+    """Whether a tensor of ``shape`` (batch first) is a token sequence that a (batch, ``tokens``) mask covers."""
+    return tokens is not None and len(shape) >= 3 and shape[1] == tokens
+
+
+def feature_rows(values: np.ndarray, count: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """The rows CKA compares for the first ``count`` samples of a captured tensor (docs/algorithms.md sections 1 and 9).
+
+    A token sequence (batch, tokens, ...) of a model with an attention mask (batch, tokens) becomes one row per
+    sample: the mean of its tokens where the mask is non-zero. Padding tokens are left out because the model
+    itself ignores them (their values are whatever the network computes for a pad token, and removing a
+    block changes them for no reason a real token would see), and a mean over real tokens keeps one row
+    per sample, so CKA's n stays the number of samples whatever the lengths. Anything else is flattened."""
+    values = values[:count]
+    if mask is None or not _masks_tokens(values.shape, mask.shape[1]) or len(mask) < count:
+        return values.reshape(count, -1)
+    keep = (mask[:count] != 0).astype(np.float64)
+    total = np.einsum("bt,bt...->b...", keep, values.astype(np.float64))
+    return (total.reshape(count, -1) / np.maximum(keep.sum(axis=1), 1.0)[:, None]).astype(np.float32)
+
+
+def row_width(model: onnx.ModelProto, name: str, tokens: int | None = None) -> int:
+    """Elements of the row ``feature_rows`` makes of one sample of tensor ``name`` (0 when its shape is unknown):
+    without the token axis when a mask over ``tokens`` tokens pools it."""
+    info = _value_infos(model).get(name)
+    width = _sample_elements(info) or 0
+    dims = info.type.tensor_type.shape.dim if info is not None else []
+    shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+    return width // tokens if width and _masks_tokens(shape, tokens) else width
+
+
 def _depends_on_input(tensor: str, producer: dict, g: onnx.GraphProto) -> bool:
-    inputs = {i.name for i in g.input}
+    """Whether ``tensor`` is computed from a graph input (a name that a node produces is not one, even where an
+    old file lists it among the inputs, as the ONNX model-zoo classics do for weights they compute)."""
+    inputs = {i.name for i in g.input} - {t.name for t in g.initializer}
     stack, seen = [tensor], set()
     while stack:
         t = stack.pop()
-        if t in inputs:
-            return True
         node = producer.get(t)
-        if node is not None and id(node) not in seen:
+        if node is None:
+            if t in inputs:
+                return True
+        elif id(node) not in seen:
             seen.add(id(node))
             stack.extend(node.input)
     return False
+

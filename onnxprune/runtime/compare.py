@@ -49,7 +49,8 @@ from onnx import numpy_helper
 from onnxprune.data.sources import Dataset
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.io import weight_bytes
-from onnxprune.runtime.capture import activation_bytes_per_sample, bytes_per_sample, tensor_width, with_outputs
+from onnxprune.runtime.capture import (activation_bytes_per_sample, attention_mask_input, bytes_per_sample, feature_rows,
+                                       row_width, tensor_width, with_outputs)
 from onnxprune.runtime.session import create_session
 from onnxprune.similarity.cka import accumulator
 
@@ -257,6 +258,8 @@ def plan_scoring(original: onnx.ModelProto, copies: list[Copy], data: Dataset, b
     captured = [name for c in copies for name in (c.reference, *c.feeds.values()) if name not in inputs]
     per_captured = bytes_per_sample(original, captured)
     per_input = sum(int(v[:1].nbytes) for v in data.inputs.values())
+    mask = token_mask(original, data)
+    tokens = tensor_width(original, mask) if mask else None
     activations = activation_bytes_per_sample(original)
     # One batch: its inputs, the captured tensors twice (onnxruntime's and numpy's), the original's activations
     # around them, and the activations of the copy that runs.
@@ -265,8 +268,8 @@ def plan_scoring(original: onnx.ModelProto, copies: list[Copy], data: Dataset, b
     session_bytes, transient = [], 0
     for c in copies:
         weights = weight_bytes(c.model) + sum(sizes_of.get(name, 0) for name in c.shared)
-        width_x = tensor_width(original, c.reference)
-        width_y = tensor_width(c.model, c.output) or width_x
+        width_x = row_width(original, c.reference, tokens)
+        width_y = row_width(c.model, c.output, tokens) or width_x
         held, working = _accumulator_bytes(width_x, width_y, n, unbiased)
         session_bytes.append(int(SESSION_FACTOR * weights) + SESSION_OVERHEAD + held)
         transient = max(transient, weights, working)  # creating one session reads its weights once more
@@ -313,6 +316,7 @@ def cka_with_original(original: onnx.ModelProto, copies: list[Copy], data: Datas
         return [], create_session(original, provider).provider
     _release()  # what building the copies freed, before the budget is spent
     plan = plan_scoring(original, copies, data, batch, unbiased, memory_budget, spill_dir)
+    mask = token_mask(original, data)
     values: list[float] = [0.0] * len(copies)
     with tempfile.TemporaryDirectory(prefix="onnxprune-scoring-", dir=spill_dir) as folder:
         files = _ModelFiles(Path(folder), original)
@@ -327,7 +331,7 @@ def cka_with_original(original: onnx.ModelProto, copies: list[Copy], data: Datas
                 def run_original(feeds: dict) -> dict:
                     return {**feeds, **dict(zip(full.output_names, full.run(feeds)))}
 
-                _score_group(group, copies, data, plan.batch, files, provider, unbiased, run_original, values)
+                _score_group(group, copies, data, plan.batch, files, provider, unbiased, run_original, values, mask)
                 del full, run_original
                 _release()
         else:
@@ -345,10 +349,17 @@ def cka_with_original(original: onnx.ModelProto, copies: list[Copy], data: Datas
                 def from_store(feeds: dict) -> dict:
                     return {**feeds, **store.batch(next(batches), names)}
 
-                _score_group(group, copies, data, plan.batch, files, provider, unbiased, from_store, values)
+                _score_group(group, copies, data, plan.batch, files, provider, unbiased, from_store, values, mask)
                 _release()
             store.close()
     return values, used
+
+
+def token_mask(original: onnx.ModelProto, data: Dataset) -> str | None:
+    """The data's attention mask, when the model has one: token sequences compared by CKA are pooled over the
+    tokens it keeps (capture.feature_rows; docs/algorithms.md section 9)."""
+    mask = attention_mask_input(original)
+    return mask if mask in data.inputs else None
 
 
 def _captured(members: list[Copy], data: Dataset) -> list[str]:
@@ -357,17 +368,20 @@ def _captured(members: list[Copy], data: Dataset) -> list[str]:
 
 
 def _score_group(group: list[int], copies: list[Copy], data: Dataset, batch: int, files: _ModelFiles, provider: str,
-                 unbiased: bool, tensors, values: list[float]) -> None:
-    """One pass over the data for the copies in ``group``; ``tensors(feeds)``: the original's tensors of a batch."""
+                 unbiased: bool, tensors, values: list[float], mask: str | None = None) -> None:
+    """One pass over the data for the copies in ``group``; ``tensors(feeds)``: the original's tensors of a batch;
+    ``mask``: the input whose tokens the compared token sequences keep (``token_mask``)."""
     members = [copies[k] for k in group]
     # One session per copy, without onnxruntime's memory arena: each arena would keep its peak.
     sessions = [create_session(files.write(c.model, c.shared), provider, arena=False) for c in members]
     accumulators: list = [None] * len(members)
     for feeds, _, count in data.batches(batch):
         outs = tensors(feeds)
+        kept = feeds[mask] if mask else None
         for k, (c, session) in enumerate(zip(members, sessions)):
-            reference = outs[c.reference][:count].reshape(count, -1)
-            got = session.run({name: outs[source] for name, source in c.feeds.items()}, [c.output])[0][:count]
+            reference = feature_rows(outs[c.reference], count, kept)
+            got = feature_rows(session.run({name: outs[source] for name, source in c.feeds.items()}, [c.output])[0],
+                               count, kept)
             if accumulators[k] is None:
                 accumulators[k] = accumulator(reference.shape[1], unbiased)
             accumulators[k].update(reference, got)

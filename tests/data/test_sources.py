@@ -227,3 +227,41 @@ def test_a_static_batch_model_evaluates_every_sample_once(tmp_path):
     np.savez(tmp_path / "d.npz", x=x, y=y)
     result = api.evaluate(path, DataOptions(str(tmp_path / "d.npz")), reference=str(path))
     assert result["samples"] == 9 and result["accuracy"] == 1.0 and result["agreement"] == 1.0
+
+
+def token_model(mask_type: int = onnx.TensorProto.INT64) -> onnx.ModelProto:
+    """Two (N, 6) inputs, token ids (int64) and an attention mask: y = ids * mask as floats."""
+    nodes = [helper.make_node("Cast", ["input_ids"], ["i"], to=1), helper.make_node("Cast", ["attention_mask"], ["m"], to=1),
+             helper.make_node("Mul", ["i", "m"], ["y"])]
+    inputs = [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["N", 6]),
+              helper.make_tensor_value_info("attention_mask", mask_type, ["N", 6])]
+    graph = helper.make_graph(nodes, "tokens", inputs, [helper.make_tensor_value_info("y", 1, ["N", 6])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_npz_with_one_array_per_input_of_any_integer_width(tmp_path):
+    """Token ids saved as int32 and a boolean mask feed int64 inputs; every input is batched and subset alike."""
+    ids = np.arange(10 * 6, dtype=np.int32).reshape(10, 6)
+    mask = np.arange(6)[None, :] < (np.arange(10) % 6 + 1)[:, None]
+    np.savez(tmp_path / "tokens.npz", input_ids=ids, attention_mask=mask)
+    d = load_data(tmp_path / "tokens.npz", token_model())
+    assert {k: v.dtype for k, v in d.inputs.items()} == {"input_ids": np.int64, "attention_mask": np.int64}
+    np.testing.assert_array_equal(d.inputs["input_ids"], ids)
+    np.testing.assert_array_equal(d.inputs["attention_mask"], mask)
+    for b in d.batches(4):  # the same rows of every input
+        np.testing.assert_array_equal(b.feeds["input_ids"] // 6, np.repeat(b.feeds["input_ids"][:, :1] // 6, 6, axis=1))
+        np.testing.assert_array_equal(b.feeds["attention_mask"].sum(axis=1), b.feeds["input_ids"][:, 0] // 6 % 6 + 1)
+    subset = load_data(tmp_path / "tokens.npz", token_model(), samples=4, seed=2)
+    rows = subset.inputs["input_ids"][:, 0] // 6
+    np.testing.assert_array_equal(subset.inputs["attention_mask"], mask[rows])
+    boolean = load_data(tmp_path / "tokens.npz", token_model(onnx.TensorProto.BOOL))
+    assert boolean.inputs["attention_mask"].dtype == np.bool_
+    np.savez(tmp_path / "wide.npz", input_ids=ids, attention_mask=mask.astype(np.int64) * 2)
+    with pytest.raises(OnnxPruneError, match="values from 0 to 2; the model input attention_mask takes bool"):
+        load_data(tmp_path / "wide.npz", token_model(onnx.TensorProto.BOOL))
+    np.savez(tmp_path / "float.npz", input_ids=ids.astype(np.float32), attention_mask=mask)
+    with pytest.raises(OnnxPruneError, match="dtype float32; the model input input_ids takes int64"):
+        load_data(tmp_path / "float.npz", token_model())
+    np.savez(tmp_path / "missing.npz", input_ids=ids)
+    with pytest.raises(OnnxPruneError, match=r"no arrays for the model inputs \['attention_mask'\]"):
+        load_data(tmp_path / "missing.npz", token_model())

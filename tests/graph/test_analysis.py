@@ -223,3 +223,35 @@ def test_tf2onnx_style_graph_nhwc_same_padding_identity_shortcuts():
     assert [(b.shortcut, b.removable) for b in s.residual_blocks] == [("identity", True)] * 2
     assert s.convs[0].activation == "ReLU6" and len(s.convs) == 5
     assert [(sp["source"], sp["target"]) for sp in s.spans] == [(0, 2), (2, 4)]
+
+
+def two_input_model(bias_first: bool = False) -> onnx.ModelProto:
+    """y = x + Relu(x W + b): the bias ``b`` is a second graph input, added inside the branch (as an attention
+    mask's bias is added to the scores); z = Relu(x) + b reads the bias outside any block."""
+    w = onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="matmul"),
+             helper.make_node("Add", ["h", "b"], ["hb"], name="bias_add"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+             helper.make_node("Add", ["x", "r"], ["y"], name="join"),
+             helper.make_node("Relu", ["y"], ["ry"], name="relu_out")]
+    inputs = [helper.make_tensor_value_info(name, 1, ["N", 4]) for name in ("x", "b")]
+    graph = helper.make_graph(nodes, "two_inputs", inputs[::-1] if bias_first else inputs,
+                              [helper.make_tensor_value_info("ry", 1, ["N", 4])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("bias_first", [False, True])
+def test_a_second_input_added_in_a_branch_is_a_side_input_not_a_join(bias_first):
+    """The input most nodes depend on (x) carries the residual stream whatever the input order; b is a side
+    input, its Add a bias, and the block reading it has one fork tensor (docs/algorithms.md section 0)."""
+    s = analyze(two_input_model(bias_first))
+    assert [b.join for b in s.residual_blocks] == ["join"]
+    block = s.residual_blocks[0]
+    assert block.input == "x" and block.shortcut == "identity" and block.removable, block.reason
+    assert block.branch_nodes == ["matmul", "bias_add", "relu"]
+    assert "side inputs ['b']" in " ".join(s.notes)
+
+
+def test_one_input_has_no_side_inputs():
+    s = analyze(small_resnet())
+    assert not any("side inputs" in note for note in s.notes)

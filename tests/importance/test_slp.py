@@ -138,3 +138,28 @@ def test_a_measured_stop_criterion_is_asked_once_per_removal():
     result = prune_slp(model, data, feature_tensor(model), provider="cpu", until=until)
     assert len(result.plan.remove_blocks) == 2 and result.target_met
     assert len(calls) == 2  # no second look after the loop: the answer that stopped it is the one reported
+
+
+def test_scoring_and_pruning_an_encoder_from_token_arrays(exported_encoder, tmp_path):
+    """An .npz of input_ids and attention_mask; suffixes read the mask's bias as a side input, and score what
+    the whole network without the block scores. The pruned encoder is the torch one without those sublayers."""
+    from tests import encoder
+
+    torch_model, path = exported_encoder("torchscript")
+    model = load_model(path)
+    np.savez(tmp_path / "tokens.npz", **encoder.batch(torch_model, samples=24, seed=1))
+    data = load_data(tmp_path / "tokens.npz", model)
+    blocks = removal_candidates(analyze_model(model), 0)
+    assert len(blocks) == 8
+    fast = score_blocks(model, data, blocks, feature_tensor(model), "cpu", batch=10)
+    slow = score_blocks(model, data, blocks, feature_tensor(model), "cpu", batch=10, suffix_only=False)
+    np.testing.assert_allclose([x.score for x in fast.scores], [x.score for x in slow.scores], atol=1e-6)
+    assert all(0 < x.score < 1 for x in fast.scores)
+    result = prune_slp(model, data, feature_tensor(model), remove_blocks=2, provider="cpu")
+    assert len(result.plan.remove_blocks) == 2 and result.target_met
+    index = {b.join: b.index for b in blocks}
+    skip: dict[int, tuple[str, ...]] = {}
+    for join in result.plan.remove_blocks:
+        skip[index[join] // 2] = skip.get(index[join] // 2, ()) + (("attention", "mlp")[index[join] % 2],)
+    feeds = encoder.batch(torch_model, samples=4, seed=2)
+    np.testing.assert_allclose(run(result.model, feeds)[0], encoder.torch_output(torch_model, feeds, skip), atol=1e-4)

@@ -1,10 +1,14 @@
 import numpy as np
+import onnx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnxprune.graph.io import infer_shapes
-from onnxprune.runtime.capture import capture_batch, feature_tensor, suffix_model, with_outputs
+from onnxprune.graph.io import load_model
+from onnxprune.runtime.capture import (attention_mask_input, capture_batch, feature_rows, feature_tensor, row_width,
+                                       suffix_model, with_outputs)
+from tests import encoder
 from tests.builders import GraphBuilder, residual_block
 from tests.conftest import run
 
@@ -60,3 +64,56 @@ def test_without_a_classifier_the_output_is_the_feature():
     """A model whose output is a map (a detector's head, no Gemm/MatMul on the way) is scored at its output."""
     model = residual_net(0, 1, None)
     assert feature_tensor(model) == model.graph.output[0].name
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_an_encoder_is_compared_at_its_token_sequence_pooled_under_its_mask(exported_encoder, exporter):
+    """No classifier at the output: the feature is the output itself, not an input of the last MLP's MatMul;
+    the attention mask is the input that reaches the Softmax, not the token ids (docs/algorithms.md section 9)."""
+    _, path = exported_encoder(exporter)
+    model = load_model(path)
+    assert feature_tensor(model) == "hidden"
+    assert attention_mask_input(model) == "attention_mask"
+    assert row_width(model, "hidden", tokens=16) == 32 and row_width(model, "hidden") in (32, 16 * 32)
+
+
+def test_a_classifier_has_no_attention_mask():
+    model = residual_net(0, 1, None)
+    assert attention_mask_input(model) is None
+    assert row_width(model, model.graph.output[0].name, tokens=8) == 4 * 8 * 8  # (N, 4, 8, 8): 4 is no token axis
+
+
+def test_a_mask_read_by_an_embedding_is_no_attention_mask():
+    """Token ids reach the scores too, but through an embedding's Gather: they are not a mask."""
+    table = onnx.numpy_helper.from_array(np.ones((10, 4), np.float32), "table")
+    nodes = [onnx.helper.make_node("Gather", ["ids", "table"], ["e"]),
+             onnx.helper.make_node("Cast", ["ids"], ["f"], to=1),
+             onnx.helper.make_node("Unsqueeze", ["f", "axis"], ["g"]),
+             onnx.helper.make_node("Add", ["e", "g"], ["s"]),
+             onnx.helper.make_node("Softmax", ["s"], ["y"])]
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 5])],
+                                   [onnx.helper.make_tensor_value_info("y", 1, None)],
+                                   [table, onnx.numpy_helper.from_array(np.array([-1], np.int64), "axis")])
+    assert attention_mask_input(onnx.helper.make_model(graph)) is None
+
+
+def test_token_rows_are_means_over_the_tokens_the_mask_keeps(rng):
+    values = rng.normal(size=(3, 4, 2, 5)).astype(np.float32)  # (batch, tokens, ...)
+    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]], np.int64)
+    rows = feature_rows(values, 3, mask)
+    assert rows.shape == (3, 10)
+    np.testing.assert_allclose(rows[0], values[0].mean(axis=0).ravel(), rtol=1e-5)
+    np.testing.assert_allclose(rows[1], values[1, :2].mean(axis=0).ravel(), rtol=1e-5)
+    np.testing.assert_array_equal(rows[2], 0)  # nothing kept: a zero row, never NaN
+    padded = values.copy()
+    padded[1, 2:] = 1e6  # what the padding holds does not matter
+    np.testing.assert_array_equal(feature_rows(padded, 3, mask), rows)
+    np.testing.assert_array_equal(feature_rows(values, 2, mask), rows[:2])  # rows after count fill a static batch
+
+
+def test_without_a_matching_mask_rows_are_flattened(rng):
+    values = rng.normal(size=(3, 4, 5)).astype(np.float32)
+    np.testing.assert_array_equal(feature_rows(values, 3), values.reshape(3, -1))
+    np.testing.assert_array_equal(feature_rows(values, 3, np.ones((3, 7))), values.reshape(3, -1))  # 7 tokens, not 4
+    pooled = values[:, 0]  # (batch, dim): a classifier's input has no token axis
+    np.testing.assert_array_equal(feature_rows(pooled, 3, np.ones((3, 5))), pooled)

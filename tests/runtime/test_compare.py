@@ -3,12 +3,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from onnxprune.data.sources import load_data
+from onnxprune.data.sources import Dataset, load_data
+from onnxprune.graph.io import load_model
 from onnxprune.importance.slp import removal_candidates
 from onnxprune.graph.analysis import analyze_model
 from onnxprune.runtime.capture import feature_tensor, suffix_model, with_outputs
+from onnxprune.runtime import compare
 from onnxprune.runtime.compare import Copy, cka_with_original, groups_within, plan_scoring
 from onnxprune.similarity.cka import cka
+from tests import encoder
 from tests.conftest import run
 from tests.importance.test_slp import classifier
 
@@ -55,3 +58,30 @@ def test_a_small_memory_budget_splits_the_pass_without_changing_a_value(setup):
     grouped, _ = cka_with_original(model, copies, data, "cpu", batch=10, memory_budget=budget)
     np.testing.assert_allclose(grouped, one_pass, atol=1e-9)
     assert cka_with_original(model, [], data, "cpu") == ([], "cpu")
+
+
+def _block_copies(model, feature: str) -> list[Copy]:
+    copies = []
+    for block in removal_candidates(analyze_model(model), 0):
+        suffix, side = suffix_model(model, block.output, [feature])
+        copies.append(Copy(suffix, {block.output: block.input, **{t: t for t in side}}, feature, feature))
+    return copies
+
+
+def test_token_sequences_are_compared_without_their_padding(exported_encoder, monkeypatch):
+    """An encoder's real tokens never see the padding (the mask's bias zeroes their attention to it), so what
+    the padding holds must not change a score: the tokens are pooled under the mask (docs/algorithms.md
+    section 9). Flattened with their padding, the scores would depend on it."""
+    torch_model, path = exported_encoder("torchscript")
+    model = load_model(path)
+    copies = _block_copies(model, feature_tensor(model))
+    feeds = encoder.batch(torch_model, samples=24)
+    other = dict(feeds, input_ids=np.where(feeds["attention_mask"] == 1, feeds["input_ids"], 7))
+    assert not np.array_equal(other["input_ids"], feeds["input_ids"])
+    plain, padded = Dataset(feeds, None, "a"), Dataset(other, None, "b")
+    assert compare.token_mask(model, plain) == "attention_mask"
+    np.testing.assert_allclose(cka_with_original(model, copies, padded, "cpu", batch=10)[0],
+                               cka_with_original(model, copies, plain, "cpu", batch=10)[0], atol=1e-9)
+    monkeypatch.setattr(compare, "token_mask", lambda original, data: None)
+    flat_plain = cka_with_original(model, copies, plain, "cpu", batch=10)[0]
+    assert np.abs(np.subtract(cka_with_original(model, copies, padded, "cpu", batch=10)[0], flat_plain)).max() > 1e-4
