@@ -21,7 +21,8 @@ from onnxprune.importance.slp import prune_slp, removal_candidates, score_blocks
 from onnxprune.latency.backends import get_backend
 from onnxprune.latency.measure import compare
 from onnxprune.latency.table import build_table, load_table
-from onnxprune.options import (DataOptions, HealingOptions, LatencyOptions, OutputOptions, ScoringOptions, TargetOptions,
+from onnxprune.options import (DataOptions, HealingOptions, LatencyOptions, OutputOptions, RepairOptions, ScoringOptions,
+                               TargetOptions,
                                check_method)
 from onnxprune.plan import Plan, apply_plan, fingerprint, load_plan, save_plan
 from onnxprune.planning.blocks import search_space
@@ -29,7 +30,8 @@ from onnxprune.planning.candidates import conv_l1_norms
 from onnxprune.runtime.capture import feature_tensor as find_feature_tensor
 from onnxprune.runtime.compare import memory_budget
 from onnxprune.runtime.session import create_session
-from onnxprune.speedup import layermerge_to_speedup, slp_to_speedup
+from onnxprune.repair.linear import repair as repair_model, with_placeholder_maps
+from onnxprune.speedup import MEASURE_ROUNDS, layermerge_to_speedup, normalized, slp_to_speedup
 from onnxprune.verify import verify
 
 log = logging.getLogger(__name__)
@@ -131,18 +133,26 @@ def score(model_path: str | os.PathLike[str], data: DataOptions = DataOptions(),
 def prune(model_path: str | os.PathLike[str], target: TargetOptions, output: OutputOptions,
           data: DataOptions = DataOptions(), scoring: ScoringOptions = ScoringOptions(),
           latency: LatencyOptions = LatencyOptions(), healing: HealingOptions | None = None,
-          heal_data: DataOptions | None = None) -> dict:
+          heal_data: DataOptions | None = None, repair: RepairOptions | None = None) -> dict:
     """Prune, verify, and write the model and its plan (``output.plan``, else ``<output.model>.plan.json``).
 
-    With ``target.speedup``, prune until the speed-up measured on ``latency.backend`` meets it. With
-    ``heal_data``, the pruned model is then healed on it (``heal``) and the healed model is what is written; the
-    result gives agreement (and accuracy, for labelled data) before pruning, after pruning and after healing."""
+    With ``target.speedup``, prune until the speed-up measured on ``latency.backend`` meets it. With ``repair``,
+    a fitted linear map goes into every cut the pruning left (``repair``; fitted on the calibration data) and,
+    with a speed-up target, the repaired model's speed-up is measured again: it is the one reported. With
+    ``heal_data``, the pruned (or repaired) model is then healed on it (``heal``) and the healed model is what is
+    written; the result gives agreement (and accuracy, for labelled data) before pruning, after pruning and after
+    healing."""
     check_method(target, scoring, latency, output)
     _refuse_overwrite(model_path, output.model)
     if heal_data is not None and heal_data.source in (None, "random"):
         raise OnnxPruneError("--heal-data needs real data: random inputs teach nothing")
     model, dataset = _specialised(load_model(model_path), data)
-    result = _prune_and_write(model, dataset, target, output, data, scoring, latency)
+    if repair is not None and dataset.random:
+        raise OnnxPruneError("--repair needs real calibration data (--data): a map fitted on random inputs "
+                             "repairs nothing")
+    result = _prune_and_write(model, dataset, target, output, data, scoring, latency, repair)
+    if repair is not None:
+        _repair_written(model, dataset, repair, scoring.provider, target, latency, output, result)
     if heal_data is None:
         return result
     healing = healing or HealingOptions()
@@ -160,14 +170,14 @@ def prune(model_path: str | os.PathLike[str], target: TargetOptions, output: Out
 
 
 def _prune_and_write(model, dataset, target: TargetOptions, output: OutputOptions, data: DataOptions,
-                     scoring: ScoringOptions, latency: LatencyOptions) -> dict:
+                     scoring: ScoringOptions, latency: LatencyOptions, repair: RepairOptions | None = None) -> dict:
     if dataset.random:
         log.warning("warning: no --data given: scoring on RANDOM inputs, which says little about real data")
     feature = _feature(model, scoring.feature_tensor)
     _refuse_nothing_to_prune(analyze_model(model), target)
     if target.speedup is not None:
         with memory_budget(scoring.memory_budget):  # reaches the scoring calls inside onnxprune.speedup
-            return _prune_to_speedup(model, dataset, feature, target, output, data, scoring, latency)
+            return _prune_to_speedup(model, dataset, feature, target, output, data, scoring, latency, repair)
     result = prune_slp(model, dataset, feature, remove_blocks=target.remove_blocks,
                        macs_reduction=target.macs_reduction, min_blocks_per_stage=target.min_blocks,
                        one_shot=target.one_shot, provider=scoring.provider, batch=data.batch,
@@ -187,6 +197,46 @@ def _prune_and_write(model, dataset, target: TargetOptions, output: OutputOption
             "target_met": result.target_met, "message": result.message, "provider": result.provider,
             "data": dataset.source, "random_data": dataset.random, "history": result.history, "notes": load_notes(model),
             "verification": verification.to_dict(), "verification_text": verification.summary()}
+
+
+def _repair_written(model, dataset, options: RepairOptions, provider: str, target: TargetOptions,
+                    latency: LatencyOptions, output: OutputOptions, result: dict) -> None:
+    """Repair the pruned model just written, rewrite it and its plan, and update ``result`` (speed-up included)."""
+    repaired = repair_and_measure(load_model(output.model), model, dataset, options, provider)
+    plan = load_plan(result["plan"])
+    plan.repair = repaired["record"]
+    save_model(repaired["model"], output.model)
+    save_plan(plan, result["plan"])
+    result.update(repair=repaired["record"], repair_agreement=repaired["agreement"],
+                  repaired_verification=repaired["verification"].to_dict())
+    if target.speedup is not None:
+        timing = get_backend(latency.backend, latency.threads)
+        measured = compare([normalized(model), repaired["model"]], timing, result["latency_batch"],
+                           latency.rounds or MEASURE_ROUNDS)
+        speedup = measured.speedups[1]
+        result.update(measured_speedup_before_repair=result["measured_speedup"], measured_speedup=speedup,
+                      original_latency_s=measured.medians[0], pruned_latency_s=measured.medians[1],
+                      target_met=speedup >= target.speedup)
+        result["message"] = "" if result["target_met"] else (
+            f"measured {speedup:.3f}x with the repair maps misses the {target.speedup}x target by "
+            f"{100 * (target.speedup / speedup - 1):.1f}%")
+
+
+def repair_and_measure(pruned: onnx.ModelProto, original: onnx.ModelProto, dataset, options: RepairOptions,
+                       provider: str = "auto") -> dict:
+    """Repair ``pruned`` (onnxprune.repair.linear), verify it, and measure top-1 agreement with ``original`` of the
+    pruned and the repaired model on ``dataset`` (the data the maps were fitted on: an optimistic figure)."""
+    result = repair_model(pruned, original, dataset, options, provider)
+    feeds = next(dataset.batches(min(options.batch, 16))).feeds
+    verification = verify(pruned, result.model, feeds=feeds)
+    if not verification.passed:
+        raise OnnxPruneError(f"the repaired model failed verification; nothing written. {verification.summary()}")
+    batch = dataset.static_batch or options.batch
+    logits = {name: logits_of(create_session(m, provider), dataset, batch)
+              for name, m in (("original", original), ("pruned", pruned), ("repaired", result.model))}
+    agreement = {name: evaluate_logits(logits[name], None, logits["original"]).get("agreement")
+                 for name in ("pruned", "repaired")}
+    return {"model": result.model, "record": result.record, "verification": verification, "agreement": agreement}
 
 
 def _refuse_nothing_to_prune(structure, target: TargetOptions) -> None:
@@ -216,20 +266,23 @@ def latency_batch(model: onnx.ModelProto, latency: LatencyOptions) -> int:
 
 
 def _prune_to_speedup(model, dataset, feature, target: TargetOptions, output: OutputOptions, data: DataOptions,
-                      scoring: ScoringOptions, latency: LatencyOptions) -> dict:
+                      scoring: ScoringOptions, latency: LatencyOptions, repair: RepairOptions | None = None) -> dict:
     timing = get_backend(latency.backend, latency.threads)
+    # With repair to follow, every candidate is timed with placeholder maps where the fitted ones will go.
+    timed = (lambda pruned: with_placeholder_maps(pruned, model, repair.fold)) if repair is not None else None
     batch = latency_batch(model, latency)
     if target.method == "layermerge":
         table = load_table(latency.table, fingerprint(model)) if latency.table else None
         if table is not None and table.batch != batch:
             raise OnnxPruneError(f"the latency table was measured at batch {table.batch}, not {batch}")
         result = layermerge_to_speedup(model, dataset, feature, target.speedup, timing, batch, scoring, data.batch,
-                                       table, with_pareto=output.pareto is not None, rounds=latency.rounds)
+                                       table, with_pareto=output.pareto is not None, rounds=latency.rounds,
+                                       timed=timed)
         if output.pareto is not None:
             Path(output.pareto).write_text(json.dumps(result.pareto, indent=1) + "\n")
     else:
         result = slp_to_speedup(model, dataset, feature, target.speedup, timing, batch, target.min_blocks,
-                                scoring.provider, data.batch, latency.rounds)
+                                scoring.provider, data.batch, latency.rounds, timed)
     plan_path = _plan_path(output)
     save_model(result.model, output.model)
     save_plan(result.plan, plan_path)
@@ -274,6 +327,30 @@ def heal(model_path: str | os.PathLike[str], teacher_path: str | os.PathLike[str
     return {"output": str(output.model), "plan": str(plan_path), "teacher": str(teacher_path), "data": dataset.source,
             **stages, **agreement_target(stages, healing), "healing": _brief(healed["record"]),
             "verification": healed["verification"].to_dict(), "verification_text": healed["verification"].summary()}
+
+
+def repair(model_path: str | os.PathLike[str], teacher_path: str | os.PathLike[str], output: OutputOptions,
+           data: DataOptions, options: RepairOptions = RepairOptions(), provider: str = "auto") -> dict:
+    """Repair the pruned model at ``model_path`` against its original at ``teacher_path`` without training
+    (onnxprune.repair.linear), verify it, and write it with its plan (the pruned model's, with the repair added)."""
+    for source in (model_path, teacher_path):
+        _refuse_overwrite(source, output.model)
+    pruned, teacher = load_model(model_path), load_model(teacher_path)
+    if [o.name for o in pruned.graph.output] != [o.name for o in teacher.graph.output]:
+        raise OnnxPruneError("the pruned model and --teacher have different outputs: is the teacher its original?")
+    dataset = _dataset(pruned, data)
+    if dataset.random:
+        raise OnnxPruneError("repair needs real data (--data): a map fitted on random inputs repairs nothing")
+    repaired = repair_and_measure(pruned, teacher, dataset, options, provider)
+    source_plan = Path(model_path).with_suffix(".plan.json")
+    plan = load_plan(source_plan) if source_plan.exists() else Plan(fingerprint=fingerprint(teacher), method=None)
+    plan.repair = repaired["record"]
+    plan_path = _plan_path(output)
+    save_model(repaired["model"], output.model)
+    save_plan(plan, plan_path)
+    return {"output": str(output.model), "plan": str(plan_path), "teacher": str(teacher_path), "data": dataset.source,
+            "agreement": repaired["agreement"], "repair": repaired["record"],
+            "verification": repaired["verification"].to_dict(), "verification_text": repaired["verification"].summary()}
 
 
 def agreement_target(stages: dict, healing: HealingOptions) -> dict:

@@ -19,7 +19,8 @@ import sys
 from collections.abc import Sequence
 
 from onnxprune.errors import OnnxPruneError
-from onnxprune.options import DataOptions, HealingOptions, LatencyOptions, OutputOptions, ScoringOptions, TargetOptions
+from onnxprune.options import (DataOptions, HealingOptions, LatencyOptions, OutputOptions, RepairOptions, ScoringOptions,
+                               TargetOptions)
 
 EXIT_ERROR = 1
 EXIT_TARGET_MISSED = 4
@@ -146,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_data_arguments(p)
+    g = p.add_argument_group("repair", "fit linear maps into the cuts pruning left, without training (see repair "
+                             "--help)")
+    g.add_argument("--repair", choices=["linear"], default=None, help="linear: at every cut an affine map fitted by "
+                   "ridge least squares on the calibration data (--data); with --speedup, the speed-up is measured "
+                   "again with the maps in place")
+    add_repair_arguments(g, prefix="--repair-")
     g = p.add_argument_group("healing", "train the pruned model back towards the original afterwards (needs torch; "
                              "see heal --help)")
     g.add_argument("--heal-data", metavar="D", help="data to heal on (the --data forms; may be the calibration data); "
@@ -179,6 +186,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_data_arguments(p)
     p.set_defaults(run=_heal)
+
+    p = verbs.add_parser(
+        "repair", help="fit linear maps in place of what pruning removed, without training",
+        description="Repair MODEL (a pruned model) against --teacher (its original) on --data, without training: "
+        "wherever pruning left a node reading an earlier tensor x where the original read y (a removed block or "
+        "run of blocks, a dropped conv or activation), an affine map y ~ x M + c is fitted by ridge least squares "
+        "on the data's activations (sums in float64, so memory does not grow with the data), pulled towards the "
+        "identity (plain removal). Each map is folded into the conv/Gemm/MatMul producing x where that is exact, "
+        "else inserted as a 1x1 conv (channel-first tensors) or a MatMul and Add (channels last): it then costs "
+        "latency, which bench measures. Token sequences of a model with an attention mask are fitted on the tokens "
+        "the mask keeps. Writes OUT, verified, and its plan: MODEL's plan with the fitted maps added.",
+    )
+    p.add_argument("model", help="the pruned .onnx file (never modified)")
+    p.add_argument("--teacher", required=True, help="the original .onnx model the pruned one was made from")
+    p.add_argument("-o", "--output", required=True, help="where to write the repaired .onnx file")
+    p.add_argument("--plan", help="where to write the plan (default: OUTPUT with .plan.json)")
+    g = p.add_argument_group("repair")
+    add_repair_arguments(g, prefix="--")
+    add_provider_argument(g)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_data_arguments(p)
+    p.set_defaults(run=_repair)
 
     p = verbs.add_parser(
         "latency", help="measure a model's LayerMerge latency table",
@@ -254,6 +283,23 @@ def add_latency_arguments(p: argparse.ArgumentParser, batch_flag: str, table: bo
     if table:
         g.add_argument("--latency-table", help="layermerge: reuse a table from 'onnxprune latency' "
                        "(e.g. measured on the target device)")
+
+
+def add_repair_arguments(g: argparse._ArgumentGroup, prefix: str) -> None:
+    """Repair flags: ``--ridge`` ... for repair, ``--repair-ridge`` ... for prune."""
+    g.add_argument(f"{prefix}ridge", dest="repair_ridge", type=float, default=RepairOptions.ridge, metavar="R",
+                   help=f"ridge term, relative to the mean variance of a map's input channels (default "
+                   f"{RepairOptions.ridge:g}); larger keeps maps closer to the identity")
+    g.add_argument(f"{prefix}independent", dest="repair_independent", action="store_true",
+                   help="fit every map on the original's activations in one pass, instead of each on the model "
+                   "repaired so far (sequential, the default)")
+    g.add_argument(f"{prefix}no-fold", dest="repair_no_fold", action="store_true",
+                   help="always insert maps as nodes of their own, never fold them into a neighbouring conv or MatMul")
+
+
+def repair_options(args: argparse.Namespace) -> RepairOptions:
+    return RepairOptions(ridge=args.repair_ridge, sequential=not args.repair_independent, fold=not args.repair_no_fold,
+                         batch=args.batch)
 
 
 def add_healing_arguments(g: argparse._ArgumentGroup, prefix: str) -> None:
@@ -423,9 +469,12 @@ def _prune(args: argparse.Namespace) -> int:
                                 layout=args.layout, size=args.size, input_shape=args.input_shape)
     elif args.min_agreement is not None:
         raise OnnxPruneError("--min-agreement needs --heal-data: agreement is measured on its held-back part")
+    if not args.repair and (args.repair_independent or args.repair_no_fold or args.repair_ridge != RepairOptions.ridge):
+        raise OnnxPruneError("--repair-ridge, --repair-independent and --repair-no-fold need --repair linear")
     result = api.prune(args.model, target_options(args), OutputOptions(args.output, args.plan, args.pareto),
                        data_options(args), scoring_options(args), latency_options(args),
-                       healing_options(args) if heal_data else None, heal_data)
+                       healing_options(args) if heal_data else None, heal_data,
+                       repair_options(args) if args.repair else None)
     return _report_target(result, args.json, prune_text)
 
 
@@ -453,6 +502,20 @@ def _heal(args: argparse.Namespace) -> int:
     result = api.heal(args.model, args.teacher, OutputOptions(args.output, args.plan), data_options(args),
                       healing_options(args), args.provider)
     return _report_target(result, args.json, heal_text)
+
+
+def _repair(args: argparse.Namespace) -> int:
+    from onnxprune import api
+    from onnxprune.report.text import repair_text
+
+    result = api.repair(args.model, args.teacher, OutputOptions(args.output, args.plan), data_options(args),
+                        repair_options(args), args.provider)
+    if args.json:
+        result.pop("verification_text")
+        print_json(result)
+    else:
+        print(repair_text(result))
+    return 0
 
 
 def _latency(args: argparse.Namespace) -> int:

@@ -136,6 +136,27 @@ class HealingOptions:
             raise OnnxPruneError("the learning rate, batch and temperature of healing must be positive")
 
 
+@dataclass(frozen=True)
+class RepairOptions:
+    """Training-free repair (``repair``, ``prune --repair linear``; docs/algorithms.md, section "Training-free
+    repair"): at every cut a pruning left, an affine map from the pruned model's tensor to the original's, fitted
+    by ridge least squares on the calibration data."""
+
+    method: str = "linear"
+    ridge: float = 1e-3  # the ridge term, relative to the mean variance of the map's input channels
+    sequential: bool = True  # fit each map on the activations of the model repaired so far (False: the original's)
+    fold: bool = True  # fold a map into the conv/MatMul/Gemm that produces its input where that is exact
+    batch: int = 64  # samples per onnxruntime run while the sums are gathered
+
+    def __post_init__(self) -> None:
+        if self.method != "linear":
+            raise OnnxPruneError(f"--repair knows only 'linear', not {self.method!r}")
+        if self.ridge < 0:
+            raise OnnxPruneError(f"the ridge term is at least 0, not {self.ridge}")
+        if self.batch < 1:
+            raise OnnxPruneError("the repair batch must be at least 1")
+
+
 # flag -> (the option object's attribute, the methods it applies to)
 _METHOD_FLAGS = {
     "--remove-blocks": ("remove_blocks", {"slp"}),

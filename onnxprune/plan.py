@@ -31,7 +31,7 @@ from onnxprune.graph.normalize import to_graph, to_model
 
 SCHEMA = 1
 _LISTS = ("remove_blocks", "replace_with_shortcut", "drop_activations", "drop_convs", "merge")
-_KNOWN_KEYS = set(_LISTS) | {"schema", "model", "method", "predicted", "notes", "healing"}
+_KNOWN_KEYS = set(_LISTS) | {"schema", "model", "method", "predicted", "notes", "healing", "repair"}
 
 
 class PlanError(OnnxPruneError):
@@ -50,6 +50,7 @@ class Plan:
     predicted: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     healing: dict | None = None  # what healing did after the rewrite (onnxprune.train.heal), when it ran
+    repair: dict | None = None  # the maps fitted after the rewrite (onnxprune.repair.linear), when it ran
 
     def to_dict(self) -> dict:
         return {
@@ -59,6 +60,7 @@ class Plan:
             **{name: getattr(self, name) for name in _LISTS},
             "predicted": self.predicted,
             "notes": self.notes,
+            **({"repair": self.repair} if self.repair is not None else {}),
             **({"healing": self.healing} if self.healing is not None else {}),
         }
 
@@ -73,7 +75,7 @@ class Plan:
             raise PlanError(f"plan schema {data.get('schema')} is not supported (this onnxprune reads schema {SCHEMA})")
         plan = cls(fingerprint=(data.get("model") or {}).get("fingerprint"), method=data.get("method"),
                    predicted=data.get("predicted") or {}, notes=list(data.get("notes") or []),
-                   healing=data.get("healing"))
+                   healing=data.get("healing"), repair=data.get("repair"))
         for name in ("remove_blocks", "replace_with_shortcut", "drop_activations", "drop_convs"):
             values = data.get(name, [])
             if not isinstance(values, list) or not all(isinstance(v, str) for v in values):

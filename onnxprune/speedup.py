@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import onnx
@@ -120,9 +121,11 @@ def out_of_reach(target: float, backend: str, whole_s: float, fixed_s: float, fa
 def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: float, backend: Backend,
                           batch: int, scoring: ScoringOptions = ScoringOptions(), data_batch: int = 64,
                           table: LatencyTable | None = None, max_attempts: int = 4,
-                          with_pareto: bool = False, rounds: int | None = None) -> SpeedupResult:
+                          with_pareto: bool = False, rounds: int | None = None,
+                          timed: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None) -> SpeedupResult:
     """LayerMerge to a measured ``target`` speed-up on ``backend`` at latency batch ``batch``; rows are scored
-    on ``data`` in runs of ``data_batch`` samples."""
+    on ``data`` in runs of ``data_batch`` samples. ``timed`` gives the form of a pruned model whose latency
+    counts (the model with placeholder repair maps, when repair follows); None: the pruned model itself."""
     stages: dict[str, float] = {}
     clock = time.perf_counter()
     structure = analyze_model(model)
@@ -187,7 +190,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
         if not verification.passed:
             raise OnnxPruneError(f"the pruned model failed verification: {verification.summary()}")
         clock = time.perf_counter()
-        t_original, t_pruned, speedup = _measure(baseline, pruned, backend, batch, rounds)
+        t_original, t_pruned, speedup = _measure(baseline, timed(pruned) if timed else pruned, backend, batch, rounds)
         stages["measure"] += time.perf_counter() - clock
         predicted = table.fixed_s + solution.latency
         attempts.append({"attempt": attempt, "budget_s": chain_budget + table.fixed_s, "predicted_s": predicted,
@@ -236,14 +239,17 @@ def _pareto(rows: list[dp.Row], positions: int, table: LatencyTable) -> list[dic
 
 def slp_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: float, backend: Backend, batch: int,
                    min_blocks_per_stage: int = 1, provider: str = "auto", data_batch: int = 64,
-                   rounds: int | None = None) -> SpeedupResult:
-    """SLP, one block at a time, until the speed-up measured on ``backend`` at ``batch`` meets ``target``."""
+                   rounds: int | None = None,
+                   timed: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None) -> SpeedupResult:
+    """SLP, one block at a time, until the speed-up measured on ``backend`` at ``batch`` meets ``target``
+    (``timed``: as for ``layermerge_to_speedup``)."""
     measured: dict[str, float] = {}
 
     baseline = normalized(model)
 
     def fast_enough(current: onnx.ModelProto) -> bool:
-        t_original, t_pruned, speedup = _measure(baseline, current, backend, batch, rounds)
+        t_original, t_pruned, speedup = _measure(baseline, timed(current) if timed else current, backend, batch,
+                                                 rounds)
         measured.update(original=t_original, pruned=t_pruned, speedup=speedup)
         log.info(f"slp: measured {speedup:.3f}x (target {target}x)")
         return speedup >= target

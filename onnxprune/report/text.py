@@ -88,9 +88,13 @@ def prune_text(result: dict) -> str:
         lines.append(f"latency on {result['backend']['backend']} ({result['backend']['device']}), batch "
                      f"{result['latency_batch']}: {1e3 * result['original_latency_s']:.3f} ms -> "
                      f"{1e3 * result['pruned_latency_s']:.3f} ms, measured speed-up {result['measured_speedup']:.3f}x "
-                     f"(target {result['target_speedup']}x)")
+                     f"(target {result['target_speedup']}x"
+                     + (f"; {result['measured_speedup_before_repair']:.3f}x before the repair maps"
+                        if "measured_speedup_before_repair" in result else "") + ")")
     lines += [f"note: {note}" for note in result.get("notes", [])]
     lines += [f"data: {result['data']}", result["verification_text"]]
+    if "repair" in result:
+        lines += repair_lines(result["repair"], result["repair_agreement"])
     if "healing" in result:
         lines += healing_lines(result)
     lines.append(f"wrote {result['output']} and {result['plan']}")
@@ -112,6 +116,28 @@ def healing_lines(result: dict) -> list[str]:
     lines.append(table(rows, ["model", "agreement", "top-1", "mean KL"], right={1, 2, 3}))
     lines += [f"note: {h['note']}"] if h.get("note") else []
     return lines
+
+
+def repair_lines(record: dict, agreement: dict) -> list[str]:
+    """The maps a repair fitted (where each went, the error at its cut before and after) and agreement."""
+    lines = [f"repaired: {len(record['maps'])} linear maps fitted on {record['samples']} samples "
+             f"({'sequentially' if record['sequential'] else 'independently'}, ridge {record['ridge']:g}) in "
+             f"{record['seconds']:.1f} s"]
+    rows = [[m["target"], "x".join(map(str, m["channels"])), f"{m['error_before']:.3f}", f"{m['error_after']:.3f}",
+             m["placed"]] for m in record["maps"]]
+    if rows:
+        lines.append(table(rows, ["cut (original tensor)", "map", "error before", "after", "placed"], right={2, 3}))
+    lines += [f"note: {note}" for note in record["notes"]]
+    lines.append(f"top-1 agreement with the original on the fitting data: pruned {100 * agreement['pruned']:.1f}%, "
+                 f"repaired {100 * agreement['repaired']:.1f}%" if agreement.get("pruned") is not None else
+                 "agreement: the model's first output is not (samples, classes)")
+    return lines
+
+
+def repair_text(result: dict) -> str:
+    return "\n".join([f"data: {result['data']}; teacher: {result['teacher']}",
+                      *repair_lines(result["repair"], result["agreement"]), result["verification_text"],
+                      f"wrote {result['output']} and {result['plan']}"])
 
 
 def augmentation(record: dict) -> str:

@@ -284,3 +284,24 @@ def _depends_on_input(tensor: str, producer: dict, g: onnx.GraphProto) -> bool:
             stack.extend(node.input)
     return False
 
+
+def prefix_model(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """The nodes ``outputs`` need, as a model with the same inputs, giving only ``outputs``: what capturing
+    early tensors costs without running the rest of the network."""
+    g = model.graph
+    producer = {t: i for i, node in enumerate(g.node) for t in node.output}
+    needed: set[int] = set()
+    queue = deque(producer[o] for o in outputs if o in producer)
+    while queue:
+        i = queue.popleft()
+        if i not in needed:
+            needed.add(i)
+            queue.extend(producer[t] for t in g.node[i].input if t in producer)
+    nodes = [g.node[i] for i in sorted(needed)]
+    read = {t for n in nodes for t in n.input} | set(outputs)
+    infos = _value_infos(model)
+    graph = helper.make_graph(nodes, f"{g.name}_prefix", list(g.input), [_info(infos, o) for o in outputs],
+                              [t for t in g.initializer if t.name in read])
+    prefix = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    prefix.functions.extend(model.functions)
+    return prefix
