@@ -23,9 +23,7 @@ in the temporary folder) and each group takes one pass over them; without the di
 spill, the original runs again for each group. The temporary folder is always removed. Scores do
 not depend on the budget beyond float rounding (the batch size may differ).
 
-Measured (benchmarks/RESULTS.md, "Memory within a budget"): LayerMerge's 39 rows of a ResNet-34 at
-224x224 on 256 images peaked at 10.8 GB before, 4.3 GB now with the default budget (one pass) and
-2.9 GB with a 3 GiB budget (two groups, captured tensors spilled).
+Measured figures: benchmarks/RESULTS.md, "Memory within a budget".
 """
 
 from __future__ import annotations
