@@ -12,11 +12,12 @@ import onnx
 
 from onnxprune.data.preprocess import Preprocess, preprocess_of
 from onnxprune.data.sources import load_data, model_inputs, static_batch
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import MissingDependency, OnnxPruneError, VerificationFailed
 from onnxprune.evaluate import evaluate_logits, logits_of
 from onnxprune.graph.analysis import Structure, analyze_model
 from onnxprune.graph.io import load_model, load_notes, save_model, specialise_inputs
 from onnxprune.graph.normalize import to_graph
+from onnxprune.importance.sglp import prune_sglp
 from onnxprune.importance.slp import prune_slp, removal_candidates, score_blocks
 from onnxprune.latency.backends import get_backend
 from onnxprune.latency.measure import compare
@@ -31,7 +32,7 @@ from onnxprune.runtime.capture import feature_tensor as find_feature_tensor
 from onnxprune.runtime.compare import memory_budget
 from onnxprune.runtime.session import create_session
 from onnxprune.repair.linear import repair as repair_model, with_placeholder_maps
-from onnxprune.speedup import MEASURE_ROUNDS, layermerge_to_speedup, normalized, slp_to_speedup
+from onnxprune.speedup import MEASURE_ROUNDS, layermerge_to_speedup, normalized, sglp_to_speedup, slp_to_speedup
 from onnxprune.verify import verify
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def apply(model_path: str | os.PathLike[str], plan_path: str | os.PathLike[str],
     rewritten, summary = apply_plan(original, plan)
     verification = verify(original, rewritten, preserves_function=not summary["changes_function"])
     if not verification.passed:
-        raise OnnxPruneError(f"the rewritten model failed verification; nothing written. {verification.summary()}")
+        raise VerificationFailed(f"the rewritten model failed verification; nothing written. {verification.summary()}")
     save_model(rewritten, out_path)
     return {"output": str(out_path), "plan": summary, "verification": verification.to_dict(),
             "verification_text": verification.summary()}
@@ -177,26 +178,49 @@ def _prune_and_write(model, dataset, target: TargetOptions, output: OutputOption
     _refuse_nothing_to_prune(analyze_model(model), target)
     if target.speedup is not None:
         with memory_budget(scoring.memory_budget):  # reaches the scoring calls inside onnxprune.speedup
-            return _prune_to_speedup(model, dataset, feature, target, output, data, scoring, latency, repair)
-    result = prune_slp(model, dataset, feature, remove_blocks=target.remove_blocks,
-                       macs_reduction=target.macs_reduction, min_blocks_per_stage=target.min_blocks,
-                       one_shot=target.one_shot, provider=scoring.provider, batch=data.batch,
-                       memory_budget=scoring.memory_budget)
+            return _sglp_outputs(_prune_to_speedup(model, dataset, feature, target, output, data, scoring, latency,
+                                                   repair), output)
+    if target.method == "sglp":
+        result = prune_sglp(model, dataset, remove_blocks=target.remove_blocks, segments=target.segments,
+                            provider=scoring.provider, batch=data.batch)
+    else:
+        result = prune_slp(model, dataset, feature, remove_blocks=target.remove_blocks,
+                           macs_reduction=target.macs_reduction, min_blocks_per_stage=target.min_blocks,
+                           one_shot=target.one_shot, provider=scoring.provider, batch=data.batch,
+                           memory_budget=scoring.memory_budget)
     pruned, _ = apply_plan(model, result.plan)
     feeds = next(dataset.batches(min(data.batch, 16))).feeds
     verification = verify(model, pruned, feeds=feeds)
     if not verification.passed:
-        raise OnnxPruneError(f"the pruned model failed verification; nothing written. {verification.summary()}")
+        raise VerificationFailed(f"the pruned model failed verification; nothing written. {verification.summary()}")
     plan_path = _plan_path(output)
     save_model(pruned, output.model)
     save_plan(result.plan, plan_path)
     predicted = result.plan.predicted
-    return {"output": str(output.model), "plan": str(plan_path), "method": result.plan.method,
+    return _sglp_outputs({"output": str(output.model), "plan": str(plan_path), "method": result.plan.method,
             "removed_blocks": result.plan.remove_blocks, "macs_before": predicted["macs_before"],
             "macs_after": predicted["macs_after"], "macs_reduction": 1 - predicted["macs_after"] / predicted["macs_before"],
             "target_met": result.target_met, "message": result.message, "provider": result.provider,
             "data": dataset.source, "random_data": dataset.random, "history": result.history, "notes": load_notes(model),
-            "verification": verification.to_dict(), "verification_text": verification.summary()}
+            "verification": verification.to_dict(), "verification_text": verification.summary()}, output)
+
+
+def _sglp_outputs(result: dict, output: OutputOptions) -> dict:
+    """For an SGLP plan: its segments (blocks, removed) in ``result``, and with ``output.plot`` the CKA matrix and
+    the segment boundaries drawn beside the model (OUT with .cka.png)."""
+    if result["method"] != "sglp":
+        return result
+    from onnxprune.report.png import cka_plot
+
+    predicted = load_plan(result["plan"]).predicted
+    result["segments"] = [{"blocks": s["blocks"], "removed": [j for j in s["blocks"] if j in result["removed_blocks"]]}
+                          for s in predicted["segments"]]
+    result["segments_chosen_by"] = predicted["segments_chosen_by"]
+    result["grad_norm_targets"] = predicted["grad_norm_targets"]
+    if output.plot:
+        starts = [s["layers"][0] for s in predicted["segments"]]
+        result["plot"] = cka_plot(Path(output.model).with_suffix(".cka.png"), predicted["cka"], starts)
+    return result
 
 
 def _repair_written(model, dataset, options: RepairOptions, provider: str, target: TargetOptions,
@@ -230,7 +254,7 @@ def repair_and_measure(pruned: onnx.ModelProto, original: onnx.ModelProto, datas
     feeds = next(dataset.batches(min(options.batch, 16))).feeds
     verification = verify(pruned, result.model, feeds=feeds)
     if not verification.passed:
-        raise OnnxPruneError(f"the repaired model failed verification; nothing written. {verification.summary()}")
+        raise VerificationFailed(f"the repaired model failed verification; nothing written. {verification.summary()}")
     batch = dataset.static_batch or options.batch
     logits = {name: logits_of(create_session(m, provider), dataset, batch)
               for name, m in (("original", original), ("pruned", pruned), ("repaired", result.model))}
@@ -241,9 +265,9 @@ def repair_and_measure(pruned: onnx.ModelProto, original: onnx.ModelProto, datas
 
 def _refuse_nothing_to_prune(structure, target: TargetOptions) -> None:
     """Refuse, before anything is measured, a model the method finds nothing in."""
-    if target.method == "slp" and not any(b.removable for b in structure.residual_blocks):
+    if target.method in ("slp", "sglp") and not any(b.removable for b in structure.residual_blocks):
         reasons = sorted({b.reason for b in structure.residual_blocks})
-        raise OnnxPruneError("SLP has nothing to remove: the model has no removable residual block ("
+        raise OnnxPruneError(f"{target.method.upper()} has nothing to remove: the model has no removable residual block ("
                              + (f"{len(structure.residual_blocks)} blocks: {'; '.join(reasons)}" if reasons else
                                 "no residual join found") + "); try --method layermerge --speedup X")
     if target.method == "layermerge" and not structure.convs and not any(b.removable for b in structure.residual_blocks):
@@ -280,6 +304,9 @@ def _prune_to_speedup(model, dataset, feature, target: TargetOptions, output: Ou
                                        timed=timed)
         if output.pareto is not None:
             Path(output.pareto).write_text(json.dumps(result.pareto, indent=1) + "\n")
+    elif target.method == "sglp":
+        result = sglp_to_speedup(model, dataset, target.speedup, timing, batch, target.segments, scoring.provider,
+                                 data.batch, latency.rounds, timed)
     else:
         result = slp_to_speedup(model, dataset, feature, target.speedup, timing, batch, target.min_blocks,
                                 scoring.provider, data.batch, latency.rounds, timed)
@@ -369,12 +396,12 @@ def heal_and_measure(pruned: onnx.ModelProto, original: onnx.ModelProto, dataset
     try:
         from onnxprune.train.heal import heal as heal_model
     except ImportError as exc:
-        raise OnnxPruneError(f"healing needs torch: pip install 'onnxprune[torch]' ({exc})") from None
+        raise MissingDependency(f"healing needs torch: pip install 'onnxprune[torch]' ({exc})") from None
     result = heal_model(pruned, original, dataset, healing, provider)
     held = dataset.subset(result.split.held_back)
     verification = verify(pruned, result.model, feeds=next(held.batches(min(healing.batch, 16))).feeds)
     if not verification.passed:
-        raise OnnxPruneError(f"the healed model failed verification; nothing written. {verification.summary()}")
+        raise VerificationFailed(f"the healed model failed verification; nothing written. {verification.summary()}")
     sessions = {name: create_session(m, provider) for name, m in
                 (("original", original), ("pruned", pruned), ("healed", result.model))}
     logits = {name: logits_of(s, held, dataset.static_batch or 64) for name, s in sessions.items()}
@@ -422,12 +449,20 @@ def bench(model_path: str | os.PathLike[str], other_path: str | os.PathLike[str]
     return result
 
 
+# The demo's files: kept once in the repository's models/, and copied into onnxprune/assets/ of a built wheel
+# (setup.py), so that an installed onnxprune finds them too.
+SHIPPED = ("resnet56.onnx", "cifar10_calib512.npz", "cifar10_test1000.npz")
+
+
 def shipped(name: str) -> str:
-    """Path of a file shipped in the repository's models/ folder (from the working folder or the checkout)."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        if (root / "models" / name).exists():
-            return str(root / "models" / name)
-    raise OnnxPruneError(f"models/{name} is not here: run the demo from the onnxprune checkout, or give --model/--data")
+    """Path of a file shipped with onnxprune (SHIPPED): models/<name> in the working folder, else the installed
+    package's copy (onnxprune/assets/<name>), else models/<name> in the checkout this package was imported from."""
+    package = Path(__file__).resolve().parent
+    for path in (Path.cwd() / "models" / name, package / "assets" / name, package.parent / "models" / name):
+        if path.exists():
+            return str(path)
+    raise OnnxPruneError(f"{name} is not shipped with this onnxprune (neither in {package / 'assets'} nor in a "
+                         "checkout's models/): reinstall it from a wheel, or give --model/--data/--test-data")
 
 
 # The demo heals label-free (what a user of an exported model usually has) on the shipped calibration images, in a

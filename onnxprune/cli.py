@@ -2,15 +2,19 @@
 verb calls onnxprune.api with them, and onnxprune.report formats the result. Nothing heavy is imported until a
 verb runs, so ``--help`` is quick.
 
-Every failure the user can fix ends with one line on stderr ("onnxprune: error: ...") and exit
-status 1; ``--debug`` shows the traceback instead. A run that worked but missed its target (a measured speed-up,
-a healed model's ``--min-agreement``) writes its outputs and exits with status 4 (EXIT_TARGET_MISSED). Progress
-goes to stderr through the ``onnxprune`` logger.
+Every failure ends with one line on stderr ("onnxprune: error: ...") and an exit status that says what kind of
+failure it was (``exit_status`` maps onnxprune.errors' classes to the EXIT_* codes); ``--debug``, anywhere on the
+command line, shows the traceback as well. A run that worked but missed its target (a measured speed-up, a healed
+model's ``--min-agreement``) writes its outputs and exits with status 4 (EXIT_TARGET_MISSED). Progress goes to
+stderr through the ``onnxprune`` logger; with ``--json`` stdout carries the one JSON object alone (anything else a
+library prints goes to stderr). ``prune`` and ``heal`` read their options from ``--config FILE`` too (a TOML
+file, or a plan onnxprune wrote: its "config" key), flags on the command line winning.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,8 +26,12 @@ from onnxprune.errors import OnnxPruneError
 from onnxprune.options import (DataOptions, HealingOptions, LatencyOptions, OutputOptions, RepairOptions, ScoringOptions,
                                TargetOptions)
 
-EXIT_ERROR = 1
-EXIT_TARGET_MISSED = 4
+EXIT_VERIFICATION_FAILED = 1  # also an unexpected internal error (a bug: run with --debug)
+EXIT_ERROR = EXIT_VERIFICATION_FAILED
+EXIT_USAGE = 2  # bad usage or bad input: argparse's errors, OnnxPruneError
+EXIT_MISSING_DEPENDENCY = 3  # an optional package missing, or a backend/provider that cannot run here
+EXIT_TARGET_MISSED = 4  # outputs written, target (--speedup, --min-agreement) missed
+JSON_SCHEMA_VERSION = 1  # "schema_version" of every --json object
 
 VERSION = "0.1.0"  # onnxprune.__version__ (kept here so that --version imports nothing)
 
@@ -43,13 +51,25 @@ verbs:
   bench     latency of a model, or of two side by side with their ratio
   demo      the whole pipeline on the shipped CIFAR-10 ResNet-56: 1.5x faster on ort-cpu, healed, accuracy
             of the original, the pruned and the healed model
+"""
 
-exit status: 0 done, 1 error (nothing written), 4 target missed (outputs written; --speedup, --min-agreement)
+EPILOG = """\
+exit status:
+  0  done
+  1  verification failed: a rewritten, repaired or healed model failed verification (nothing written);
+     also an unexpected internal error (run with --debug for the traceback)
+  2  bad usage or bad input: a bad flag, flag combination or --config key, an unreadable or invalid model,
+     bad data, a refused plan (nothing written)
+  3  a missing optional dependency (torch for heal, tensorrt, onnxruntime-gpu) or a backend or execution
+     provider that cannot run here
+  4  target missed: outputs written, but --speedup or --min-agreement was not met
+--debug (before or after the verb) shows the traceback of an error; every --json object carries
+"schema_version": 1 and is the only thing written to stdout.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onnxprune", description=DESCRIPTION,
+    parser = argparse.ArgumentParser(prog="onnxprune", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"onnxprune {VERSION}")
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
@@ -118,19 +138,26 @@ def build_parser() -> argparse.ArgumentParser:
         "(--method layermerge, with --speedup X): time every merge/prune option on --backend, score it by CKA, "
         "solve the DP for the latency budget, then measure original and pruned side by side; when the measured "
         "speed-up misses X the budget is tightened and the DP solved again (a few times); exit status 4 if X is "
-        "still missed. Writes OUT and its plan (OUT with .plan.json) after verifying the result.",
+        "still missed. SGLP (--method sglp, with --remove-blocks N or --speedup X): split the stem and the blocks "
+        "into --segments K contiguous segments of similar CKA (Fisher's optimal segmentation; K at the elbow when not "
+        "given), rank the blocks by GradNorm (needs torch) and remove the least important of each segment in "
+        "proportion to its size, every segment keeping a block. Writes OUT and its plan (OUT with .plan.json) after "
+        "verifying the result.",
     )
     p.add_argument("model", help="the original .onnx file (never modified)")
     g = p.add_argument_group("target", "what to prune to, and how (a flag that does not apply to the method is an error)")
-    g.add_argument("--method", choices=["slp", "layermerge"], default=None,
-                   help="slp (default without --speedup) or layermerge (default with --speedup)")
+    g.add_argument("--method", choices=["slp", "layermerge", "sglp"], default=None,
+                   help="slp (default without --speedup), layermerge (default with --speedup) or sglp")
     stop = g.add_mutually_exclusive_group(required=True)
-    stop.add_argument("--remove-blocks", type=int, metavar="N", help="remove N blocks (slp)")
+    stop.add_argument("--remove-blocks", type=int, metavar="N", help="remove N blocks (slp, sglp)")
     stop.add_argument("--macs-reduction", type=float, metavar="F", help="remove blocks until this fraction of the MACs is gone (slp)")
     stop.add_argument("--speedup", type=float, metavar="X", help="prune until the model runs X times faster, as measured")
     g.add_argument("--min-blocks-per-stage", type=int, default=None, metavar="K",
                    help="slp: keep at least K blocks in every stage (blocks with the same output shape); default 1")
     g.add_argument("--one-shot", action="store_true", help="slp: rank once instead of re-scoring after each removal")
+    g.add_argument("--segments", type=int, default=None, metavar="K",
+                   help="sglp: split the stem and the residual blocks into K segments (default: the elbow of the "
+                   "segmentation loss over K = 1..10)")
     add_latency_arguments(p, batch_flag="--latency-batch", table=True, rounds_default=None, rounds_flag=True)
     g = p.add_argument_group("scoring", "how changes are scored (CKA against the original)")
     g.add_argument("--scope", choices=["global", "local"], default=None,
@@ -144,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plan", help="where to write the plan (default: OUTPUT with .plan.json)")
     g.add_argument("--pareto", metavar="CURVE.json", help="layermerge: also write the whole predicted trade-off curve "
                    "(latency, speed-up, summed importance for every budget), from the same DP table")
+    g.add_argument("--plot", action="store_true", help="sglp: also write the CKA matrix with the segment boundaries "
+                   "as a PNG (OUTPUT with .cka.png)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_data_arguments(p)
@@ -258,12 +287,178 @@ def build_parser() -> argparse.ArgumentParser:
                    help="healing steps of 64 images (default 300, about 2.5 minutes on 2 CPU cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_demo)
+    for name, sub in verbs.choices.items():
+        # SUPPRESS: a verb without --debug leaves the main parser's value alone
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show a traceback on errors (also accepted before the verb)")
+        if name in CONFIG_VERBS:
+            sub.add_argument("--config", metavar="FILE", help="read options from FILE: a TOML file whose keys are the "
+                             "long flag names without their dashes (speedup = 1.5, heal-steps = 300, data = "
+                             "\"calib.npz\"; a switch is true or false), or a plan onnxprune wrote (its \"config\" "
+                             "key: the run it records can be repeated). Flags given on the command line win; an "
+                             "unknown key is an error")
     return parser
 
 
+# Where --json objects go: main's stdout while everything else printed during the run goes to stderr.
+_json_stream = None
+
+
 def print_json(result: dict) -> None:
-    json.dump(result, sys.stdout)
-    sys.stdout.write("\n")
+    out = _json_stream or sys.stdout
+    json.dump({"schema_version": JSON_SCHEMA_VERSION, **result}, out)
+    out.write("\n")
+
+
+CONFIG_VERBS = ("prune", "heal")
+_NOT_CONFIGURABLE = {"help", "config", "debug"}
+_NOT_RECORDED = {"json", "quiet"}  # how a run reports, not what it does: a plan's config leaves them out
+
+
+def _subparser(parser: argparse.ArgumentParser, verb: str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[verb]
+
+
+def config_keys(sub: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The options of a verb that a config file may set, by key: the long flag name without its dashes."""
+    keys = {}
+    for action in sub._actions:
+        long = [s for s in action.option_strings if s.startswith("--")]
+        if long and action.dest not in _NOT_CONFIGURABLE:
+            keys[long[0][2:]] = action
+    return keys
+
+
+def load_config(path: str, verb: str) -> dict:
+    """The options in a config file: a TOML file's keys, or a plan's (.json) recorded configuration of ``verb``."""
+    import tomllib
+
+    try:
+        text = open(path, "rb").read().decode()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OnnxPruneError(f"--config {path}: cannot read it ({exc})") from None
+    if path.endswith(".json"):
+        try:
+            plan = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise OnnxPruneError(f"--config {path} is not valid JSON: {exc}") from None
+        config = (plan.get("config") or {}).get(verb) if isinstance(plan, dict) else None
+        if not isinstance(config, dict):
+            raise OnnxPruneError(f"--config {path}: the plan records no {verb} configuration (no \"config\" key "
+                                 f"with a {verb!r} part)")
+        return config
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise OnnxPruneError(f"--config {path} is not valid TOML: {exc}") from None
+
+
+def _config_value(action: argparse.Action, key: str, value: object, path: str) -> object:
+    """A config value as the flag would have given it (converted and checked by the flag's own type and choices)."""
+    where = f"--config {path}: {key} = {value!r}"
+    if action.nargs == 0:  # a switch: true gives it, false leaves it off
+        if not isinstance(value, bool):
+            raise OnnxPruneError(f"{where}: {key} is a switch, true or false")
+        return action.const if value else action.default
+    if isinstance(value, (bool, dict)) or (isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value)):
+        raise OnnxPruneError(f"{where}: expected what --{key} takes on the command line")
+    text = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    try:
+        converted = action.type(text) if action.type else text
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        raise OnnxPruneError(f"{where}: {exc}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise OnnxPruneError(f"{where}: choose one of {', '.join(map(str, action.choices))}")
+    return converted
+
+
+def _apply_config(sub: argparse.ArgumentParser, verb: str, config: dict, path: str, given: set[str]) -> None:
+    """Make the config's values the verb's defaults, so that flags on the command line (``given``: their dests)
+    still win; within a group of flags that exclude each other, a flag given excludes the file's others."""
+    keys = config_keys(sub)
+    unknown = sorted(k for k in config if k.replace("_", "-") not in keys)
+    if unknown:
+        raise OnnxPruneError(f"--config {path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for "
+                             f"{verb} (keys are the long flags of 'onnxprune {verb} --help' without their dashes)")
+    values: dict[str, object] = {}
+    for key, value in config.items():
+        action = keys[key.replace("_", "-")]
+        if action.dest in values:
+            raise OnnxPruneError(f"--config {path}: {key} is given twice")
+        values[action.dest] = _config_value(action, key, value, path)
+    for group in sub._mutually_exclusive_groups:
+        members = [a.dest for a in group._group_actions]
+        set_here = [a.option_strings[-1].lstrip('-') for a in group._group_actions if a.dest in values]
+        if len(set_here) > 1:
+            raise OnnxPruneError(f"--config {path}: {' and '.join(set_here)} exclude each other")
+        if given & set(members):
+            for dest in members:
+                values.pop(dest, None)
+        elif set_here:
+            group.required = False
+    for action in sub._actions:
+        if action.dest in values:
+            action.required = False
+    sub.set_defaults(**values)
+
+
+def _given_on_command_line(argv: list[str]) -> argparse.Namespace:
+    """The command line parsed with every option defaulting to nothing and none required: what was really given."""
+    parser = build_parser()
+    for sub in next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.values():
+        for action in sub._actions:
+            if action.option_strings:
+                action.default, action.required = argparse.SUPPRESS, False
+        for group in sub._mutually_exclusive_groups:
+            group.required = False
+    return parser.parse_args(argv)
+
+
+def effective_config(sub: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The options a run used (the file's and the command line's), as a config (what plans record): switches
+    that are on and every option with a value, except how the run reports (--json, --quiet)."""
+    config = {}
+    for key, action in config_keys(sub).items():
+        if action.dest in _NOT_RECORDED:
+            continue
+        value = getattr(args, action.dest, None)
+        if action.nargs == 0:
+            if value == action.const and value != action.default:
+                config[key] = True
+        elif value is not None:
+            config[key] = list(value) if isinstance(value, tuple) else value
+    return config
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``--config FILE`` read in (its values as defaults, flags winning). A verb that takes
+    --config gets ``args.effective_config`` (what its plan records); None for the others."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not any(a.startswith("--con") for a in argv):  # --config, or an abbreviation argparse would accept
+        args = parser.parse_args(argv)
+    else:
+        given = _given_on_command_line(argv)
+        if getattr(given, "config", None) is not None:
+            config = load_config(given.config, given.verb)
+            _apply_config(_subparser(parser, given.verb), given.verb, config, given.config, set(vars(given)))
+        args = parser.parse_args(argv)
+    # against a fresh parser: the defaults of this one may be the file's
+    args.effective_config = (effective_config(_subparser(build_parser(), args.verb), args)
+                             if args.verb in CONFIG_VERBS else None)
+    return args
+
+
+def _record_config(plan_path: str, args: argparse.Namespace) -> None:
+    """Write the run's configuration into the plan it wrote (key "config", by verb; earlier verbs' parts kept), so
+    that ``--config PLAN`` repeats it."""
+    if getattr(args, "effective_config", None) is None:
+        return
+    from onnxprune.plan import load_plan, save_plan
+
+    plan = load_plan(plan_path)
+    plan.config = {**(plan.config or {}), args.verb: args.effective_config}
+    save_plan(plan, plan_path)
 
 
 def add_latency_arguments(p: argparse.ArgumentParser, batch_flag: str, table: bool = False,
@@ -400,7 +595,8 @@ def latency_options(args: argparse.Namespace) -> LatencyOptions:
 def target_options(args: argparse.Namespace) -> TargetOptions:
     return TargetOptions(method=args.method or ("layermerge" if args.speedup else "slp"), speedup=args.speedup,
                          remove_blocks=args.remove_blocks, macs_reduction=args.macs_reduction,
-                         min_blocks_per_stage=args.min_blocks_per_stage, one_shot=args.one_shot)
+                         min_blocks_per_stage=args.min_blocks_per_stage, one_shot=args.one_shot,
+                         segments=getattr(args, "segments", None))
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -471,10 +667,11 @@ def _prune(args: argparse.Namespace) -> int:
         raise OnnxPruneError("--min-agreement needs --heal-data: agreement is measured on its held-back part")
     if not args.repair and (args.repair_independent or args.repair_no_fold or args.repair_ridge != RepairOptions.ridge):
         raise OnnxPruneError("--repair-ridge, --repair-independent and --repair-no-fold need --repair linear")
-    result = api.prune(args.model, target_options(args), OutputOptions(args.output, args.plan, args.pareto),
+    result = api.prune(args.model, target_options(args), OutputOptions(args.output, args.plan, args.pareto, args.plot),
                        data_options(args), scoring_options(args), latency_options(args),
                        healing_options(args) if heal_data else None, heal_data,
                        repair_options(args) if args.repair else None)
+    _record_config(result["plan"], args)
     return _report_target(result, args.json, prune_text)
 
 
@@ -501,6 +698,7 @@ def _heal(args: argparse.Namespace) -> int:
 
     result = api.heal(args.model, args.teacher, OutputOptions(args.output, args.plan), data_options(args),
                       healing_options(args), args.provider)
+    _record_config(result["plan"], args)
     return _report_target(result, args.json, heal_text)
 
 
@@ -572,27 +770,54 @@ def _log_to_stderr() -> None:
     logger.setLevel(logging.INFO)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _log_to_stderr()
-    try:
-        return args.run(args)
-    except OnnxPruneError as exc:
-        if args.debug:
-            raise
+def exit_status(exc: BaseException) -> int:
+    """The exit status of an error: onnxprune.errors' classes carry theirs (OnnxPruneError: bad usage or input, 2;
+    VerificationFailed: 1; MissingDependency, UnavailableBackend: 3); anything else is unexpected: 1."""
+    if isinstance(exc, OnnxPruneError):
+        return exc.exit_status
+    return EXIT_ERROR
+
+
+def _fail(exc: BaseException, debug: bool) -> int:
+    """One line on stderr (after the traceback with --debug) and the error's exit status."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, OnnxPruneError):
         print(f"onnxprune: error: {exc}", file=sys.stderr)
-        return 1
+    else:  # a bug or an input we did not foresee: still one line
+        print(f"onnxprune: error: {type(exc).__name__}: {exc}" + ("" if debug else " (run with --debug for the "
+              "traceback)"), file=sys.stderr)
+    return exit_status(exc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    global _json_stream
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+    except OnnxPruneError as exc:  # a bad --config file
+        return _fail(exc, "--debug" in argv)
+    _log_to_stderr()
+    # With --json, stdout carries the JSON object alone: whatever else is printed during the run (a library's
+    # warnings) goes to stderr.
+    quiet_stdout = contextlib.nullcontext()
+    if getattr(args, "json", False):
+        _json_stream, quiet_stdout = sys.stdout, contextlib.redirect_stdout(sys.stderr)
+    try:
+        with quiet_stdout:
+            return args.run(args)
     except BrokenPipeError:  # the reader (head, less) went away: not an error
         sys.stdout = open(os.devnull, "w")
         return 0
     except KeyboardInterrupt:
         print("onnxprune: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a bug or an input we did not foresee: still one line, unless --debug
-        if args.debug:
-            raise
-        print(f"onnxprune: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        return _fail(exc, args.debug)
+    finally:
+        _json_stream = None
 
 
 if __name__ == "__main__":

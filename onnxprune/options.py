@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 
 from onnxprune.errors import OnnxPruneError
 
-METHODS = ("slp", "layermerge")
+METHODS = ("slp", "layermerge", "sglp")
 SCOPES = ("global", "local")
 
 
@@ -73,10 +73,11 @@ class TargetOptions:
 
     method: str = "slp"
     speedup: float | None = None  # measured on the latency backend, original / pruned
-    remove_blocks: int | None = None  # slp only
+    remove_blocks: int | None = None  # slp and sglp
     macs_reduction: float | None = None  # slp only: a fraction of the MACs
     min_blocks_per_stage: int | None = None  # slp only (default 1): blocks each stage keeps
     one_shot: bool = False  # slp only: rank once instead of re-scoring after each removal
+    segments: int | None = None  # sglp only: K segments of the layer sequence; None: the elbow of the loss curve
 
     @property
     def min_blocks(self) -> int:
@@ -90,6 +91,7 @@ class OutputOptions:
     model: str  # the pruned .onnx file
     plan: str | None = None  # None: the model's path with .plan.json
     pareto: str | None = None  # layermerge only: the predicted trade-off curve (JSON)
+    plot: bool = False  # sglp only: a PNG of the CKA matrix and the segments beside the model (OUT with .cka.png)
 
 
 @dataclass(frozen=True)
@@ -159,13 +161,15 @@ class RepairOptions:
 
 # flag -> (the option object's attribute, the methods it applies to)
 _METHOD_FLAGS = {
-    "--remove-blocks": ("remove_blocks", {"slp"}),
+    "--remove-blocks": ("remove_blocks", {"slp", "sglp"}),
     "--macs-reduction": ("macs_reduction", {"slp"}),
     "--min-blocks-per-stage": ("min_blocks_per_stage", {"slp"}),
     "--one-shot": ("one_shot", {"slp"}),
     "--scope": ("scope", {"layermerge"}),
     "--latency-table": ("table", {"layermerge"}),
     "--pareto": ("pareto", {"layermerge"}),
+    "--segments": ("segments", {"sglp"}),
+    "--plot": ("plot", {"sglp"}),
 }
 
 
@@ -179,6 +183,10 @@ def check_method(target: TargetOptions, scoring: ScoringOptions, latency: Latenc
         raise OnnxPruneError("give exactly one stop criterion: --remove-blocks N, --macs-reduction F or --speedup X")
     if target.method == "layermerge" and target.speedup is None:
         raise OnnxPruneError("--method layermerge needs a --speedup target")
+    if target.segments is not None and target.segments < 1:
+        raise OnnxPruneError(f"--segments needs at least 1 segment, not {target.segments}")
+    if target.remove_blocks is not None and target.remove_blocks < 1:
+        raise OnnxPruneError(f"--remove-blocks needs at least 1 block, not {target.remove_blocks}")
     if target.speedup is not None and target.speedup <= 1.0:
         raise OnnxPruneError(f"--speedup is a factor above 1 (1.5 = 1.5x faster), not {target.speedup}")
     if scoring.scope is not None and scoring.scope not in SCOPES:

@@ -31,7 +31,7 @@ from onnxprune.graph.normalize import to_graph, to_model
 
 SCHEMA = 1
 _LISTS = ("remove_blocks", "replace_with_shortcut", "drop_activations", "drop_convs", "merge")
-_KNOWN_KEYS = set(_LISTS) | {"schema", "model", "method", "predicted", "notes", "healing", "repair"}
+_KNOWN_KEYS = set(_LISTS) | {"schema", "model", "method", "predicted", "notes", "healing", "repair", "config"}
 
 
 class PlanError(OnnxPruneError):
@@ -51,6 +51,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     healing: dict | None = None  # what healing did after the rewrite (onnxprune.train.heal), when it ran
     repair: dict | None = None  # the maps fitted after the rewrite (onnxprune.repair.linear), when it ran
+    # The options of the command lines that wrote the plan, by verb ({"prune": {"speedup": 1.5, ...}, "heal": ...}):
+    # what `onnxprune VERB --config PLAN` reads back to repeat the run.
+    config: dict | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -62,6 +65,7 @@ class Plan:
             "notes": self.notes,
             **({"repair": self.repair} if self.repair is not None else {}),
             **({"healing": self.healing} if self.healing is not None else {}),
+            **({"config": self.config} if self.config is not None else {}),
         }
 
     @classmethod
@@ -75,7 +79,10 @@ class Plan:
             raise PlanError(f"plan schema {data.get('schema')} is not supported (this onnxprune reads schema {SCHEMA})")
         plan = cls(fingerprint=(data.get("model") or {}).get("fingerprint"), method=data.get("method"),
                    predicted=data.get("predicted") or {}, notes=list(data.get("notes") or []),
-                   healing=data.get("healing"), repair=data.get("repair"))
+                   healing=data.get("healing"), repair=data.get("repair"), config=data.get("config"))
+        if plan.config is not None and not (isinstance(plan.config, dict)
+                                            and all(isinstance(v, dict) for v in plan.config.values())):
+            raise PlanError('plan key "config" must map verbs to their options: {"prune": {"speedup": 1.5, ...}}')
         for name in ("remove_blocks", "replace_with_shortcut", "drop_activations", "drop_convs"):
             values = data.get(name, [])
             if not isinstance(values, list) or not all(isinstance(v, str) for v in values):

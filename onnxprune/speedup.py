@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import onnx
 
 from onnxprune.data.sources import Dataset
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import OnnxPruneError, VerificationFailed
 from onnxprune.graph.analysis import analyze_model
 from onnxprune.graph.normalize import to_graph, to_model
 from onnxprune.importance.layermerge import row_copies, score_rows
+from onnxprune.importance.sglp import prune_sglp
 from onnxprune.importance.slp import prune_slp
 from onnxprune.latency.backends import Backend
 from onnxprune.latency.measure import compare
@@ -188,7 +189,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
         verification = verify(model, pruned, feeds=next(data.batches(16)).feeds)
         stages["verify"] += time.perf_counter() - clock
         if not verification.passed:
-            raise OnnxPruneError(f"the pruned model failed verification: {verification.summary()}")
+            raise VerificationFailed(f"the pruned model failed verification: {verification.summary()}")
         clock = time.perf_counter()
         t_original, t_pruned, speedup = _measure(baseline, timed(pruned) if timed else pruned, backend, batch, rounds)
         stages["measure"] += time.perf_counter() - clock
@@ -260,10 +261,44 @@ def slp_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: 
     pruned, _ = apply_plan(model, result.plan)
     verification = verify(model, pruned, feeds=next(data.batches(16)).feeds)
     if not verification.passed:
-        raise OnnxPruneError(f"the pruned model failed verification: {verification.summary()}")
+        raise VerificationFailed(f"the pruned model failed verification: {verification.summary()}")
     speedup = measured.get("speedup", 1.0)
     return SpeedupResult(pruned, result.plan, target, speedup, measured.get("original", 0.0),
                          measured.get("pruned", 0.0), None, speedup >= target,
                          stages={"slp": time.perf_counter() - clock}, verification=verification,
                          provider=result.provider,
                          note="" if result.target_met else f"{result.message} (--min-blocks-per-stage lowers it)")
+
+
+def sglp_to_speedup(model: onnx.ModelProto, data: Dataset, target: float, backend: Backend, batch: int,
+                    segments: int | None = None, provider: str = "auto", data_batch: int = 64,
+                    rounds: int | None = None,
+                    timed: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None) -> SpeedupResult:
+    """SGLP (one shot: the CKA matrix, segments and GradNorms of the original), its plans for 1, 2, ... blocks in turn,
+    until the speed-up measured on ``backend`` at ``batch`` meets ``target`` (``timed``: as for
+    ``layermerge_to_speedup``)."""
+    measured: dict[str, float] = {}
+    baseline = normalized(model)
+    speedups: list[float] = []
+
+    def fast_enough(current: onnx.ModelProto) -> bool:
+        t_original, t_pruned, speedup = _measure(baseline, timed(current) if timed else current, backend, batch,
+                                                 rounds)
+        measured.update(original=t_original, pruned=t_pruned, speedup=speedup)
+        speedups.append(speedup)
+        log.info(f"sglp: measured {speedup:.3f}x (target {target}x)")
+        return speedup >= target
+
+    clock = time.perf_counter()
+    result = prune_sglp(model, data, until=fast_enough, segments=segments, provider=provider, batch=data_batch)
+    for entry, speedup in zip(result.plan.predicted["history"], speedups):
+        entry["measured_speedup"] = speedup
+    pruned, _ = apply_plan(model, result.plan)
+    verification = verify(model, pruned, feeds=next(data.batches(16)).feeds)
+    if not verification.passed:
+        raise VerificationFailed(f"the pruned model failed verification: {verification.summary()}")
+    speedup = measured.get("speedup", 1.0)
+    return SpeedupResult(pruned, result.plan, target, speedup, measured.get("original", 0.0),
+                         measured.get("pruned", 0.0), None, speedup >= target,
+                         stages={"sglp": time.perf_counter() - clock, **result.scores.seconds},
+                         verification=verification, provider=result.provider, note=result.message)

@@ -42,7 +42,7 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(tmp_path):
     onnx.save(g.build([g.relu(g.input)]), no_compute)
     for path in (tmp_path / "missing.onnx", bad, no_compute):
         proc = subprocess.run([sys.executable, "-m", "onnxprune", "analyze", str(path)], capture_output=True, text=True)
-        assert proc.returncode == 1
+        assert proc.returncode == 2  # bad input
         assert proc.stdout == ""
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("onnxprune: error:"), proc.stderr
@@ -71,8 +71,8 @@ def test_apply_writes_a_verified_model_and_refuses_bad_plans(resnet_file, tmp_pa
                 {"remove_block": []}):
         plan.write_text(json.dumps(bad))
         refused = tmp_path / "refused.onnx"
-        assert main(["apply", str(resnet_file), str(plan), "-o", str(refused)]) == 1
+        assert main(["apply", str(resnet_file), str(plan), "-o", str(refused)]) == 2  # a refused plan
         assert not refused.exists()
         assert capsys.readouterr().err.startswith("onnxprune: error:")
-    assert main(["apply", str(resnet_file), str(plan), "-o", str(resnet_file)]) == 1
+    assert main(["apply", str(resnet_file), str(plan), "-o", str(resnet_file)]) == 2
     assert "never overwrites its input" in capsys.readouterr().err

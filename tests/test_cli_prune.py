@@ -43,7 +43,7 @@ def test_eval_flags_labels_preprocessing_and_provider(tmp_path, capsys):
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", y)
     base = ["eval", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy")]
-    assert main(base) == 1  # uint8 images, no metadata, no flags: refused with one line
+    assert main(base) == 2  # uint8 images, no metadata, no flags: refused with one line
     assert "no onnxprune.preprocess metadata" in capsys.readouterr().err
     flags = ["--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--scale", "0.00392157", "--provider", "cpu", "--json"]
     assert main(base + flags) == 0
@@ -58,7 +58,7 @@ def test_score_feature_tensor_and_prune_one_shot(tmp_path, capsys):
     model = classifier(seed=6)
     path = tmp_path / "net.onnx"
     onnx.save(model, path)
-    assert main(["score", str(path), "--data", "random", "--samples", "8", "--feature-tensor", "nope"]) == 1
+    assert main(["score", str(path), "--data", "random", "--samples", "8", "--feature-tensor", "nope"]) == 2
     assert "not a tensor of the model" in capsys.readouterr().err
     last_relu = [n.output[0] for n in model.graph.node if n.op_type == "Relu"][-1]
     assert main(["score", str(path), "--data", "random", "--samples", "8", "--feature-tensor", last_relu, "--json"]) == 0
@@ -81,7 +81,7 @@ def test_a_flag_the_method_would_ignore_is_refused_before_any_work(tmp_path, cap
     path = tmp_path / "net.onnx"
     onnx.save(classifier(seed=5), path)
     out = tmp_path / "o.onnx"
-    assert main(["prune", str(path), "--data", "random", "-o", str(out)] + flags) == 1
+    assert main(["prune", str(path), "--data", "random", "-o", str(out)] + flags) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and refused in err[0] and not out.exists()
 
@@ -139,11 +139,11 @@ def test_symbolic_sizes_are_timed_at_the_given_shape_never_at_one(tmp_path, caps
     path = tmp_path / "any_size.onnx"
     onnx.save(symbolic_size_net(), path)
     base = ["prune", str(path), "--speedup", "1.2", "--rounds", "3", "--samples", "8", "--json", "--quiet"]
-    assert main(base + ["--data", "random", "-o", str(tmp_path / "a.onnx")]) == 1
+    assert main(base + ["--data", "random", "-o", str(tmp_path / "a.onnx")]) == 2
     assert "give --input-shape" in capsys.readouterr().err
     code = main(base + ["--data", "random", "--input-shape", "3,12,12", "-o", str(tmp_path / "b.onnx")])
     result = json.loads(capsys.readouterr().out)
-    assert code == (0 if result["target_met"] else 1) and result["verification"]["passed"]
+    assert code == (0 if result["target_met"] else 4) and result["verification"]["passed"]
     assert result["macs_after"] < result["macs_before"]
     pruned_dims = [d.dim_value for d in load_model_dims(tmp_path / "b.onnx")]
     assert pruned_dims[1:] == [3, 12, 12]  # the pruned model takes the size it was timed at
@@ -152,7 +152,7 @@ def test_symbolic_sizes_are_timed_at_the_given_shape_never_at_one(tmp_path, caps
     assert json.loads(capsys.readouterr().out)["verification"]["passed"]
     assert [d.dim_value for d in load_model_dims(tmp_path / "c.onnx")][1:] == [3, 10, 10]  # the data's size
     table = tmp_path / "table.json"
-    assert main(["latency", str(path), "-o", str(table), "--rounds", "2", "--json"]) == 1
+    assert main(["latency", str(path), "-o", str(table), "--rounds", "2", "--json"]) == 2
     assert "--input-shape" in capsys.readouterr().err
     assert main(["latency", str(path), "-o", str(table), "--rounds", "2", "--input-shape", "3,10,10", "--json"]) == 0
     capsys.readouterr()

@@ -45,7 +45,7 @@ def test_prune_with_repair_then_the_repair_verb_on_a_plain_prune(tmp_path, capsy
     (["repair", MODEL, "--teacher", MODEL, "--data", "random"], "real data"),
 ])
 def test_repair_refuses_what_would_be_ignored_or_meaningless(tmp_path, capsys, argv, message):
-    assert main(argv + ["-o", str(tmp_path / "out.onnx")]) == 1
+    assert main(argv + ["-o", str(tmp_path / "out.onnx")]) == 2
     assert message in capsys.readouterr().err
 
 

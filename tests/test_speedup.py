@@ -108,7 +108,7 @@ def test_cli_speedup_latency_and_bench(tmp_path, capsys):
     assert curve[-1]["rows_changed"] == 0 and curve[-1]["importance"] == 0.0  # the full budget keeps the original
     assert all(a["predicted_latency_s"] <= b["predicted_latency_s"] for a, b in zip(curve, curve[1:]))
     assert main(["prune", str(path), "--speedup", "1.25", "--latency-batch", "4", "--latency-table", str(table),
-                 "-o", str(tmp_path / "x.onnx"), "--quiet"]) == 1
+                 "-o", str(tmp_path / "x.onnx"), "--quiet"]) == 2
     assert "batch 8, not 4" in capsys.readouterr().err
     assert main(["bench", str(path), str(out), "--batch", "2", "--rounds", "2", "--json"]) == 0
     bench = json.loads(capsys.readouterr().out)

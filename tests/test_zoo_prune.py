@@ -49,7 +49,7 @@ def prune_checks(model: Path, out: Path, method_flags: list[str], capsys) -> dic
     if not captured.out.strip():  # refused: one line on stderr, nothing written
         lines = captured.err.strip().splitlines()
         lines = [line for line in lines if not line.startswith("warning:")]
-        assert code == 1 and len(lines) == 1 and lines[0].startswith("onnxprune: error:"), captured.err
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("onnxprune: error:"), captured.err
         assert not out.exists()
         return {"refused": lines[0]}
     result = json.loads(captured.out)

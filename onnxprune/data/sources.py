@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from onnxprune.data.preprocess import Preprocess, class_names, preprocess_of
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import MissingDependency, OnnxPruneError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".gif", ".tif", ".tiff"}
 RANDOM = "random"
@@ -324,7 +324,7 @@ def _decode(files: list[ImageFile], prep: Preprocess | None, names: list[str] | 
     try:
         from PIL import Image
     except ImportError:
-        raise OnnxPruneError("decoding images needs Pillow: pip install pillow") from None
+        raise MissingDependency("decoding images needs Pillow: pip install pillow") from None
     size = prep.size if prep is not None else None
     all_folders = [folder for _, _, folder in files]
     files = pick(files)

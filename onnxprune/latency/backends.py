@@ -38,7 +38,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import MissingDependency, OnnxPruneError, UnavailableBackend
 from onnxprune.runtime.session import create_session, session_options
 
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt", "torch", "torch-cpu", "torch-cuda")
@@ -46,8 +46,8 @@ BACKENDS = ("ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt", "torch", "torch-c
 LAYOUT_OPS = frozenset({"ReorderInput", "ReorderOutput"})
 
 
-class BackendUnavailable(OnnxPruneError):
-    """The backend cannot run here (no GPU, no tensorrt, no CUDA provider)."""
+class BackendUnavailable(UnavailableBackend):
+    """The backend cannot run here (no GPU, no tensorrt, no CUDA provider): exit status 3."""
 
 
 @dataclass
@@ -261,7 +261,7 @@ def _torch_backend(name: str, threads: int | None, versions: dict) -> Backend:
     try:
         import torch
     except ImportError:
-        raise BackendUnavailable(f"backend {name} needs torch: pip install 'onnxprune[torch]'") from None
+        raise MissingDependency(f"backend {name} needs torch: pip install 'onnxprune[torch]'") from None
     versions = {**versions, "torch": torch.__version__}
     if name == "torch":
         name = "torch-cuda" if torch.cuda.is_available() else "torch-cpu"
@@ -305,12 +305,12 @@ def _tensorrt_modules():
     try:
         import tensorrt as trt
     except ImportError:
-        raise BackendUnavailable("backend tensorrt needs the tensorrt package (NVIDIA's index): "
+        raise MissingDependency("backend tensorrt needs the tensorrt package (NVIDIA's index): "
                                  "pip install 'onnxprune[tensorrt]'") from None
     try:
         import torch
     except ImportError:
-        raise BackendUnavailable("backend tensorrt uses torch's CUDA runtime for buffers and events: "
+        raise MissingDependency("backend tensorrt uses torch's CUDA runtime for buffers and events: "
                                  "install a CUDA build of torch") from None
     if not torch.cuda.is_available():
         raise BackendUnavailable("backend tensorrt needs a CUDA GPU; torch sees none")

@@ -68,7 +68,8 @@ def solve(sums: RidgeSums, ridge: float = 1e-3) -> AffineMap:
     sxx = sums.xx - n * np.outer(mx, mx)
     sxr = sums.xr - n * np.outer(mx, mr)
     d = len(mx)
-    lam = ridge * max(float(np.trace(sxx)), 1e-30) / d
+    # A floor of 1e-9 keeps the solve defined where a channel never varies (a dead ReLU): its weight stays 0.
+    lam = max(ridge, 1e-9) * max(float(np.trace(sxx)), 1e-30) / d
     a = np.linalg.solve(sxx + lam * np.eye(d), sxr)
     b = mr - mx @ a
     # Σ‖r − x A − b‖² = Σ‖r − mr‖² − 2 tr(Aᵀ Sxr) + tr(Aᵀ Sxx A), all from the sums.

@@ -92,6 +92,8 @@ def prune_text(result: dict) -> str:
                      + (f"; {result['measured_speedup_before_repair']:.3f}x before the repair maps"
                         if "measured_speedup_before_repair" in result else "") + ")")
     lines += [f"note: {note}" for note in result.get("notes", [])]
+    if "segments" in result:
+        lines += sglp_lines(result)
     lines += [f"data: {result['data']}", result["verification_text"]]
     if "repair" in result:
         lines += repair_lines(result["repair"], result["repair_agreement"])
@@ -99,6 +101,19 @@ def prune_text(result: dict) -> str:
         lines += healing_lines(result)
     lines.append(f"wrote {result['output']} and {result['plan']}")
     return "\n".join(lines)
+
+
+def sglp_lines(result: dict) -> list[str]:
+    """SGLP's segments (chosen how, the blocks in each, those removed) and GradNorm's targets."""
+    segments = result["segments"]
+    lines = [f"{len(segments)} segments ({'given' if result['segments_chosen_by'] == 'given' else 'elbow of the loss'}),"
+             f" blocks ranked by GradNorm on {result['grad_norm_targets']}:"]
+    for k, s in enumerate(segments):
+        lines.append(f"  segment {k}: {len(s['blocks'])} blocks, removed {len(s['removed'])}"
+                     + (f" ({', '.join(s['removed'])})" if s["removed"] else ""))
+    if "plot" in result:
+        lines.append(f"CKA matrix: {result['plot']}")
+    return lines
 
 
 def healing_lines(result: dict) -> list[str]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import onnx
 import onnxruntime as ort
 
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import OnnxPruneError, UnavailableBackend
 from onnxprune.graph.io import over_protobuf_limit
 
 PROVIDERS = {
@@ -108,6 +108,6 @@ def create_session(model: onnx.ModelProto | str | os.PathLike[str], provider: st
         raise OnnxPruneError(f"onnxruntime could not create a session: {str(exc).strip().splitlines()[0][:300]}") from None
     used = SHORT_NAMES.get(session.get_providers()[0], session.get_providers()[0])
     if provider in ("cuda", "tensorrt") and used != provider:
-        raise OnnxPruneError(f"asked for the {provider} provider but onnxruntime runs on {used} "
+        raise UnavailableBackend(f"asked for the {provider} provider but onnxruntime runs on {used} "
                              f"(available: {sorted(available)}); is onnxruntime-gpu installed and a GPU visible?")
     return Session(session, used, threads)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from onnxprune.data.sources import Dataset
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import OnnxPruneError, UnavailableBackend
 from onnxprune.options import HealingOptions
 from onnxprune.runtime.capture import pooled_feature, with_outputs
 from onnxprune.runtime.session import create_session
@@ -142,7 +142,7 @@ def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: D
     """Heal ``student_model`` (a pruned model) against ``teacher_model`` (its original) on ``data``."""
     started = time.perf_counter()
     if options.device == "cuda" and not torch.cuda.is_available():
-        raise OnnxPruneError("--device cuda: this torch has no CUDA device (torch.cuda.is_available() is False)")
+        raise UnavailableBackend("--device cuda: this torch has no CUDA device (torch.cuda.is_available() is False)")
     device = torch.device(options.device)
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)

@@ -152,14 +152,14 @@ def test_agreement_target():
 def test_heal_refusals(pruned_pair, tmp_path, capsys):
     _, _, pruned_path, _ = pruned_pair
     base = ["heal", str(pruned_path), "--teacher", str(RESNET20), "-o", str(tmp_path / "h.onnx")]
-    assert main(base + ["--data", "random"]) == 1
+    assert main(base + ["--data", "random"]) == 2
     assert "real data" in capsys.readouterr().err
-    assert main(base + ["--data", str(CALIB), "--steps", "1", "--feature-tensor", "nope"]) == 1
+    assert main(base + ["--data", str(CALIB), "--steps", "1", "--feature-tensor", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
-    assert main(["heal", str(pruned_path), "--teacher", str(RESNET20), "-o", str(pruned_path), "--data", str(CALIB)]) == 1
+    assert main(["heal", str(pruned_path), "--teacher", str(RESNET20), "-o", str(pruned_path), "--data", str(CALIB)]) == 2
     assert "never overwrites" in capsys.readouterr().err
     assert main(["prune", str(RESNET20), "--remove-blocks", "1", "--data", str(CALIB), "--samples", "32",
-                 "--min-agreement", "0.5", "-o", str(tmp_path / "p.onnx")]) == 1
+                 "--min-agreement", "0.5", "-o", str(tmp_path / "p.onnx")]) == 2
     assert "needs --heal-data" in capsys.readouterr().err
 
 
