@@ -238,7 +238,7 @@ def _repair_written(model, dataset, options: RepairOptions, provider: str, targe
         measured = compare([normalized(model), repaired["model"]], timing, result["latency_batch"],
                            latency.rounds or MEASURE_ROUNDS)
         speedup = measured.speedups[1]
-        result.update(measured_speedup_before_repair=result["measured_speedup"], measured_speedup=speedup,
+        result.update(measured_speedup_in_search=result["measured_speedup"], measured_speedup=speedup,
                       original_latency_s=measured.medians[0], pruned_latency_s=measured.medians[1],
                       target_met=speedup >= target.speedup)
         result["message"] = "" if result["target_met"] else (

@@ -89,8 +89,8 @@ def prune_text(result: dict) -> str:
                      f"{result['latency_batch']}: {1e3 * result['original_latency_s']:.3f} ms -> "
                      f"{1e3 * result['pruned_latency_s']:.3f} ms, measured speed-up {result['measured_speedup']:.3f}x "
                      f"(target {result['target_speedup']}x"
-                     + (f"; {result['measured_speedup_before_repair']:.3f}x before the repair maps"
-                        if "measured_speedup_before_repair" in result else "") + ")")
+                     + (f"; {result['measured_speedup_in_search']:.3f}x in the search, with placeholder maps"
+                        if "measured_speedup_in_search" in result else "") + ")")
     lines += [f"note: {note}" for note in result.get("notes", [])]
     if "segments" in result:
         lines += sglp_lines(result)
