@@ -22,7 +22,7 @@ from onnxprune.importance.slp import prune_slp, removal_candidates, score_blocks
 from onnxprune.latency.backends import get_backend
 from onnxprune.latency.measure import compare
 from onnxprune.latency.table import build_table, load_table
-from onnxprune.options import (DataOptions, HealingOptions, LatencyOptions, OutputOptions, RepairOptions, ScoringOptions,
+from onnxprune.options import (DataOptions, GateTrainingOptions, HealingOptions, LatencyOptions, OutputOptions, RepairOptions, ScoringOptions,
                                TargetOptions,
                                check_method)
 from onnxprune.plan import Plan, apply_plan, fingerprint, load_plan, save_plan
@@ -378,6 +378,84 @@ def repair(model_path: str | os.PathLike[str], teacher_path: str | os.PathLike[s
     return {"output": str(output.model), "plan": str(plan_path), "teacher": str(teacher_path), "data": dataset.source,
             "agreement": repaired["agreement"], "repair": repaired["record"],
             "verification": repaired["verification"].to_dict(), "verification_text": repaired["verification"].summary()}
+
+
+def train_prune(model_path: str | os.PathLike[str], output: OutputOptions, data: DataOptions,
+                options: GateTrainingOptions = GateTrainingOptions(), teacher_path: str | None = None,
+                latency: LatencyOptions = LatencyOptions(), provider: str = "auto") -> dict:
+    """Train the model with learned Bernoulli gates on its removable residual branches and prune the blocks whose
+    gates close (onnxprune.train.gates; docs/algorithms.md section 5). Writes the model with the trained weights and
+    the pruned blocks removed (verified), its plan (the run recorded under "training"), the thetas of every
+    evaluation as JSON (OUT with .thetas.json) and their trajectories as a PNG (OUT with .thetas.png). With
+    ``options.speedup``, pruning stops once the speed-up measured on ``latency.backend`` against the normalized
+    original reaches it."""
+    for source in (model_path, teacher_path):
+        if source is not None:
+            _refuse_overwrite(source, output.model)
+    try:
+        from onnxprune.train.gates import train_prune as train_gated
+    except ImportError as exc:
+        raise MissingDependency(f"train-prune needs torch: pip install 'onnxprune[torch]' ({exc})") from None
+    from onnxprune.report.png import theta_plot
+
+    model = load_model(model_path)
+    dataset = _dataset(model, data)
+    if dataset.random:
+        raise OnnxPruneError("train-prune needs real data (--data): random inputs teach nothing")
+    teacher = load_model(teacher_path) if teacher_path is not None else None
+    if teacher is not None and [o.name for o in model.graph.output][:1] != [o.name for o in teacher.graph.output][:1]:
+        log.info("note: the teacher's first output has another name than the model's; their first outputs are matched")
+    timing = batch = baseline = None
+    if options.speedup is not None:
+        timing, batch = get_backend(latency.backend, latency.threads), latency_batch(model, latency)
+        baseline = normalized(model)
+
+    def measure(joins: list[str]) -> float:
+        pruned_model = apply_plan(model, Plan(remove_blocks=list(joins)))[0]
+        return compare([baseline, pruned_model], timing, batch, latency.rounds or MEASURE_ROUNDS).speedups[1]
+
+    run = train_gated(model, dataset, options, teacher, provider, measure if options.speedup is not None else None)
+    record = {k: v for k, v in run.record.items() if k != "trace"}
+    plan = Plan(remove_blocks=run.removed, fingerprint=fingerprint(model), method="train-prune", training=record)
+    pruned, summary = apply_plan(run.model, plan)
+    held = dataset.subset(run.held_back)
+    verification = verify(run.model, pruned, feeds=next(held.batches(min(data.batch, 16))).feeds)
+    if not verification.passed:
+        raise VerificationFailed(f"the pruned model failed verification; nothing written. {verification.summary()}")
+    before, after = analyze_model(model).macs, analyze_model(pruned).macs
+    plan.predicted = {"macs_before": before, "macs_after": after}
+    result = {"output": str(output.model), "method": "train-prune", "removed_blocks": run.removed,
+              "blocks": record["blocks"], "final_theta": record["final_theta"], "pruned_at": record["pruned_at"],
+              "macs_before": before, "macs_after": after, "macs_reduction": 1 - after / before,
+              "data": dataset.source, "training": {k: v for k, v in record.items() if k != "history"},
+              "target_met": True, "message": ""}
+    if options.speedup is not None:
+        measured = compare([baseline, pruned], timing, batch, latency.rounds or MEASURE_ROUNDS)
+        speedup = measured.speedups[1]
+        plan.predicted.update(measured_speedup=speedup, backend=timing.describe(), latency_batch=batch)
+        result.update(target_speedup=options.speedup, measured_speedup=speedup, original_latency_s=measured.medians[0],
+                      pruned_latency_s=measured.medians[1], backend=timing.describe(), latency_batch=batch,
+                      target_met=speedup >= options.speedup)
+        if not result["target_met"]:
+            result["message"] = (f"measured {speedup:.3f}x misses the {options.speedup}x target by "
+                                 f"{100 * (options.speedup / speedup - 1):.1f}%")
+    logits = {name: logits_of(create_session(m, provider), held, dataset.static_batch or 64)
+              for name, m in (("original", model), ("pruned", pruned))}
+    for name in logits:
+        measured = evaluate_logits(logits[name], held.labels, logits["original"])
+        result[f"held_back_{name}"] = {k: measured[k] for k in ("agreement", "accuracy", "mean_kl") if k in measured}
+    plan_path = _plan_path(output)
+    thetas_path = Path(output.model).with_suffix(".thetas.json")
+    thetas = {"blocks": record["blocks"], "block_params": record["block_params"], "pruned_at": record["pruned_at"],
+              "evaluations": [{k: e[k] for k in ("step", "epoch", "theta") if k in e} for e in record["history"]],
+              "trace": run.record["trace"]}
+    save_model(pruned, output.model)
+    save_plan(plan, plan_path)
+    thetas_path.write_text(json.dumps(thetas) + "\n")
+    result.update(plan=str(plan_path), thetas=str(thetas_path),
+                  plot=theta_plot(Path(output.model).with_suffix(".thetas.png"), run.record["trace"]),
+                  verification=verification.to_dict(), verification_text=verification.summary())
+    return result
 
 
 def agreement_target(stages: dict, healing: HealingOptions) -> dict:

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from onnxprune.errors import OnnxPruneError
-from onnxprune.options import (DataOptions, HealingOptions, LatencyOptions, OutputOptions, RepairOptions, ScoringOptions,
+from onnxprune.options import (DataOptions, GateTrainingOptions, HealingOptions, LatencyOptions, OutputOptions, RepairOptions, ScoringOptions,
                                TargetOptions)
 
 EXIT_VERIFICATION_FAILED = 1  # also an unexpected internal error (a bug: run with --debug)
@@ -48,6 +48,8 @@ verbs:
   prune     SLP or LayerMerge until a block count, MACs reduction or measured speed-up is met
   latency   measure a model's LayerMerge latency table on a backend (e.g. on the deployment device)
   heal      train a pruned model back towards its original on unlabelled data (needs torch)
+  train-prune  train with learned Bernoulli gates on the residual branches and prune the blocks whose gates
+            close (needs torch)
   bench     latency of a model, or of two side by side with their ratio
   demo      the whole pipeline on the shipped CIFAR-10 ResNet-56: 1.5x faster on ort-cpu, healed, accuracy
             of the original, the pruned and the healed model
@@ -215,6 +217,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_data_arguments(p)
     p.set_defaults(run=_heal)
+
+    p = verbs.add_parser(
+        "train-prune", help="train with learned gates on the residual branches and prune as they close (needs torch)",
+        description="Concurrent training and layer pruning (docs/algorithms.md section 5): every removable residual "
+        "block of MODEL gets a gate, y = x + xi * F(x) with xi ~ Bernoulli(theta) drawn per sample; the weights "
+        "(AdamW, warm-up and cosine decay) and the thetas (projected SGD, clipped into [0, 1]) learn together. The loss "
+        "is cross-entropy when the data has labels (plus the distillation KL when --teacher is given), else the KL "
+        "divergence of the logits at T=4 from --teacher (default: MODEL as it is). A regulariser from a Gaussian "
+        "scale-mixture prior charges each open gate for its block's parameters; a block whose theta stays under "
+        "--prune-threshold for --patience steps is pruned and no longer computed. Writes OUT (trained weights, pruned "
+        "blocks removed, verified), its plan, OUT with .thetas.json (theta per block per evaluation) and .thetas.png "
+        "(their trajectories).",
+    )
+    p.add_argument("model", help="the .onnx file to train and prune (never modified)")
+    p.add_argument("--teacher", help="the model to distil from (default: MODEL itself, when the data has no labels)")
+    p.add_argument("-o", "--output", required=True, help="where to write the pruned .onnx file")
+    p.add_argument("--plan", help="where to write the plan (default: OUTPUT with .plan.json)")
+    g = p.add_argument_group("gated training")
+    d = GateTrainingOptions()
+    stop = g.add_mutually_exclusive_group()
+    stop.add_argument("--epochs", type=float, metavar="E", help="passes over the training part of the data")
+    stop.add_argument("--steps", type=int, metavar="N", help=f"optimiser steps (default {d.DEFAULT_STEPS})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW peak learning rate of the weights (default {d.lr})")
+    g.add_argument("--train-batch", type=int, default=d.batch, metavar="N",
+                   help=f"samples per step (default {d.batch}; --batch is onnxruntime's)")
+    g.add_argument("--theta-lr", type=float, default=d.theta_lr, help=f"projected SGD step of the thetas (default {d.theta_lr})")
+    g.add_argument("--theta-init", type=float, default=d.theta_init, help=f"initial theta (default {d.theta_init})")
+    g.add_argument("--block-cost", type=float, default=d.block_cost, metavar="C", help="loss (nats per sample) a "
+                   f"block of the mean parameter count must save to stay (default {d.block_cost}); larger prunes more")
+    g.add_argument("--prior-std", type=float, default=d.prior_std, help=f"std of the weights' Gaussian prior (default {d.prior_std})")
+    g.add_argument("--prune-threshold", type=float, default=d.threshold, help=f"theta under which ... (default {d.threshold})")
+    g.add_argument("--patience", type=int, default=d.patience, help=f"... for this many steps a block is pruned (default {d.patience})")
+    g.add_argument("--speedup", type=float, metavar="X", help="stop pruning once the measured speed-up (against the "
+                   "normalized original on --backend at --latency-batch) reaches X; exit 4 if it is never reached")
+    g.add_argument("--from-scratch", action="store_true", help="re-initialise the weights (kaiming for conv/linear) first")
+    g.add_argument("--no-augment", dest="augment", action="store_false", help="no random crop and flip of images")
+    g.add_argument("--holdout", type=float, default=d.holdout, help=f"share of the data held back (default {d.holdout})")
+    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="torch device (default cpu)")
+    add_provider_argument(g)
+    add_latency_arguments(p, batch_flag="--latency-batch")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_data_arguments(p)
+    p.set_defaults(run=_train_prune)
 
     p = verbs.add_parser(
         "repair", help="fit linear maps in place of what pruning removed, without training",
@@ -700,6 +745,25 @@ def _heal(args: argparse.Namespace) -> int:
                       healing_options(args), args.provider)
     _record_config(result["plan"], args)
     return _report_target(result, args.json, heal_text)
+
+
+def gate_training_options(args: argparse.Namespace) -> GateTrainingOptions:
+    return GateTrainingOptions(steps=args.steps, epochs=args.epochs, batch=args.train_batch, lr=args.lr,
+                               theta_lr=args.theta_lr, theta_init=args.theta_init, block_cost=args.block_cost,
+                               prior_std=args.prior_std, threshold=args.prune_threshold, patience=args.patience,
+                               augment=args.augment, holdout=args.holdout, from_scratch=args.from_scratch,
+                               speedup=args.speedup, device=args.device, seed=args.seed)
+
+
+def _train_prune(args: argparse.Namespace) -> int:
+    from onnxprune import api
+    from onnxprune.report.text import train_prune_text
+
+    if args.speedup is None and args.latency_batch is not None:
+        raise OnnxPruneError("--latency-batch needs --speedup: nothing is timed without it")
+    result = api.train_prune(args.model, OutputOptions(args.output, args.plan), data_options(args),
+                             gate_training_options(args), args.teacher, latency_options(args), args.provider)
+    return _report_target(result, args.json, train_prune_text)
 
 
 def _repair(args: argparse.Namespace) -> int:

@@ -159,6 +159,58 @@ class RepairOptions:
             raise OnnxPruneError("the repair batch must be at least 1")
 
 
+@dataclass(frozen=True)
+class GateTrainingOptions:
+    """Concurrent training and layer pruning with learned Bernoulli gates (``train-prune``; docs/algorithms.md
+    section 5). Every removable residual branch gets a gate kept with probability theta; the weights (AdamW) and
+    the thetas (projected SGD) learn together, and a block whose theta stays under ``threshold`` for ``patience``
+    steps is pruned: no longer computed."""
+
+    steps: int | None = None  # optimiser steps; None: ``epochs`` over the training part, else DEFAULT_STEPS
+    epochs: float | None = None  # passes over the training part of the data (excludes ``steps``)
+    batch: int = 64  # samples per step (a model with a fixed batch dimension takes its own)
+    lr: float = 3e-4  # AdamW's peak learning rate for the weights: short warm-up, then cosine decay
+    weight_decay: float = 0.0
+    theta_lr: float = 0.05  # projected SGD step on the thetas (constant)
+    theta_init: float = 0.9  # every gate's keep probability at the start
+    # The regulariser (section 5): keeping block b costs block_cost * params_b / mean params per sample, in the
+    # loss's units (nats), plus theta_b * ||w_b||^2 / (2 prior_std^2 N) from the Gaussian prior of its weights.
+    block_cost: float = 0.05
+    prior_std: float = 1.0
+    data_size: int | None = None  # N of the prior term; None: the training samples
+    threshold: float = 0.05  # theta under this ...
+    patience: int = 20  # ... for this many consecutive steps: the block is pruned
+    temperature: float = 4.0  # of the distillation KL (no labels)
+    augment: bool = True  # random crop and flip for image inputs (as healing)
+    holdout: float = 0.1  # share of the data held back for the evaluations
+    evaluations: int = 10  # evaluations (thetas logged, held-back loss and accuracy/agreement) over the run
+    from_scratch: bool = False  # re-initialise the weights (kaiming for conv/linear, zero biases) first
+    speedup: float | None = None  # stop pruning once the measured speed-up reaches this
+    device: str = "cpu"
+    seed: int = 0
+
+    DEFAULT_STEPS = 1000
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.epochs is not None:
+            raise OnnxPruneError("give --steps or --epochs, not both")
+        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
+            raise OnnxPruneError("train-prune needs at least one step")
+        if self.lr <= 0 or self.theta_lr <= 0 or self.batch < 2 or self.temperature <= 0:
+            raise OnnxPruneError("the learning rates and temperature must be positive, the batch at least 2 "
+                                 "(the gate gradient compares the samples of a batch)")
+        if not 0 < self.theta_init <= 1 or not 0 <= self.threshold < 1 or self.patience < 1:
+            raise OnnxPruneError("--theta-init is in (0, 1], --prune-threshold in [0, 1), --patience at least 1")
+        if self.block_cost < 0 or self.prior_std <= 0:
+            raise OnnxPruneError("--block-cost must be at least 0 and --prior-std positive")
+        if not 0 < self.holdout < 1:
+            raise OnnxPruneError(f"--holdout is a share of the data between 0 and 1, not {self.holdout}")
+        if self.speedup is not None and self.speedup <= 1.0:
+            raise OnnxPruneError(f"--speedup is a factor above 1 (1.5 = 1.5x faster), not {self.speedup}")
+        if self.device not in ("cpu", "cuda"):
+            raise OnnxPruneError(f"--device is cpu or cuda, not {self.device!r}")
+
+
 # flag -> (the option object's attribute, the methods it applies to)
 _METHOD_FLAGS = {
     "--remove-blocks": ("remove_blocks", {"slp", "sglp"}),

@@ -31,7 +31,8 @@ from onnxprune.graph.normalize import to_graph, to_model
 
 SCHEMA = 1
 _LISTS = ("remove_blocks", "replace_with_shortcut", "drop_activations", "drop_convs", "merge")
-_KNOWN_KEYS = set(_LISTS) | {"schema", "model", "method", "predicted", "notes", "healing", "repair", "config"}
+_KNOWN_KEYS = set(_LISTS) | {"schema", "model", "method", "predicted", "notes", "healing", "repair", "config",
+                              "training"}
 
 
 class PlanError(OnnxPruneError):
@@ -51,6 +52,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     healing: dict | None = None  # what healing did after the rewrite (onnxprune.train.heal), when it ran
     repair: dict | None = None  # the maps fitted after the rewrite (onnxprune.repair.linear), when it ran
+    # the gated training run that chose the removed blocks (train-prune: thetas per evaluation, pruning steps)
+    training: dict | None = None
     # The options of the command lines that wrote the plan, by verb ({"prune": {"speedup": 1.5, ...}, "heal": ...}):
     # what `onnxprune VERB --config PLAN` reads back to repeat the run.
     config: dict | None = None
@@ -65,6 +68,7 @@ class Plan:
             "notes": self.notes,
             **({"repair": self.repair} if self.repair is not None else {}),
             **({"healing": self.healing} if self.healing is not None else {}),
+            **({"training": self.training} if self.training is not None else {}),
             **({"config": self.config} if self.config is not None else {}),
         }
 
@@ -79,7 +83,8 @@ class Plan:
             raise PlanError(f"plan schema {data.get('schema')} is not supported (this onnxprune reads schema {SCHEMA})")
         plan = cls(fingerprint=(data.get("model") or {}).get("fingerprint"), method=data.get("method"),
                    predicted=data.get("predicted") or {}, notes=list(data.get("notes") or []),
-                   healing=data.get("healing"), repair=data.get("repair"), config=data.get("config"))
+                   healing=data.get("healing"), repair=data.get("repair"), config=data.get("config"),
+                   training=data.get("training"))
         if plan.config is not None and not (isinstance(plan.config, dict)
                                             and all(isinstance(v, dict) for v in plan.config.values())):
             raise PlanError('plan key "config" must map verbs to their options: {"prune": {"speedup": 1.5, ...}}')

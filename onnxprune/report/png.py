@@ -1,4 +1,5 @@
-"""PNG pictures without a plotting library: numpy, zlib and struct (``prune --method sglp --plot``).
+"""PNG pictures without a plotting library: numpy, zlib and struct (``prune --method sglp --plot``, and the
+theta trajectories of ``train-prune``: ``line_plot``).
 
 ``write_png`` encodes an (h, w, 3) uint8 array as an 8-bit RGB PNG (filter 0 on every row, one IDAT chunk).
 ``heatmap`` turns a matrix into such an array: each cell a square of ``cell`` pixels, coloured from dark blue (the
@@ -70,4 +71,44 @@ def heatmap(matrix: np.ndarray, boundaries: list[int] = (), cell: int = 12, line
 def cka_plot(path: str | Path, matrix, starts: list[int], cell: int = 12) -> str:
     """Write the CKA matrix with lines at the segment starts as a PNG; returns the path."""
     write_png(path, heatmap(np.asarray(matrix), list(starts), cell))
+    return str(path)
+
+
+def line_plot(series: list[tuple[list[float], list[float]]], width: int = 640, height: int = 320,
+              y_range: tuple[float, float] = (0.0, 1.0), margin: int = 12) -> np.ndarray:
+    """(height, width, 3) uint8: each (xs, ys) series as a 2-pixel polyline over a white background, in colours
+    spread over the colour ramp, inside a grey frame with light grid lines at the quarters of ``y_range``; x spans
+    the series' overall range (``train-prune``'s theta trajectories). No text: the JSON beside it has the values."""
+    image = np.full((height, width, 3), 255, np.uint8)
+    x0, x1 = margin, width - margin - 1
+    y0, y1 = margin, height - margin - 1
+    for q in (0.25, 0.5, 0.75):
+        image[round(y1 - q * (y1 - y0)), x0:x1 + 1] = (225, 225, 225)
+    image[y0, x0:x1 + 1] = image[y1, x0:x1 + 1] = (128, 128, 128)
+    image[y0:y1 + 1, x0] = image[y0:y1 + 1, x1] = (128, 128, 128)
+    all_x = [x for xs, _ in series for x in xs]
+    if not all_x:
+        return image
+    low, high = min(all_x), max(all_x)
+    span = (high - low) or 1.0
+    ramp = colours(np.linspace(0, 1, max(2, len(series))))
+    for k, (xs, ys) in enumerate(series):
+        px = x0 + (np.asarray(xs, np.float64) - low) / span * (x1 - x0)
+        py = y1 - (np.clip(np.asarray(ys, np.float64), *y_range) - y_range[0]) / (y_range[1] - y_range[0]) * (y1 - y0)
+        if len(px) == 1:
+            px, py = np.repeat(px, 2), np.repeat(py, 2)
+        for a in range(len(px) - 1):  # each segment drawn as dense points
+            n = int(max(abs(px[a + 1] - px[a]), abs(py[a + 1] - py[a]))) + 2
+            xs_ = np.round(np.linspace(px[a], px[a + 1], n)).astype(int)
+            ys_ = np.round(np.linspace(py[a], py[a + 1], n)).astype(int)
+            for dy in (0, 1):
+                image[np.clip(ys_ + dy, 0, height - 1), np.clip(xs_, 0, width - 1)] = ramp[k]
+    return image
+
+
+def theta_plot(path: str | Path, trace: list[list[float]]) -> str:
+    """Write the trajectories of ``trace`` (rows [step, theta_0, theta_1, ...]) as a PNG; returns the path."""
+    rows = np.asarray(trace, np.float64)
+    series = [(rows[:, 0].tolist(), rows[:, j].tolist()) for j in range(1, rows.shape[1])] if rows.ndim == 2 else []
+    write_png(path, line_plot(series))
     return str(path)

@@ -210,3 +210,24 @@ def demo_text(result: dict) -> str:
         files += [result["healed"]["output"], result["healed"]["plan"]]
     lines.append("files: " + ", ".join(files))
     return "\n".join(lines)
+
+
+def train_prune_text(result: dict) -> str:
+    """``train-prune``: the gated blocks with their final theta and when each was pruned, then the files."""
+    training = result["training"]
+    rows = [[join, f"{theta:.3f}", str(result["pruned_at"].get(join, "-"))]
+            for join, theta in zip(result["blocks"], result["final_theta"])]
+    lines = [f"trained {training['steps']} steps of {training['batch']} ({training['epochs']:.1f} epochs, loss: "
+             f"{training['loss']}) in {training['seconds']:.0f} s; removed {len(result['removed_blocks'])} of "
+             f"{len(result['blocks'])} gated blocks; MACs {-100 * result['macs_reduction']:+.1f}%",
+             table(rows, ["block (join)", "theta", "pruned at step"], right={1, 2})]
+    if "measured_speedup" in result:
+        lines.append(f"measured speed-up {result['measured_speedup']:.2f}x on {result['backend']['backend']} at batch "
+                     f"{result['latency_batch']} (target {result['target_speedup']}x)")
+    for name in ("original", "pruned"):
+        held = result[f"held_back_{name}"]
+        parts = [f"{k} {100 * v:.1f}%" for k, v in held.items() if k in ("accuracy", "agreement")]
+        lines.append(f"held back, {name}: " + ", ".join(parts))
+    lines.append(f"files: {result['output']}, {result['plan']}, {result['thetas']}, {result['plot']}")
+    lines.append(result["verification_text"])
+    return "\n".join(lines)

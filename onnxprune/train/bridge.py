@@ -4,6 +4,8 @@ See docs/algorithms.md, "Differentiable copy of an ONNX graph".
 
 - ``GraphModule(model)`` runs the graph's nodes in topological order with torch ops, following ONNX semantics for
   the model's default-domain opset. Only the nodes that the requested outputs need are run.
+- Gated training (docs/algorithms.md section 5) hooks in through ``tensor_transforms`` (a function applied to a
+  tensor as it is produced) and ``bypass`` (a node hands on one of its inputs; nodes no longer needed are skipped).
 - Every float initializer, and every float tensor of more than one element held in a ``Constant`` node, is an
   ``nn.Parameter`` kept in float32 and keyed by its ONNX name; in the forward pass it is cast to its own dtype, so a
   float16 graph computes in float16. All other tensors (scalar constants, int64 shapes and axes) are buffers.
@@ -15,6 +17,7 @@ See docs/algorithms.md, "Differentiable copy of an ONNX graph".
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import math
@@ -931,6 +934,13 @@ class GraphModule(nn.Module):
         self._sources = sorted(name for name in wanted if name in values)
         self._inputs = [name for name in self.input_dtypes if name in wanted]
         self._release = self._release_schedule()
+        # Extension points for gated training (docs/algorithms.md section 5): a tensor named in ``tensor_transforms``
+        # is replaced by ``fn(tensor)`` as soon as its node produces it; ``bypass`` turns nodes into pass-throughs and
+        # drops the nodes nothing needs any more. ``nodes_evaluated`` counts the nodes run, over all forward passes.
+        self.tensor_transforms: dict[str, Callable[[Tensor], Tensor]] = {}
+        self._bypassed: dict[str, str] = {}
+        self._steps = list(zip(self._plan, self._release))
+        self.nodes_evaluated = 0
 
     def _load_values(self, graph: onnx.GraphProto) -> tuple[set[str], list[onnx.NodeProto]]:
         """Register the initializers and Constant-node tensors as parameters or buffers. Returns the names of
@@ -961,18 +971,53 @@ class GraphModule(nn.Module):
             self.constants.register_buffer(key, value, persistent=False)
             self._constant_keys[name] = key
 
-    def _release_schedule(self) -> list[tuple[str, ...]]:
-        """For each step of the plan, the tensors read for the last time there (dropped to save memory)."""
+    def _release_schedule(self, plan: Sequence[Node] | None = None) -> list[tuple[str, ...]]:
+        """For each step of the plan (default: the whole plan), the tensors read for the last time there (dropped
+        to save memory)."""
+        plan = self._plan if plan is None else plan
         last: dict[str, int] = {}
-        for step, node in enumerate(self._plan):
+        for step, node in enumerate(plan):
             for name in node.inputs:
                 last[name] = step
         keep = set(self.output_names)
-        schedule: list[list[str]] = [[] for _ in self._plan]
+        schedule: list[list[str]] = [[] for _ in plan]
         for name, step in last.items():
             if name and name not in keep:
                 schedule[step].append(name)
         return [tuple(names) for names in schedule]
+
+    def bypass(self, passes: Mapping[str, str]) -> None:
+        """Make each node named in ``passes`` (node name -> one of its input tensors) hand on that input instead of
+        computing its output, as a removed residual block's join hands on the shortcut. From then on, the nodes
+        whose outputs nothing needs any more (the block's branch) are not evaluated at all: neither forward nor
+        backward. Accumulates over calls; ``active_nodes`` says how many nodes a forward pass runs."""
+        nodes = {node.name: node for node in self._plan}
+        for name, tensor in passes.items():
+            node = nodes.get(name)
+            if node is None:
+                raise OnnxPruneError(f"no node named {name!r} is evaluated by this module")
+            if tensor not in node.inputs or sum(1 for o in node.outputs if o) != 1:
+                raise OnnxPruneError(f"node {name!r} cannot hand on {tensor!r}: not one of its inputs, or it has "
+                                     f"several outputs")
+        self._bypassed.update(passes)
+        plan = [dataclasses.replace(node, op="Identity", inputs=(self._bypassed[node.name],))
+                if node.name in self._bypassed else node for node in self._plan]
+        needed, live = set(self.output_names), []
+        for node in reversed(plan):
+            if any(name in needed for name in node.outputs if name):
+                live.append(node)
+                needed.update(name for name in node.inputs if name)
+        live.reverse()
+        self._steps = list(zip(live, self._release_schedule(live)))
+
+    def node_named(self, name: str) -> Node | None:
+        """The node of the plan named ``name`` (the ONNX node's name, else its first output), or None."""
+        return next((node for node in self._plan if node.name == name), None)
+
+    @property
+    def active_nodes(self) -> int:
+        """How many nodes one forward pass evaluates (fewer once ``bypass`` has cut branches off)."""
+        return len(self._steps)
 
     def onnx_parameters(self) -> dict[str, nn.Parameter]:
         """ONNX tensor name -> its parameter (float32; written back in the tensor's own dtype)."""
@@ -998,15 +1043,17 @@ class GraphModule(nn.Module):
         env: dict[str, Tensor] = {name: self._value(name) for name in self._sources}
         for name in self._inputs:
             env[name] = self._feed(feeds, name)
-        for node, release in zip(self._plan, self._release):
+        transforms = self.tensor_transforms
+        for node, release in self._steps:
             args = [env[name] if name else None for name in node.inputs]
             result = OPS[node.op](node, args)
             results = (result,) if isinstance(result, Tensor) else result
             for name, value in zip(node.outputs, results):
                 if name:
-                    env[name] = value
+                    env[name] = value if name not in transforms else transforms[name](value)
             for name in release:
                 env.pop(name, None)
+        self.nodes_evaluated += len(self._steps)
         return [env[name] for name in self.output_names]
 
 
