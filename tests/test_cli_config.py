@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from onnxprune.cli import build_parser, config_keys, main, parse_args
+from onnxprune.cli import build_parser, main, parse_args
+from onnxprune.config import config_keys
 from onnxprune.plan import Plan, load_plan
 
 ROOT = Path(__file__).resolve().parents[1]
