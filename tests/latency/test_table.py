@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import MissingDependency, OnnxPruneError
 from onnxprune.graph.analysis import analyze_model
 from onnxprune.graph.io import infer_shapes
 from onnxprune.graph.normalize import to_graph
@@ -80,8 +80,9 @@ def test_gpu_backends_explain_why_they_cannot_run(name):
         pytest.skip(f"{name} is available here: the GPU benchmark covers it")
     if name == "tensorrt" and importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here")
-    with pytest.raises(BackendUnavailable, match="needs"):
+    with pytest.raises((BackendUnavailable, MissingDependency), match="needs") as raised:
         get_backend(name)
+    assert raised.value.exit_status == 3
 
 
 def test_gpu_backend_times_a_model_when_there_is_one(chain):
