@@ -550,24 +550,35 @@ DEMO_HEALING = HealingOptions(steps=300, use_labels=False, mixup=False)
 
 def demo(out_dir: str = "out/demo", model: str | None = None, calib: str | None = None, test: str | None = None,
          speedup: float = 1.5, method: str = "layermerge", latency: LatencyOptions = LatencyOptions(batch=32),
-         samples: int = 256, healing: HealingOptions | None = DEMO_HEALING) -> dict:
-    """The whole pipeline on the shipped reference model: prune to ``speedup`` on ``latency.backend``, heal the
-    pruned model on the calibration images (``healing``; None: no healing), then accuracy of the original, the
-    pruned and the healed model on the shipped test subset."""
+         samples: int = 256, healing: HealingOptions | None = DEMO_HEALING,
+         repair: RepairOptions | None = RepairOptions()) -> dict:
+    """The whole pipeline on the shipped reference model: prune to ``speedup`` on ``latency.backend`` (with
+    ``repair``: fitted maps at the cuts, timed in the search; None: no repair), heal on the calibration images
+    (``healing``; None: no healing), then accuracy of the original, the pruned, the repaired and the healed model on
+    the shipped test subset. The pruned model without maps is the plan applied alone (what ``apply`` gives)."""
     model = model or shipped("resnet56.onnx")
     calib = calib or shipped("cifar10_calib512.npz")
     test = test or shipped("cifar10_test1000.npz")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{Path(model).stem}_{method}_{speedup:g}x"
-    pruned_path, healed_path = out / f"{stem}.onnx", out / f"{stem}_healed.onnx"
-    pruned = prune(model, TargetOptions(method=method, speedup=speedup), OutputOptions(str(pruned_path)),
-                   DataOptions(calib, samples=samples), latency=latency)
+    pruned_path, repaired_path = out / f"{stem}.onnx", out / f"{stem}_repaired.onnx"
+    written = repaired_path if repair is not None else pruned_path
+    pruned = prune(model, TargetOptions(method=method, speedup=speedup), OutputOptions(str(written)),
+                   DataOptions(calib, samples=samples), latency=latency, repair=repair)
+    if repair is not None:
+        plain, _ = apply_plan(load_model(model), load_plan(pruned["plan"]))
+        save_model(plain, pruned_path)
     accuracy = evaluate(pruned_path, DataOptions(test), reference=model)
     result = {"model": model, "pruned": pruned, "accuracy_before": accuracy["reference_accuracy"],
-              "accuracy_after": accuracy["accuracy"], "agreement": accuracy["agreement"], "test_data": accuracy["data"]}
+              "accuracy_after": accuracy["accuracy"], "agreement": accuracy["agreement"], "test_data": accuracy["data"],
+              "pruned_model": str(pruned_path)}
+    if repair is not None:
+        repaired = evaluate(repaired_path, DataOptions(test), reference=model)
+        result.update(accuracy_repaired=repaired["accuracy"], agreement_repaired=repaired["agreement"])
     if healing is not None:
-        healed = heal(pruned_path, model, OutputOptions(str(healed_path)), DataOptions(calib), healing)
+        healed_path = out / f"{written.stem}_healed.onnx"
+        healed = heal(written, model, OutputOptions(str(healed_path)), DataOptions(calib), healing)
         healed_accuracy = evaluate(healed_path, DataOptions(test), reference=model)
         result.update(healed=healed, accuracy_healed=healed_accuracy["accuracy"],
                       agreement_healed=healed_accuracy["agreement"])

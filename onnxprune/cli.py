@@ -316,10 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser(
         "demo", help="the whole pipeline on the shipped reference model",
         description="Prune the shipped CIFAR-10 ResNet-56 (models/resnet56.onnx) to a 1.5x measured speed-up on "
-        "ort-cpu with LayerMerge, using the shipped calibration images, heal the pruned model on the same images "
-        "without their labels (see heal --help), then report latency before and after, the measured speed-up, "
-        "top-1 accuracy on the shipped 1,000 test images of the original, the pruned and the healed model, and "
-        "where the files went.",
+        "ort-cpu with LayerMerge, using the shipped calibration images, repair it without training (linear maps "
+        "fitted at the cuts, see repair --help; timed in the search), heal it on the same images without their "
+        "labels (see heal --help), then report latency before and after, the measured speed-up, top-1 accuracy on "
+        "the shipped 1,000 test images of the original, the pruned, the repaired and the healed model, and where "
+        "the files went.",
     )
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.add_argument("--speedup", type=float, default=1.5, help="target speed-up (default 1.5)")
@@ -328,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="another model than the shipped ResNet-56")
     p.add_argument("--data", help="calibration data (default: the shipped 512 CIFAR-10 training images)")
     p.add_argument("--test-data", help="labelled test data (default: the shipped 1,000 CIFAR-10 test images)")
-    p.add_argument("--no-heal", action="store_true", help="prune only (healing needs torch)")
+    p.add_argument("--no-repair", action="store_true", help="no training-free repair between pruning and healing")
+    p.add_argument("--no-heal", action="store_true", help="no healing (healing needs torch)")
     p.add_argument("--heal-steps", type=int, default=None, metavar="N",
                    help="healing steps of 64 images (default 300, about 2.5 minutes on 2 CPU cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -687,7 +689,8 @@ def _demo(args: argparse.Namespace) -> int:
     if healing is not None and args.heal_steps is not None:
         healing = dataclasses.replace(healing, steps=args.heal_steps)
     result = api.demo(args.out, args.model, args.data, args.test_data, args.speedup, args.method,
-                      LatencyOptions(batch=args.latency_batch), healing=healing)
+                      LatencyOptions(batch=args.latency_batch), healing=healing,
+                      repair=None if args.no_repair else RepairOptions())
     if args.json:
         result["pruned"].pop("verification_text", None)
         result.get("healed", {}).pop("verification_text", None)

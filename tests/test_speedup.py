@@ -132,12 +132,15 @@ def test_demo_runs_the_whole_pipeline_on_shipped_data(tmp_path, capsys, method):
     np.savez(tmp_path / "test200.npz", x=shipped["x"][:200], y=shipped["y"][:200])
     code = main(["demo", "--model", str(tmp_path / "cifar_like.onnx"), "--out", str(tmp_path / "demo"),
                  "--speedup", "1.2", "--latency-batch", "4", "--json", "--method", method, "--heal-steps", "20"]
-                + (["--test-data", str(tmp_path / "test200.npz")] if method == "slp" else []))
+                + (["--test-data", str(tmp_path / "test200.npz")] if method == "slp" else ["--no-repair"]))
     result = json.loads(capsys.readouterr().out)
     assert code == (0 if result["pruned"]["target_met"] else 4)
     assert 0 <= result["accuracy_healed"] <= 1 and result["healed"]["healing"]["steps"] == 20
     assert not result["healed"]["healing"]["labels"]  # the demo heals without labels
-    assert (tmp_path / "demo" / f"cifar_like_{method}_1.2x_healed.onnx").exists()
+    repaired = method == "slp"  # the layermerge case runs with --no-repair
+    assert ("accuracy_repaired" in result) == repaired and ("repair" in result["pruned"]) == repaired
+    healed = f"cifar_like_{method}_1.2x{'_repaired' if repaired else ''}_healed.onnx"
+    assert (tmp_path / "demo" / healed).exists()
     assert 0 <= result["accuracy_after"] <= 1
     assert result["test_data"].endswith("(200 samples)" if method == "slp" else "(1000 samples)")
     assert result["pruned"]["method"] == method

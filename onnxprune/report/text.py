@@ -199,10 +199,19 @@ def demo_text(result: dict) -> str:
     ]
     rows = [["original", f"{100 * result['accuracy_before']:.2f}%", "-"],
             ["pruned", f"{100 * result['accuracy_after']:.2f}%", f"{100 * result['agreement']:.2f}%"]]
+    repaired = "accuracy_repaired" in result
+    if repaired:
+        rows.append(["pruned + repaired", f"{100 * result['accuracy_repaired']:.2f}%",
+                     f"{100 * result['agreement_repaired']:.2f}%"])
     if "healed" in result:
-        rows.append(["pruned + healed", f"{100 * result['accuracy_healed']:.2f}%", f"{100 * result['agreement_healed']:.2f}%"])
+        rows.append([f"pruned + {'repaired + ' if repaired else ''}healed", f"{100 * result['accuracy_healed']:.2f}%",
+                     f"{100 * result['agreement_healed']:.2f}%"])
     lines.append(table(rows, ["model", "top-1", "agreement with the original"], right={1, 2}))
-    files = [p["output"], p["plan"]]
+    files = ([result["pruned_model"]] if repaired else []) + [p["output"], p["plan"]]
+    if repaired:
+        r = p["repair"]
+        lines.append(f"repaired without training: {len(r['maps'])} linear maps fitted on {r['samples']} calibration "
+                     f"images in {r['seconds']:.0f} s (the latency above includes them)")
     if "healed" in result:
         h = result["healed"]["healing"]
         lines.append(f"healed without labels on {h['train_samples']} calibration images ({h['steps']} steps of "
