@@ -336,17 +336,10 @@ def heal(model_path: str | os.PathLike[str], teacher_path: str | os.PathLike[str
     """Heal the pruned model at ``model_path`` against its original at ``teacher_path`` (onnxprune.train.heal),
     verify it, and write it with its plan: the pruned model's plan (``<model>.plan.json`` when there is one)
     with what healing did added."""
-    for source in (model_path, teacher_path):
-        _refuse_overwrite(source, output.model)
-    pruned, teacher = load_model(model_path), load_model(teacher_path)
-    if [o.name for o in pruned.graph.output] != [o.name for o in teacher.graph.output]:
-        raise OnnxPruneError("the pruned model and --teacher have different outputs: is the teacher its original?")
-    dataset = _dataset(pruned, data)
-    if dataset.random:
-        raise OnnxPruneError("healing needs real data (--data): random inputs teach nothing")
+    pruned, teacher, dataset = _pruned_and_teacher(model_path, teacher_path, output, data,
+                                                   "healing needs real data (--data): random inputs teach nothing")
     healed, stages = heal_and_measure(pruned, teacher, dataset, healing, provider)
-    source_plan = Path(model_path).with_suffix(".plan.json")
-    plan = load_plan(source_plan) if source_plan.exists() else Plan(fingerprint=fingerprint(teacher), method=None)
+    plan = _source_plan(model_path, teacher)
     plan.healing = healed["record"]
     plan_path = _plan_path(output)
     save_model(healed["model"], output.model)
@@ -356,10 +349,8 @@ def heal(model_path: str | os.PathLike[str], teacher_path: str | os.PathLike[str
             "verification": healed["verification"].to_dict(), "verification_text": healed["verification"].summary()}
 
 
-def repair(model_path: str | os.PathLike[str], teacher_path: str | os.PathLike[str], output: OutputOptions,
-           data: DataOptions, options: RepairOptions = RepairOptions(), provider: str = "auto") -> dict:
-    """Repair the pruned model at ``model_path`` against its original at ``teacher_path`` without training
-    (onnxprune.repair.linear), verify it, and write it with its plan (the pruned model's, with the repair added)."""
+def _pruned_and_teacher(model_path, teacher_path, output: OutputOptions, data: DataOptions, no_random: str):
+    """(pruned model, its original, the data) for a verb that works on a pruned model against its original."""
     for source in (model_path, teacher_path):
         _refuse_overwrite(source, output.model)
     pruned, teacher = load_model(model_path), load_model(teacher_path)
@@ -367,10 +358,25 @@ def repair(model_path: str | os.PathLike[str], teacher_path: str | os.PathLike[s
         raise OnnxPruneError("the pruned model and --teacher have different outputs: is the teacher its original?")
     dataset = _dataset(pruned, data)
     if dataset.random:
-        raise OnnxPruneError("repair needs real data (--data): a map fitted on random inputs repairs nothing")
-    repaired = repair_and_measure(pruned, teacher, dataset, options, provider)
+        raise OnnxPruneError(no_random)
+    return pruned, teacher, dataset
+
+
+def _source_plan(model_path, teacher: onnx.ModelProto) -> Plan:
+    """The pruned model's plan (``<model>.plan.json``) when there is one, else an empty plan for its original."""
     source_plan = Path(model_path).with_suffix(".plan.json")
-    plan = load_plan(source_plan) if source_plan.exists() else Plan(fingerprint=fingerprint(teacher), method=None)
+    return load_plan(source_plan) if source_plan.exists() else Plan(fingerprint=fingerprint(teacher), method=None)
+
+
+def repair(model_path: str | os.PathLike[str], teacher_path: str | os.PathLike[str], output: OutputOptions,
+           data: DataOptions, options: RepairOptions = RepairOptions(), provider: str = "auto") -> dict:
+    """Repair the pruned model at ``model_path`` against its original at ``teacher_path`` without training
+    (onnxprune.repair.linear), verify it, and write it with its plan (the pruned model's, with the repair added)."""
+    pruned, teacher, dataset = _pruned_and_teacher(
+        model_path, teacher_path, output, data, "repair needs real data (--data): a map fitted on random inputs "
+                                                "repairs nothing")
+    repaired = repair_and_measure(pruned, teacher, dataset, options, provider)
+    plan = _source_plan(model_path, teacher)
     plan.repair = repaired["record"]
     plan_path = _plan_path(output)
     save_model(repaired["model"], output.model)

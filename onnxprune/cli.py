@@ -206,10 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         "metadata unchanged), verified, and written to OUT with its plan: MODEL's plan (MODEL with .plan.json) "
         "when there is one, with what healing did added.",
     )
-    p.add_argument("model", help="the pruned .onnx file (never modified)")
-    p.add_argument("--teacher", required=True, help="the original .onnx model the pruned one was made from")
-    p.add_argument("-o", "--output", required=True, help="where to write the healed .onnx file")
-    p.add_argument("--plan", help="where to write the plan (default: OUTPUT with .plan.json)")
+    add_pruned_and_teacher_arguments(p, "healed")
     g = p.add_argument_group("healing")
     add_healing_arguments(g, prefix="--")
     add_provider_argument(g)
@@ -273,10 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         "latency, which bench measures. Token sequences of a model with an attention mask are fitted on the tokens "
         "the mask keeps. Writes OUT, verified, and its plan: MODEL's plan with the fitted maps added.",
     )
-    p.add_argument("model", help="the pruned .onnx file (never modified)")
-    p.add_argument("--teacher", required=True, help="the original .onnx model the pruned one was made from")
-    p.add_argument("-o", "--output", required=True, help="where to write the repaired .onnx file")
-    p.add_argument("--plan", help="where to write the plan (default: OUTPUT with .plan.json)")
+    add_pruned_and_teacher_arguments(p, "repaired")
     g = p.add_argument_group("repair")
     add_repair_arguments(g, prefix="--")
     add_provider_argument(g)
@@ -387,6 +381,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.effective_config = (effective_config(subparser(build_parser(), args.verb), args)
                              if args.verb in CONFIG_VERBS else None)
     return args
+
+
+def add_pruned_and_teacher_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """MODEL, --teacher, -o and --plan of a verb that works on a pruned model against its original."""
+    p.add_argument("model", help="the pruned .onnx file (never modified)")
+    p.add_argument("--teacher", required=True, help="the original .onnx model the pruned one was made from")
+    p.add_argument("-o", "--output", required=True, help=f"where to write the {what} .onnx file")
+    p.add_argument("--plan", help="where to write the plan (default: OUTPUT with .plan.json)")
 
 
 def add_latency_arguments(p: argparse.ArgumentParser, batch_flag: str, table: bool = False,
