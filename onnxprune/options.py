@@ -140,8 +140,7 @@ class HealingOptions:
 
 @dataclass(frozen=True)
 class RepairOptions:
-    """Training-free repair (``repair``, ``prune --repair linear``; docs/algorithms.md, section "Training-free
-    repair"): at every cut a pruning left, an affine map from the pruned model's tensor to the original's, fitted
+    """Training-free repair (``repair``, ``prune --repair linear``; docs/algorithms.md section 8): at every cut a pruning left, an affine map from the pruned model's tensor to the original's, fitted
     by ridge least squares on the calibration data."""
 
     method: str = "linear"

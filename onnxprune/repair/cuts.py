@@ -1,5 +1,5 @@
-"""Where a pruned model differs from its original: the cuts a repair map goes into (docs/algorithms.md,
-section "Training-free repair").
+"""Where a pruned model differs from its original: the cuts a repair map goes into (docs/algorithms.md
+section 8).
 
 Every rewrite that removes something (a residual block, a run of blocks, a conv, an activation) leaves
 the nodes after it reading an earlier tensor: a node that read ``y`` in the original now reads ``x``.

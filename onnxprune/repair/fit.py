@@ -1,5 +1,5 @@
-"""Ridge least squares for an affine map between two tensors, from running sums (docs/algorithms.md,
-section "Training-free repair").
+"""Ridge least squares for an affine map between two tensors, from running sums (docs/algorithms.md
+section 8).
 
 Rows are positions (a sample's pixels, or its tokens); columns are channels. With ``x`` the tensor of
 the pruned model at the cut and ``y`` the original's tensor there, the map is

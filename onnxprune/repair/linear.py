@@ -1,6 +1,6 @@
 """Training-free repair of a pruned model: at every cut (repair.cuts) an affine map fitted by ridge least
 squares (repair.fit) from the pruned model's tensor there to the original's, folded into a neighbouring
-linear op or inserted (repair.place). docs/algorithms.md, section "Training-free repair"; the idea is
+linear op or inserted (repair.place). docs/algorithms.md section 8; the idea is
 ReplaceMe's (Shopkhoev et al., NeurIPS 2025) and, for CNNs, a closed-form PRACTISE adaptor (Wang et al.,
 CVPR 2023).
 
@@ -78,7 +78,7 @@ def repair(pruned: onnx.ModelProto, original: onnx.ModelProto, data: Dataset, op
 def with_placeholder_maps(pruned: onnx.ModelProto, original: onnx.ModelProto, fold: bool = True) -> onnx.ModelProto:
     """``pruned`` with an identity map wherever ``repair`` would put a fitted one: the same nodes, so the same
     latency, without fitting anything. A speed-up search that will be followed by repair times this form, so the
-    maps' cost is paid inside the search (docs/algorithms.md, section "Training-free repair")."""
+    maps' cost is paid inside the search (docs/algorithms.md section 8)."""
     current, reference = infer_shapes(_copy(pruned)), infer_shapes(to_model(to_graph(original), original))
     cuts, _ = find_cuts(current, reference)
     for cut in cuts:

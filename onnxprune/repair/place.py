@@ -1,6 +1,6 @@
 """Putting a fitted map into a pruned graph: folded exactly into the linear op that produces the cut's
 tensor when the algebra allows it, else inserted as a 1x1 conv (channel-first tensors) or a MatMul and
-Add (channels last). docs/algorithms.md, section "Training-free repair".
+Add (channels last). docs/algorithms.md section 8.
 
 Folding needs the producer to be a Conv (one group, constant weight), a Gemm (alpha = beta = 1,
 constant B and C), or a MatMul with a constant weight (with or without an Add of a constant bias
