@@ -140,8 +140,9 @@ class HealingOptions:
 
 @dataclass(frozen=True)
 class RepairOptions:
-    """Training-free repair (``repair``, ``prune --repair linear``; docs/algorithms.md section 8): at every cut a pruning left, an affine map from the pruned model's tensor to the original's, fitted
-    by ridge least squares on the calibration data."""
+    """Training-free repair (``repair``, ``prune --repair linear``; docs/algorithms.md section 8): at every cut a
+    pruning left, an affine map from the pruned model's tensor to the original's, fitted by ridge least squares on
+    the calibration data."""
 
     method: str = "linear"
     ridge: float = 1e-3  # the ridge term, relative to the mean variance of the map's input channels
