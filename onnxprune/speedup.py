@@ -258,16 +258,21 @@ def slp_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: 
     clock = time.perf_counter()
     result = prune_slp(model, data, feature, min_blocks_per_stage=min_blocks_per_stage, provider=provider,
                        batch=data_batch, until=fast_enough)
-    pruned, _ = apply_plan(model, result.plan)
-    verification = verify(model, pruned, feeds=next(data.batches(16)).feeds)
-    if not verification.passed:
-        raise VerificationFailed(f"the pruned model failed verification: {verification.summary()}")
+    pruned, verification = _applied_and_verified(model, result.plan, data)
     speedup = measured.get("speedup", 1.0)
     return SpeedupResult(pruned, result.plan, target, speedup, measured.get("original", 0.0),
                          measured.get("pruned", 0.0), None, speedup >= target,
                          stages={"slp": time.perf_counter() - clock}, verification=verification,
                          provider=result.provider,
                          note="" if result.target_met else f"{result.message} (--min-blocks-per-stage lowers it)")
+
+
+def _applied_and_verified(model: onnx.ModelProto, plan: Plan, data: Dataset) -> tuple[onnx.ModelProto, Verification]:
+    pruned, _ = apply_plan(model, plan)
+    verification = verify(model, pruned, feeds=next(data.batches(16)).feeds)
+    if not verification.passed:
+        raise VerificationFailed(f"the pruned model failed verification: {verification.summary()}")
+    return pruned, verification
 
 
 def sglp_to_speedup(model: onnx.ModelProto, data: Dataset, target: float, backend: Backend, batch: int,
@@ -293,10 +298,7 @@ def sglp_to_speedup(model: onnx.ModelProto, data: Dataset, target: float, backen
     result = prune_sglp(model, data, until=fast_enough, segments=segments, provider=provider, batch=data_batch)
     for entry, speedup in zip(result.plan.predicted["history"], speedups):
         entry["measured_speedup"] = speedup
-    pruned, _ = apply_plan(model, result.plan)
-    verification = verify(model, pruned, feeds=next(data.batches(16)).feeds)
-    if not verification.passed:
-        raise VerificationFailed(f"the pruned model failed verification: {verification.summary()}")
+    pruned, verification = _applied_and_verified(model, result.plan, data)
     speedup = measured.get("speedup", 1.0)
     return SpeedupResult(pruned, result.plan, target, speedup, measured.get("original", 0.0),
                          measured.get("pruned", 0.0), None, speedup >= target,

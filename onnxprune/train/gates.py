@@ -17,7 +17,6 @@ term, then clipped into [0, 1]. A block whose theta stays under the threshold fo
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from onnxprune.graph.analysis import ResidualBlock, analyze_model
 from onnxprune.options import GateTrainingOptions, HealingOptions
 from onnxprune.runtime.session import create_session
 from onnxprune.train.bridge import GraphModule, write_back
-from onnxprune.train.heal import _tensor, augment, distillation_loss, image_axes, schedule, split_data
+from onnxprune.train.heal import _tensor, augment, distillation_loss, image_axes, schedule, split_data, step_count
 
 log = logging.getLogger(__name__)
 
@@ -221,14 +220,6 @@ def reinitialise(module: GraphModule) -> int:
                 bias.zero_()
             count += 1
     return count
-
-
-def step_count(options: GateTrainingOptions, train_samples: int, batch: int) -> int:
-    if options.steps is not None:
-        return options.steps
-    if options.epochs is not None:
-        return max(1, math.ceil(options.epochs * train_samples / batch))
-    return GateTrainingOptions.DEFAULT_STEPS
 
 
 def train_prune(model: onnx.ModelProto, data: Dataset, options: GateTrainingOptions = GateTrainingOptions(),

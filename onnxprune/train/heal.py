@@ -109,12 +109,14 @@ def schedule(step: int, steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def step_count(options: HealingOptions, train_samples: int, batch: int) -> int:
+def step_count(options, train_samples: int, batch: int) -> int:
+    """Optimiser steps of a training run: ``options.steps``, else ``options.epochs`` over ``train_samples`` in
+    batches of ``batch``, else the options' DEFAULT_STEPS (HealingOptions and GateTrainingOptions alike)."""
     if options.steps is not None:
         return options.steps
     if options.epochs is not None:
         return max(1, math.ceil(options.epochs * train_samples / batch))
-    return HealingOptions.DEFAULT_STEPS
+    return options.DEFAULT_STEPS
 
 
 def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], feature_scale: float,
