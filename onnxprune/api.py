@@ -22,16 +22,15 @@ from onnxprune.importance.slp import prune_slp, removal_candidates, score_blocks
 from onnxprune.latency.backends import get_backend
 from onnxprune.latency.measure import compare
 from onnxprune.latency.table import build_table, load_table
-from onnxprune.options import (DataOptions, GateTrainingOptions, HealingOptions, LatencyOptions, OutputOptions, RepairOptions, ScoringOptions,
-                               TargetOptions,
-                               check_method)
+from onnxprune.options import (DataOptions, GateTrainingOptions, HealingOptions, LatencyOptions, OutputOptions,
+                               RepairOptions, ScoringOptions, TargetOptions, check_method)
 from onnxprune.plan import Plan, apply_plan, fingerprint, load_plan, save_plan
 from onnxprune.planning.blocks import search_space
 from onnxprune.planning.candidates import conv_l1_norms
+from onnxprune.repair.linear import repair as repair_model, with_placeholder_maps
 from onnxprune.runtime.capture import feature_tensor as find_feature_tensor
 from onnxprune.runtime.compare import memory_budget
 from onnxprune.runtime.session import create_session
-from onnxprune.repair.linear import repair as repair_model, with_placeholder_maps
 from onnxprune.speedup import MEASURE_ROUNDS, layermerge_to_speedup, normalized, sglp_to_speedup, slp_to_speedup
 from onnxprune.verify import verify
 

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 from onnxprune.config import CONFIG_VERBS, apply_config, effective_config, load_config, record_config, subparser
 from onnxprune.errors import OnnxPruneError
-from onnxprune.options import (DataOptions, GateTrainingOptions, HealingOptions, LatencyOptions, OutputOptions, RepairOptions, ScoringOptions,
-                               TargetOptions)
+from onnxprune.options import (DataOptions, GateTrainingOptions, HealingOptions, LatencyOptions, OutputOptions,
+                               RepairOptions, ScoringOptions, TargetOptions)
 
 EXIT_VERIFICATION_FAILED = 1  # also an unexpected internal error (a bug: run with --debug)
 EXIT_ERROR = EXIT_VERIFICATION_FAILED
