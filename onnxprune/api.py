@@ -31,7 +31,7 @@ from onnxprune.repair.linear import repair as repair_model, with_placeholder_map
 from onnxprune.runtime.capture import feature_tensor as find_feature_tensor
 from onnxprune.runtime.compare import memory_budget
 from onnxprune.runtime.session import create_session
-from onnxprune.speedup import MEASURE_ROUNDS, layermerge_to_speedup, normalized, sglp_to_speedup, slp_to_speedup
+from onnxprune.speedup import MEASURE_ROUNDS, Measurement, layermerge_to_speedup, normalized, sglp_to_speedup, slp_to_speedup
 from onnxprune.verify import verify
 
 log = logging.getLogger(__name__)
@@ -294,21 +294,20 @@ def _prune_to_speedup(model, dataset, feature, target: TargetOptions, output: Ou
     # With repair to follow, every candidate is timed with placeholder maps where the fitted ones will go.
     timed = (lambda pruned: with_placeholder_maps(pruned, model, repair.fold)) if repair is not None else None
     batch = latency_batch(model, latency)
+    how = Measurement(timing, batch, latency.rounds, timed)
     if target.method == "layermerge":
         table = load_table(latency.table, fingerprint(model)) if latency.table else None
         if table is not None and table.batch != batch:
             raise OnnxPruneError(f"the latency table was measured at batch {table.batch}, not {batch}")
-        result = layermerge_to_speedup(model, dataset, feature, target.speedup, timing, batch, scoring, data.batch,
-                                       table, with_pareto=output.pareto is not None, rounds=latency.rounds,
-                                       timed=timed)
+        result = layermerge_to_speedup(model, dataset, feature, target.speedup, how, scoring, data.batch, table,
+                                       with_pareto=output.pareto is not None)
         if output.pareto is not None:
             Path(output.pareto).write_text(json.dumps(result.pareto, indent=1) + "\n")
     elif target.method == "sglp":
-        result = sglp_to_speedup(model, dataset, target.speedup, timing, batch, target.segments, scoring.provider,
-                                 data.batch, latency.rounds, timed)
+        result = sglp_to_speedup(model, dataset, target.speedup, how, target.segments, scoring.provider, data.batch)
     else:
-        result = slp_to_speedup(model, dataset, feature, target.speedup, timing, batch, target.min_blocks,
-                                scoring.provider, data.batch, latency.rounds, timed)
+        result = slp_to_speedup(model, dataset, feature, target.speedup, how, target.min_blocks, scoring.provider,
+                                data.batch)
     plan_path = _plan_path(output)
     save_model(result.model, output.model)
     save_plan(result.plan, plan_path)

@@ -70,10 +70,22 @@ def normalized(model: onnx.ModelProto) -> onnx.ModelProto:
     return to_model(to_graph(model), model)
 
 
-def _measure(original: onnx.ModelProto, pruned: onnx.ModelProto, backend: Backend,
-             batch: int, rounds: int | None = None) -> tuple[float, float, float]:
+@dataclass(frozen=True)
+class Measurement:
+    """Where and how a speed-up search measures each candidate against the original: on ``backend`` at latency
+    batch ``batch``, ``rounds`` side by side (None: each step's default), timing ``timed(pruned)`` (the model with
+    placeholder repair maps, when repair follows; None: the pruned model itself)."""
+
+    backend: Backend
+    batch: int
+    rounds: int | None = None
+    timed: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
+
+
+def _measure(original: onnx.ModelProto, pruned: onnx.ModelProto, how: Measurement) -> tuple[float, float, float]:
     """(original seconds, pruned seconds, speed-up): medians, the speed-up read within rounds."""
-    measured = compare([original, pruned], backend, batch, rounds or MEASURE_ROUNDS)
+    timed = how.timed(pruned) if how.timed else pruned
+    measured = compare([original, timed], how.backend, how.batch, how.rounds or MEASURE_ROUNDS)
     return measured.medians[0], measured.medians[1], measured.speedups[1]
 
 
@@ -119,14 +131,12 @@ def out_of_reach(target: float, backend: str, whole_s: float, fixed_s: float, fa
             "in what LayerMerge may not change (convs off the chain, concatenations, pooling, the classifier)")
 
 
-def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: float, backend: Backend,
-                          batch: int, scoring: ScoringOptions = ScoringOptions(), data_batch: int = 64,
+def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: float, how: Measurement,
+                          scoring: ScoringOptions = ScoringOptions(), data_batch: int = 64,
                           table: LatencyTable | None = None, max_attempts: int = 4,
-                          with_pareto: bool = False, rounds: int | None = None,
-                          timed: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None) -> SpeedupResult:
-    """LayerMerge to a measured ``target`` speed-up on ``backend`` at latency batch ``batch``; rows are scored
-    on ``data`` in runs of ``data_batch`` samples. ``timed`` gives the form of a pruned model whose latency
-    counts (the model with placeholder repair maps, when repair follows); None: the pruned model itself."""
+                          with_pareto: bool = False) -> SpeedupResult:
+    """LayerMerge to a ``target`` speed-up measured as ``how`` says; rows are scored on ``data`` in runs of
+    ``data_batch`` samples."""
     stages: dict[str, float] = {}
     clock = time.perf_counter()
     structure = analyze_model(model)
@@ -144,8 +154,8 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
     stages["candidates"] += time.perf_counter() - clock
     if table is None:
         clock = time.perf_counter()
-        table = build_table(baseline, structure, copies.options, backend, batch, fingerprint(model),
-                            rounds=rounds or TABLE_ROUNDS)
+        table = build_table(baseline, structure, copies.options, how.backend, how.batch, fingerprint(model),
+                            rounds=how.rounds or TABLE_ROUNDS)
         stages["latency table"] = time.perf_counter() - clock
     clock = time.perf_counter()
     rows, provider_used = score_rows(copies, data, scoring.provider, data_batch)
@@ -172,7 +182,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
             if results:
                 log.info(f"layermerge: no plan fits the tightened budget; stopping after {attempt - 1} attempts")
                 break
-            raise OnnxPruneError(out_of_reach(target, backend.name, table.whole_s, table.fixed_s,
+            raise OnnxPruneError(out_of_reach(target, how.backend.name, table.whole_s, table.fixed_s,
                                               dp.fastest(dp_rows, last), attempt)) from None
         stages["dp"] += time.perf_counter() - clock
         chosen = [r.key for r in solution.rows]
@@ -191,7 +201,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
         if not verification.passed:
             raise VerificationFailed(f"the pruned model failed verification: {verification.summary()}")
         clock = time.perf_counter()
-        t_original, t_pruned, speedup = _measure(baseline, timed(pruned) if timed else pruned, backend, batch, rounds)
+        t_original, t_pruned, speedup = _measure(baseline, pruned, how)
         stages["measure"] += time.perf_counter() - clock
         predicted = table.fixed_s + solution.latency
         attempts.append({"attempt": attempt, "budget_s": chain_budget + table.fixed_s, "predicted_s": predicted,
@@ -201,7 +211,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
         log.info(f"layermerge: attempt {attempt}: predicted {table.whole_s / predicted:.3f}x ({1e3 * predicted:.2f} ms), "
             f"measured {speedup:.3f}x ({1e3 * t_original:.2f} -> {1e3 * t_pruned:.2f} ms; target {target}x)")
         plan.predicted = {"latency_s": predicted, "importance": solution.importance, "backend": table.backend,
-                          "batch": batch, "attempts": attempts,
+                          "batch": how.batch, "attempts": attempts,
                           "rows": [_describe(r) for r in solution.rows if not r.key.original]}
         results.append(SpeedupResult(pruned, plan, target, speedup, t_original, t_pruned, predicted,
                                      speedup >= target, attempts, stages, table, verification, provider_used, curve,
@@ -238,19 +248,15 @@ def _pareto(rows: list[dp.Row], positions: int, table: LatencyTable) -> list[dic
             for point in dp.pareto(rows, positions, original + positions * unit, unit)]
 
 
-def slp_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: float, backend: Backend, batch: int,
-                   min_blocks_per_stage: int = 1, provider: str = "auto", data_batch: int = 64,
-                   rounds: int | None = None,
-                   timed: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None) -> SpeedupResult:
-    """SLP, one block at a time, until the speed-up measured on ``backend`` at ``batch`` meets ``target``
-    (``timed``: as for ``layermerge_to_speedup``)."""
+def slp_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: float, how: Measurement,
+                   min_blocks_per_stage: int = 1, provider: str = "auto", data_batch: int = 64) -> SpeedupResult:
+    """SLP, one block at a time, until the speed-up measured as ``how`` says meets ``target``."""
     measured: dict[str, float] = {}
 
     baseline = normalized(model)
 
     def fast_enough(current: onnx.ModelProto) -> bool:
-        t_original, t_pruned, speedup = _measure(baseline, timed(current) if timed else current, backend, batch,
-                                                 rounds)
+        t_original, t_pruned, speedup = _measure(baseline, current, how)
         measured.update(original=t_original, pruned=t_pruned, speedup=speedup)
         log.info(f"slp: measured {speedup:.3f}x (target {target}x)")
         return speedup >= target
@@ -275,20 +281,16 @@ def _applied_and_verified(model: onnx.ModelProto, plan: Plan, data: Dataset) -> 
     return pruned, verification
 
 
-def sglp_to_speedup(model: onnx.ModelProto, data: Dataset, target: float, backend: Backend, batch: int,
-                    segments: int | None = None, provider: str = "auto", data_batch: int = 64,
-                    rounds: int | None = None,
-                    timed: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None) -> SpeedupResult:
+def sglp_to_speedup(model: onnx.ModelProto, data: Dataset, target: float, how: Measurement,
+                    segments: int | None = None, provider: str = "auto", data_batch: int = 64) -> SpeedupResult:
     """SGLP (one shot: the CKA matrix, segments and GradNorms of the original), its plans for 1, 2, ... blocks in turn,
-    until the speed-up measured on ``backend`` at ``batch`` meets ``target`` (``timed``: as for
-    ``layermerge_to_speedup``)."""
+    until the speed-up measured as ``how`` says meets ``target``."""
     measured: dict[str, float] = {}
     baseline = normalized(model)
     speedups: list[float] = []
 
     def fast_enough(current: onnx.ModelProto) -> bool:
-        t_original, t_pruned, speedup = _measure(baseline, timed(current) if timed else current, backend, batch,
-                                                 rounds)
+        t_original, t_pruned, speedup = _measure(baseline, current, how)
         measured.update(original=t_original, pruned=t_pruned, speedup=speedup)
         speedups.append(speedup)
         log.info(f"sglp: measured {speedup:.3f}x (target {target}x)")

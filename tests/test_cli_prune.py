@@ -103,7 +103,7 @@ def test_the_data_batch_reaches_layermerge_scoring(monkeypatch):
     from onnxprune.latency.backends import get_backend
     from onnxprune.options import ScoringOptions
     from onnxprune.runtime.capture import feature_tensor
-    from onnxprune.speedup import layermerge_to_speedup
+    from onnxprune.speedup import Measurement, layermerge_to_speedup
 
     seen = []
 
@@ -115,7 +115,7 @@ def test_the_data_batch_reaches_layermerge_scoring(monkeypatch):
     model = classifier(seed=5)
     with pytest.raises(RuntimeError, match="stop here"):
         layermerge_to_speedup(model, load_data("random", model, samples=8), feature_tensor(model), 1.2,
-                              get_backend("ort-cpu", 1), 1, ScoringOptions(provider="cpu"), data_batch=7)
+                              Measurement(get_backend("ort-cpu", 1), 1), ScoringOptions(provider="cpu"), data_batch=7)
     assert seen == [7]
 
 

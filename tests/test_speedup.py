@@ -12,7 +12,8 @@ from onnxprune.graph.io import infer_shapes
 from onnxprune.latency.backends import get_backend
 from onnxprune.plan import apply_plan
 from onnxprune.runtime.capture import feature_tensor
-from onnxprune.speedup import OVERSHOOT, layermerge_to_speedup, loosened_budget, slp_to_speedup, tightened_budget
+from onnxprune.speedup import (OVERSHOOT, Measurement, layermerge_to_speedup, loosened_budget, slp_to_speedup,
+                               tightened_budget)
 from onnxprune.verify import random_feeds, verify
 from tests.builders import GraphBuilder, residual_block
 from tests.conftest import run as run_model
@@ -68,7 +69,7 @@ def test_speedup_result_is_consistent_and_verified(method):
     data = load_data("random", model, samples=16)
     backend = get_backend("ort-cpu", threads=1)
     run = layermerge_to_speedup if method == "layermerge" else slp_to_speedup
-    result = run(model, data, feature_tensor(model), 1.3, backend, 4)
+    result = run(model, data, feature_tensor(model), 1.3, Measurement(backend, 4))
     assert result.met == (result.speedup >= 1.3)
     assert result.speedup > 0 and result.original_s > 0 and result.pruned_s > 0  # the speed-up is read within rounds
     assert result.verification.passed
