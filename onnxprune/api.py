@@ -27,7 +27,7 @@ from onnxprune.options import (DataOptions, GateTrainingOptions, HealingOptions,
 from onnxprune.plan import Plan, apply_plan, fingerprint, load_plan, save_plan
 from onnxprune.planning.blocks import search_space
 from onnxprune.planning.candidates import conv_l1_norms
-from onnxprune.repair.linear import repair as repair_model, with_placeholder_maps
+from onnxprune.repair.linear import reference_of, repair as repair_model, with_placeholder_maps
 from onnxprune.runtime.capture import feature_tensor as find_feature_tensor
 from onnxprune.runtime.compare import memory_budget
 from onnxprune.runtime.session import create_session
@@ -292,7 +292,10 @@ def _prune_to_speedup(model, dataset, feature, target: TargetOptions, output: Ou
                       scoring: ScoringOptions, latency: LatencyOptions, repair: RepairOptions | None = None) -> dict:
     timing = get_backend(latency.backend, latency.threads)
     # With repair to follow, every candidate is timed with placeholder maps where the fitted ones will go.
-    timed = (lambda pruned: with_placeholder_maps(pruned, model, repair.fold)) if repair is not None else None
+    timed = None
+    if repair is not None:
+        reference = reference_of(model)
+        timed = lambda pruned: with_placeholder_maps(pruned, reference, repair.fold)  # noqa: E731
     batch = latency_batch(model, latency)
     how = Measurement(timing, batch, latency.rounds, timed)
     if target.method == "layermerge":

@@ -10,7 +10,7 @@ from onnxprune.cli import main
 from onnxprune.data.sources import load_data
 from onnxprune.graph.io import load_model
 from onnxprune.plan import load_plan
-from onnxprune.repair.linear import repair, with_placeholder_maps
+from onnxprune.repair.linear import reference_of, repair, with_placeholder_maps
 from tests.conftest import run
 
 MODEL, CALIB = "models/resnet20.onnx", "models/cifar10_calib512.npz"
@@ -53,9 +53,22 @@ def test_placeholder_maps_have_the_repaired_model_s_nodes(tmp_path):
     assert main(["prune", MODEL, "--remove-blocks", "2", "--data", CALIB, "--samples", "64", "-o",
                  str(tmp_path / "p.onnx"), "--quiet"]) == 0
     original, pruned = load_model(MODEL), load_model(tmp_path / "p.onnx")
-    placeholder = with_placeholder_maps(pruned, original)
+    placeholder = with_placeholder_maps(pruned, reference_of(original))
     repaired = repair(pruned, original, load_data(CALIB, original, samples=64)).model
     assert [n.op_type for n in placeholder.graph.node] == [n.op_type for n in repaired.graph.node]
     assert len(placeholder.graph.node) == len(pruned.graph.node) + 2
     feeds = {"input": np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)}
     np.testing.assert_allclose(run(placeholder, feeds)[0], run(pruned, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_speedup_search_with_repair_times_the_maps_and_reports_the_repaired_speedup(tmp_path, capsys):
+    code = main(["prune", MODEL, "--speedup", "1.2", "--method", "slp", "--data", CALIB, "--samples", "64",
+                 "--repair", "linear", "--latency-batch", "4", "--rounds", "3", "-o", str(tmp_path / "r.onnx"),
+                 "--json", "--quiet"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == (0 if result["target_met"] else 4)
+    assert result["target_met"] == (result["measured_speedup"] >= 1.2)
+    assert result["measured_speedup_in_search"] > 0 and result["repair"]["maps"]
+    repaired = load_model(tmp_path / "r.onnx")
+    assert sum(n.name.endswith("/repair") for n in repaired.graph.node) == sum(
+        m["placed"].startswith("inserted") for m in result["repair"]["maps"])

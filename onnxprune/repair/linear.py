@@ -45,9 +45,7 @@ def repair(pruned: onnx.ModelProto, original: onnx.ModelProto, data: Dataset, op
     channels, the rows fitted, the relative squared error at the cut before and after the fit, and where the
     map went; plus notes on differences that are not cuts, and the wall time."""
     start = time.perf_counter()
-    # Rewrites start from the normalized original (BatchNorm folded, constants computed): compared with it,
-    # the pruned model differs only where something was removed.
-    current, original = infer_shapes(_copy(pruned)), infer_shapes(to_model(to_graph(original), original))
+    current, original = infer_shapes(_copy(pruned)), reference_of(original)
     cuts, notes = find_cuts(current, original)
     notes += [f"cut {c.source} -> {c.target} skipped: only float32 tensors are repaired" for c in cuts
               if not _is_float32(current, c.source)]
@@ -75,11 +73,18 @@ def repair(pruned: onnx.ModelProto, original: onnx.ModelProto, data: Dataset, op
     return RepairResult(current, record, used)
 
 
-def with_placeholder_maps(pruned: onnx.ModelProto, original: onnx.ModelProto, fold: bool = True) -> onnx.ModelProto:
+def reference_of(original: onnx.ModelProto) -> onnx.ModelProto:
+    """What a pruned model is compared with to find its cuts: the normalized original (BatchNorm folded, constants
+    computed), where every rewrite starts, so the two differ only where something was removed; shapes inferred."""
+    return infer_shapes(to_model(to_graph(original), original))
+
+
+def with_placeholder_maps(pruned: onnx.ModelProto, reference: onnx.ModelProto, fold: bool = True) -> onnx.ModelProto:
     """``pruned`` with an identity map wherever ``repair`` would put a fitted one: the same nodes, so the same
     latency, without fitting anything. A speed-up search that will be followed by repair times this form, so the
-    maps' cost is paid inside the search (docs/algorithms.md section 8)."""
-    current, reference = infer_shapes(_copy(pruned)), infer_shapes(to_model(to_graph(original), original))
+    maps' cost is paid inside the search (docs/algorithms.md section 8). ``reference``: ``reference_of(original)``,
+    computed once for the whole search."""
+    current = infer_shapes(_copy(pruned))
     cuts, _ = find_cuts(current, reference)
     for cut in cuts:
         if not _is_float32(current, cut.source):
