@@ -72,3 +72,17 @@ def test_a_speedup_search_with_repair_times_the_maps_and_reports_the_repaired_sp
     repaired = load_model(tmp_path / "r.onnx")
     assert sum(n.name.endswith("/repair") for n in repaired.graph.node) == sum(
         m["placed"].startswith("inserted") for m in result["repair"]["maps"])
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["repair", "p.onnx", "--teacher", "o.onnx", "-o", "r.onnx"], dict(ridge=1e-3, sequential=True, fold=True)),
+    (["repair", "p.onnx", "--teacher", "o.onnx", "-o", "r.onnx", "--no-fold", "--independent", "--ridge", "0.1"],
+     dict(ridge=0.1, sequential=False, fold=False)),
+    (["prune", "m.onnx", "--remove-blocks", "1", "-o", "r.onnx", "--repair", "linear", "--repair-no-fold",
+      "--repair-independent", "--repair-ridge", "0.2"], dict(ridge=0.2, sequential=False, fold=False)),
+])
+def test_repair_flags_reach_the_options(argv, expected):
+    from onnxprune.cli import parse_args, repair_options
+
+    options = repair_options(parse_args(argv))
+    assert {k: getattr(options, k) for k in expected} == expected
