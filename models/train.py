@@ -1,98 +1,413 @@
-"""Train a reference model on CIFAR-10 on the CPU and export it to ONNX (opset 17, dynamic batch).
+"""Train a reference model on CIFAR-10 and export it to ONNX (opset 17, dynamic batch), resumable from the ONNX file.
 
-Usage (from the repository root):
-    python models/train.py resnet56 --epochs 24 --data ../shared/data/cifar10
+Usage (from the repository root; see models/README.md):
+    python models/train.py resnet56 --epochs 24 --data ../shared/data/cifar10          # continue the schedule
+    python models/train.py resnet56 --device cuda --time-budget 240 --out $OUT          # one cycle fitted to 240 s
 
-The CIFAR-10 JPEG tarballs are decoded once into a uint8 cache (``--cache``). Training is plain
-SGD with Nesterov momentum, a linear warm-up then a cosine schedule, random crop (4-pixel zero
-padding) and horizontal flip, chosen so that each model trains in about 90 minutes on 2 cores.
-A checkpoint is written to the cache after every epoch; running the same command again resumes
-from it (wall times then include only the epochs actually run). The exported ONNX file carries its preprocessing (``onnxprune.preprocess``) and class names
-(``onnxprune.labels``) in ``metadata_props``.
+Training resumes from what the repository holds, not from files on one machine: the weights come from the
+shipped ONNX model (``--init``, default ``models/<name>.onnx``), whose BatchNorms were folded into the
+convolutions at export; ``load_onnx_weights`` puts them back into the torch definition and ``recalibrate``
+splits every folded convolution into a unit-variance convolution and a BatchNorm holding the measured
+statistics, which leaves the network's function unchanged. The position in the learning-rate schedule
+(cosine cycles with warm restarts) is recorded in the ONNX metadata (``onnxprune.training``), beside
+``onnxprune.preprocess`` and ``onnxprune.labels``. SGD's momentum is not kept: it restarts from zero in each
+run, a transient of about 1 / (1 - 0.9) = 10 steps.
+
+The CIFAR-10 JPEG tarballs are decoded once into a uint8 cache (``--cache``) and kept decoded in memory (on the
+GPU with ``--device cuda``); augmentation (random crop of the 4-pixel zero-padded image, horizontal flip) runs
+vectorised on the training device.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import datetime
+import functools
 import io
 import json
 import math
+import os
+import platform
 import sys
 import tarfile
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 from models.definitions import MODELS  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MEAN = [0.4914, 0.4822, 0.4465]
 STD = [0.2470, 0.2435, 0.2616]
+TRAINING_KEY = "onnxprune.training"
+SCHEDULE = "cosine_restarts"  # each cycle: linear warm-up, then cosine from lr to 0 (Loshchilov & Hutter's SGDR)
+T_MULT = 2  # a new cycle is twice as long as the last one unless --cycle says otherwise
+# The shipped models trained before onnxprune.training existed: one cosine cycle each (models/logs, README).
+LEGACY = {
+    "resnet56": {"epochs": 24, "test_acc": 0.8787, "minutes": 112.5},
+    "resnet20": {"epochs": 30, "test_acc": 0.8661, "minutes": 52.8},
+    "mobilenetv2": {"epochs": 40, "test_acc": 0.8455, "minutes": 107.0},
+}
 
 
-def decode_split(tar_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Decode ``<split>/<class>/NNNN.jpg`` members into (N, 32, 32, 3) uint8 images and int64 labels."""
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _decode_jpegs(blobs: Sequence[bytes]) -> np.ndarray:
     from PIL import Image
 
-    images, labels = [], []
+    return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), dtype=np.uint8) for b in blobs])
+
+
+def decode_split(tar_path: Path, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``<split>/<class>/NNNN.jpg`` members into (N, 32, 32, 3) uint8 images and int64 labels."""
+    blobs, labels = [], []
     with tarfile.open(tar_path) as tar:
         for member in sorted(tar.getmembers(), key=lambda m: m.name):
             parts = member.name.split("/")
             if not member.isfile() or len(parts) < 3 or parts[-2] not in CLASSES:
                 continue
-            data = tar.extractfile(member).read()
-            images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8))
+            blobs.append(tar.extractfile(member).read())
             labels.append(CLASSES.index(parts[-2]))
-    return np.stack(images), np.asarray(labels, dtype=np.int64)
+    if workers <= 1:
+        return _decode_jpegs(blobs), np.asarray(labels, dtype=np.int64)
+    from concurrent.futures import ProcessPoolExecutor
+
+    size = math.ceil(len(blobs) / workers)
+    with ProcessPoolExecutor(workers) as pool:
+        parts = list(pool.map(_decode_jpegs, [blobs[i : i + size] for i in range(0, len(blobs), size)]))
+    return np.concatenate(parts), np.asarray(labels, dtype=np.int64)
 
 
-def load_split(data_dir: Path, split: str, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def load_split(data_dir: Path, split: str, cache_dir: Path, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The decoded split, from the cache or decoded (and cached) from ``<data_dir>/<split>.tar.gz``."""
     cache = cache_dir / f"cifar10_{split}.npz"
     if cache.exists():
-        with np.load(cache) as f:
-            return f["x"], f["y"]
-    x, y = decode_split(data_dir / f"{split}.tar.gz")
+        return load_npz(cache)
+    x, y = decode_split(data_dir / f"{split}.tar.gz", workers)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, x=x, y=y)
+    part = cache.with_suffix(".part.npz")
+    np.savez(part, x=x, y=y)
+    os.replace(part, cache)
     return x, y
 
 
-def to_input(x_uint8_nhwc: torch.Tensor) -> torch.Tensor:
-    x = x_uint8_nhwc.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as f:
+        return f["x"], f["y"].astype(np.int64)
+
+
+def head(x: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``limit`` examples (all when None): smoke runs on a few images."""
+    return (x, y) if not limit else (x[:limit], y[:limit])
+
+
+@functools.lru_cache(maxsize=None)
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) that map uint8 pixels to normalised inputs, made once per device (no copy per step)."""
+    scale = torch.tensor([1 / (255 * s) for s in STD], device=device).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(MEAN, STD)], device=device).view(1, 3, 1, 1)
+    return scale, shift
+
+
+def to_input(x_uint8_nhwc: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """Normalised float NCHW input; channels_last memory (what the permuted NHWC already is) unless told not."""
+    scale, shift = _normalisation(x_uint8_nhwc.device)
+    x = x_uint8_nhwc.permute(0, 3, 1, 2).float() * scale + shift
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random 32x32 crop of the 4-pixel zero-padded image and a random horizontal flip (NHWC uint8)."""
-    n = batch.shape[0]
+    """Random 32x32 crop of the 4-pixel zero-padded image and a random horizontal flip (NHWC uint8), one gather."""
+    n, dev = batch.shape[0], batch.device
     padded = F.pad(batch, (0, 0, 4, 4, 4, 4))
-    offsets = torch.randint(0, 9, (n, 2), generator=gen)
-    out = torch.stack([padded[i, a : a + 32, b : b + 32] for i, (a, b) in enumerate(offsets.tolist())])
-    flip = torch.rand(n, generator=gen) < 0.5
-    out[flip] = out[flip].flip(2)
-    return out
+    offsets = torch.randint(0, 9, (n, 2), generator=gen, device=dev)
+    flip = torch.rand(n, generator=gen, device=dev) < 0.5
+    ar = torch.arange(32, device=dev)
+    rows = offsets[:, :1] + ar
+    cols = offsets[:, 1:] + torch.where(flip[:, None], 31 - ar, ar)
+    return padded[torch.arange(n, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+# ------------------------------------------------------------------------------ ONNX -> torch weights
+
+
+def module_path(node_name: str) -> str:
+    """The torch module of an exported node: '/layers/layers.3/shortcut/shortcut.0/Conv' -> 'layers.3.shortcut.0'.
+
+    The exporter's scope names repeat the parent's name in a container's children ('layers' / 'layers.3')."""
+    parts: list[str] = []
+    prev = ""
+    for seg in node_name.strip("/").split("/")[:-1]:
+        parts.append(seg[len(prev) + 1 :] if prev and seg.startswith(prev + ".") else seg)
+        prev = seg
+    return ".".join(parts)
+
+
+def onnx_params(proto) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Module path -> (weight, bias) of every Conv and Gemm node, weights in torch's layout."""
+    from onnx import numpy_helper
+
+    if any(n.op_type == "BatchNormalization" for n in proto.graph.node):
+        raise ValueError("the graph has unfolded BatchNormalization nodes; train.py exports (and loads) them folded")
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    params: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    for node in proto.graph.node:
+        if node.op_type not in ("Conv", "Gemm"):
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        weight = inits[node.input[1]]
+        if node.op_type == "Gemm" and not (attrs.get("transB") and attrs["transB"].i == 1):
+            weight = weight.T
+        bias = inits[node.input[2]] if len(node.input) > 2 and node.input[2] else None
+        params[module_path(node.name)] = (weight, bias)
+    return params
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d]]:
+    """Every convolution with the BatchNorm registered right after it (the one it feeds, in these definitions)."""
+    named = list(model.named_modules())
+    pairs = []
+    for (name, module), (_, nxt) in zip(named, named[1:] + [("", None)]):
+        if isinstance(module, nn.Conv2d):
+            if not isinstance(nxt, nn.BatchNorm2d) or nxt.num_features != module.out_channels:
+                raise ValueError(f"{name}: no BatchNorm2d follows the convolution")
+            pairs.append((name, module, nxt))
+    return pairs
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 500) -> float:
+def load_onnx_weights(model: nn.Module, proto) -> None:
+    """Load an exported (BN-folded) model's weights: each folded convolution's weight goes into the convolution,
+    its bias into the BatchNorm's shift, and the BatchNorm is otherwise the identity. Exact in eval mode; call
+    ``recalibrate`` before training so that batch statistics match the running ones."""
+    params = onnx_params(proto)
+    modules = dict(model.named_modules())
+    expected = {n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    if set(params) != expected:
+        raise ValueError(f"ONNX and definition differ: missing {sorted(expected - set(params))}, "
+                         f"unexpected {sorted(set(params) - expected)}")
+    bn_after = {name: bn for name, _, bn in conv_bn_pairs(model)}
+    for name, (weight, bias) in params.items():
+        module = modules[name]
+        if tuple(module.weight.shape) != weight.shape:
+            raise ValueError(f"{name}: ONNX weight {weight.shape}, definition {tuple(module.weight.shape)}")
+        module.weight.copy_(torch.tensor(weight))
+        if isinstance(module, nn.Linear):
+            module.bias.copy_(torch.tensor(bias))
+            continue
+        bn = bn_after[name]
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0 - bn.eps)
+        bn.weight.fill_(1.0)
+        bn.bias.copy_(torch.tensor(bias) if bias is not None else torch.zeros_like(bn.bias))
+
+
+@torch.no_grad()
+def recalibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Re-split every conv + BN pair without changing the eval-mode function: the folded convolution W'x + b' is
+    measured on ``batches`` (mean mu, std sigma per channel), then the convolution becomes W'/sigma (unit-variance
+    output, as at Kaiming init), the BatchNorm's running statistics mu/sigma and 1, its scale sigma and its shift
+    b' + mu, the original network's gamma and beta. Training-mode batch statistics then match the running ones."""
+    pairs = conv_bn_pairs(model)
+    sums: dict[str, list] = {name: [0.0, 0.0, 0] for name, _, _ in pairs}
+
+    def hook(name: str) -> Callable:
+        def record(_module, _inputs, out) -> None:
+            z = out.detach().double()
+            sums[name][0] = sums[name][0] + z.sum((0, 2, 3))
+            sums[name][1] = sums[name][1] + (z * z).sum((0, 2, 3))
+            sums[name][2] += z.numel() // z.shape[1]
+
+        return record
+
+    handles = [conv.register_forward_hook(hook(name)) for name, conv, _ in pairs]
+    was_training = model.training
     model.eval()
-    correct = 0
-    for i in range(0, len(x), batch):
-        logits = model(to_input(torch.from_numpy(x[i : i + batch])))
-        correct += int((logits.argmax(1).numpy() == y[i : i + batch]).sum())
-    return correct / len(x)
+    try:
+        for batch in batches:
+            model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for name, conv, bn in pairs:
+        total, total_sq, count = sums[name]
+        a = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()  # the current fold: W' = a W
+        b_fold = bn.bias.double() - a * bn.running_mean.double()
+        mean_z = total / count
+        var_z = (total_sq / count - mean_z**2).clamp_min(0.0)
+        mu, var = a * mean_z, a * a * var_z  # statistics of W'x
+        c = torch.where(var > 0, var.sqrt(), torch.ones_like(var))
+        conv.weight.copy_((conv.weight.double() * (a / c).view(-1, 1, 1, 1)).to(conv.weight.dtype))
+        bn.running_mean.copy_(mu / c)
+        bn.running_var.copy_(var / (c * c))
+        bn.weight.copy_(c * (var / (c * c) + bn.eps).sqrt())
+        bn.bias.copy_(b_fold + mu)
 
 
-def export(model: torch.nn.Module, path: Path, opset: int = 17) -> None:
+# ------------------------------------------------------------------------------------ the schedule
+
+
+def fresh_record(model_name: str, seed: int) -> dict:
+    return {"format": 1, "model": model_name, "schedule": SCHEDULE, "t_mult": T_MULT, "epochs": 0, "cycle": None,
+            "seed": seed, "optimizer": optimizer_note(), "history": []}
+
+
+def optimizer_note(wd: float = 5e-4) -> dict:
+    return {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": wd, "no_decay": "biases and BN",
+            "state": "not kept (momentum restarts from zero in each run)"}
+
+
+def legacy_record(model_name: str) -> dict:
+    """What the shipped models' logs say about the training they had before the metadata existed."""
+    record = fresh_record(model_name, seed=0)
+    legacy = LEGACY.get(model_name)
+    if legacy:
+        record["epochs"] = legacy["epochs"]
+        record["cycle"] = {"index": 0, "length": legacy["epochs"], "done": legacy["epochs"], "lr": 0.1, "warmup": 1.0,
+                           "batch": 128}
+        record["history"] = [{"cycle": 0, "from": 0, "to": legacy["epochs"], "lr": 0.1, "batch": 128,
+                              "device": "cpu: 2-core development machine", "minutes": legacy["minutes"],
+                              "test_acc": legacy["test_acc"], "test_images": 10000,
+                              "note": "before onnxprune.training; figures from models/logs"}]
+    return record
+
+
+def read_record(proto, model_name: str) -> dict:
+    """The ``onnxprune.training`` record of an exported model, or the legacy one for files made before it."""
+    for entry in proto.metadata_props:
+        if entry.key == TRAINING_KEY:
+            return json.loads(entry.value)
+    return legacy_record(model_name)
+
+
+def plan_cycle(record: dict, cycle: int | None, lr: float, warmup: float, batch: int) -> tuple[dict, bool]:
+    """(the cycle this run trains in, whether it is new). An unfinished cycle continues with its own lr and length;
+    else a new one starts, ``cycle`` epochs long (default: T_MULT times the last one)."""
+    last = record.get("cycle")
+    if last and last["done"] < last["length"]:
+        return dict(last), False
+    if cycle is None:
+        if not last:
+            raise ValueError("no schedule to continue: give --cycle (epochs of the new cosine cycle)")
+        cycle = int(round(last["length"] * record.get("t_mult", T_MULT)))
+    index = last["index"] + 1 if last else 0
+    return {"index": index, "length": cycle, "done": 0, "lr": lr, "warmup": warmup, "batch": batch}, True
+
+
+def lr_at(cycle: dict, position: float) -> float:
+    """Learning rate at ``position`` epochs into ``cycle``: linear warm-up, then cosine down to 0."""
+    warm, length, peak = cycle["warmup"], cycle["length"], cycle["lr"]
+    if position < warm:
+        return peak * position / warm
+    return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, (position - warm) / max(1e-9, length - warm))))
+
+
+def fit_cycle(cycle: dict, epoch_seconds: float, seconds_left: float, cap: int) -> int:
+    """Cycle length (epochs) that ends within ``seconds_left`` at ``epoch_seconds`` an epoch, at most ``cap``."""
+    return max(cycle["done"] + 1, min(cap, cycle["done"] + int(seconds_left // max(epoch_seconds, 1e-9))))
+
+
+def time_position(fitted: tuple[float, int], length: int, now: float, end: float) -> float:
+    """Cycle position (epochs) that the clock alone gives: from the epoch at which the cycle was fitted, at its
+    time, linearly to ``length`` at ``end``."""
+    when, done = fitted
+    return done + (length - done) * min(1.0, (now - when) / max(1e-9, end - when))
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere autocast only adds conversions."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def use_bf16(choice: str, device: torch.device) -> bool:
+    if choice != "auto":
+        return choice == "on"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_supports_bf16()
+
+
+def make_optimizer(model: nn.Module, lr: float, wd: float) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+                           lr=lr, momentum=0.9, nesterov=True)
+
+
+def make_step(forward: Callable, opt: torch.optim.Optimizer, device: torch.device, bf16: bool) -> Callable:
+    """One SGD step: step(inputs, targets, lr) -> the loss (a tensor, so that the GPU need not wait for it)."""
+
+    def step(inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> torch.Tensor:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+            loss = F.cross_entropy(forward(inputs), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def compiled(model: nn.Module, mode: str, sample: torch.Tensor | None = None, bf16: bool = False) -> Callable:
+    """The model's training forward: eager ('off'), CUDA-graphed forward and backward ('graphs': captured now on
+    ``sample``, seconds; the module's forward runs the graph in train mode only), or torch.compile'd (any other
+    mode: compiled at the first step, about a minute for ResNet-56)."""
+    if mode == "off":
+        return model
+    if mode == "graphs":
+        # autocast's weight cache must be off around capture and replay (torch.cuda.make_graphed_callables' docs)
+        with torch.autocast(sample.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+            return torch.cuda.make_graphed_callables(model, (sample,))
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
+def eager(model: nn.Module) -> nn.Module:
+    """Undo 'graphs' (make_graphed_callables replaces the instance's forward); the plain module."""
+    model.__dict__.pop("forward", None)
+    return model
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch: int = 1000, channels_last: bool = True) -> torch.Tensor:
+    model.eval()
+    out = torch.cat([model(to_input(x[i : i + batch], channels_last)).float() for i in range(0, len(x), batch)])
+    model.train()
+    return out
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, channels_last: bool = True) -> float:
+    return float((predict(model, x, channels_last=channels_last).argmax(1) == y).float().mean())
+
+
+def cpu_copy(model: nn.Module) -> nn.Module:
+    """A float CPU copy, without the CUDA graphs (whose forward the copy would otherwise share)."""
+    return eager(copy.deepcopy(model)).cpu().float()
+
+
+def export(model: nn.Module, path: Path, metadata: dict[str, str], opset: int = 17) -> None:
+    """Export a CPU float copy (BN folded by the exporter), names and dynamic batch as always, with ``metadata``."""
     import onnx
 
-    model.eval().to(memory_format=torch.contiguous_format)
+    model = cpu_copy(model).eval().to(memory_format=torch.contiguous_format)
     tmp = path.with_suffix(".tmp.onnx")
     torch.onnx.export(
         model, (torch.randn(1, 3, 32, 32),), str(tmp), dynamo=False, opset_version=opset,
@@ -100,100 +415,247 @@ def export(model: torch.nn.Module, path: Path, opset: int = 17) -> None:
         dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
     )
     proto = onnx.load(str(tmp))
-    preprocess = {"input": "input", "layout": "NCHW", "size": [32, 32], "scale": 1 / 255, "mean": MEAN, "std": STD}
-    for key, value in (("onnxprune.preprocess", json.dumps(preprocess)), ("onnxprune.labels", json.dumps(CLASSES))):
+    for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(path))
+    part = path.with_suffix(".part.onnx")
+    onnx.save(proto, str(part))
+    os.replace(part, path)
     tmp.unlink()
 
 
-def main() -> None:
+def default_metadata() -> dict[str, str]:
+    preprocess = {"input": "input", "layout": "NCHW", "size": [32, 32], "scale": 1 / 255, "mean": MEAN, "std": STD}
+    return {"onnxprune.preprocess": json.dumps(preprocess), "onnxprune.labels": json.dumps(CLASSES)}
+
+
+def onnx_max_diff(path: Path, model: nn.Module, x_uint8: torch.Tensor) -> float | None:
+    """Largest |logit difference| between the written ONNX file (onnxruntime) and the torch model, or None."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    inputs = to_input(x_uint8.cpu(), channels_last=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ref = session.run(None, {"input": inputs.numpy()})[0]
+    got = predict(cpu_copy(model), x_uint8.cpu()).numpy()
+    return float(np.abs(ref - got).max())
+
+
+def device_name(device: torch.device, threads: int) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return f"cpu: {cpu}, {threads} threads"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=sorted(MODELS))
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--data", type=Path, default=Path("../shared/data/cifar10"))
+    p.add_argument("--epochs", type=int, help="epochs to run now (default: to the end of the cycle)")
+    p.add_argument("--cycle", type=int, help="length in epochs of a new cosine cycle (default: 2x the last one); "
+                   "with --time-budget, the most it may have")
+    p.add_argument("--init", type=Path, help="ONNX model to start from (default: models/<model>.onnx)")
+    p.add_argument("--from-scratch", action="store_true", help="random init, a fresh schedule record")
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "onnxprune")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--train-npz", type=Path, help="training images (x uint8 NHWC, y) instead of --data")
+    p.add_argument("--test-npz", type=Path, help="test images instead of --data")
+    p.add_argument("--limit-train", type=int, help="train on the first N images only (smoke runs)")
+    p.add_argument("--limit-test", type=int, help="evaluate on the first N test images only")
+    p.add_argument("--out", type=Path, default=ROOT / "models", help="folder of the written <model>.onnx")
+    p.add_argument("--log-dir", type=Path, help="folder of <model>.log (default: <out>/logs)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--batch", type=int, help="default 128 on cpu, 512 on cuda")
+    p.add_argument("--lr", type=float, help="peak lr of a new cycle (default 0.1 x sqrt(batch / 128))")
+    p.add_argument("--warmup", type=float, help="warm-up epochs of a new cycle (default 1 at batch 128, else 2)")
     p.add_argument("--wd", type=float, default=5e-4)
-    p.add_argument("--warmup", type=float, default=1.0, help="warm-up epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast; auto: on CUDA, and on CPUs with AVX512-BF16/AMX")
+    p.add_argument("--compile", choices=["auto", "off", "graphs", "default", "reduce-overhead",
+                                        "max-autotune-no-cudagraphs"], default="auto",
+                   help="graphs: CUDA graphs of forward + backward; others: torch.compile modes; "
+                        "auto: graphs on cuda, off on cpu")
+    p.add_argument("--time-budget", type=float, help="seconds for this whole run; a new cycle is fitted to it")
+    p.add_argument("--reserve", type=float, default=30.0, help="seconds kept for the final evaluation and export")
+    p.add_argument("--calib-images", type=int, default=2048, help="training images that recalibrate BN at load")
+    p.add_argument("--eval-every", type=int, default=4, help="test accuracy every N epochs (0: at the end only)")
+    p.add_argument("--export-every", type=int, help="write the ONNX every N epochs (default: 1 on cpu, 0 = end only)")
+    p.add_argument("--workers", type=int, default=1, help="processes decoding the JPEG tarballs")
+    return p.parse_args(argv)
 
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Train, export and return the written record (the ``onnxprune.training`` metadata)."""
+    import onnx
+
+    started = time.time()
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    batch = args.batch or (512 if device.type == "cuda" else 128)
+    lr = args.lr or 0.1 * math.sqrt(batch / 128)
+    warmup = args.warmup if args.warmup is not None else (1.0 if batch <= 128 else 2.0)
+    compile_mode = args.compile if args.compile != "auto" else ("graphs" if device.type == "cuda" else "off")
+    if compile_mode == "graphs" and device.type != "cuda":
+        compile_mode = "off"
+    export_every = args.export_every if args.export_every is not None else (1 if device.type == "cpu" else 0)
+    bf16 = use_bf16(args.bf16, device)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(args.seed)
-    x_train, y_train = load_split(args.data, "train", args.cache)
-    x_test, y_test = load_split(args.data, "test", args.cache)
-    x_train_t, y_train_t = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
-    model = MODELS[args.model]().to(memory_format=torch.channels_last)
-    decay = [p_ for n, p_ in model.named_parameters() if p_.ndim > 1]
-    no_decay = [p_ for n, p_ in model.named_parameters() if p_.ndim <= 1]
-    opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, momentum=0.9, nesterov=True,
-    )
-    steps_per_epoch = len(x_train) // args.batch
-    total, warm = args.epochs * steps_per_epoch, int(args.warmup * steps_per_epoch)
+    def split(npz: Path | None, name: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+        return head(*(load_npz(npz) if npz else load_split(args.data, name, args.cache, args.workers)), limit)
 
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return args.lr * (step + 1) / warm
-        return 0.5 * args.lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    x_train, y_train = split(args.train_npz, "train", args.limit_train)
+    x_test, y_test = split(args.test_npz, "test", args.limit_test)
 
-    log_path = args.out / "logs" / f"{args.model}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.cache / f"{args.model}_seed{args.seed}_e{args.epochs}.pt"
-    first_epoch, step, elapsed = 0, 0, 0.0
-    if checkpoint.exists():  # resume: the schedule depends only on the step, so it continues exactly
-        state = torch.load(checkpoint)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        first_epoch, step, elapsed = state["epoch"], state["step"], state["elapsed"]
-    log = log_path.open("a" if first_epoch else "w")
+    model = MODELS[args.model]()
+    metadata = default_metadata()
+    init = args.init or ROOT / "models" / f"{args.model}.onnx"
+    if args.from_scratch:
+        record = fresh_record(args.model, args.seed)
+    else:
+        proto = onnx.load(str(init))
+        load_onnx_weights(model, proto)
+        record = read_record(proto, args.model)
+        metadata.update({e.key: e.value for e in proto.metadata_props if e.key != TRAINING_KEY})
+        calib = torch.from_numpy(x_train[: args.calib_images])
+        recalibrate(model, (to_input(calib[i : i + 256], False) for i in range(0, len(calib), 256)))
+    cycle, new_cycle = plan_cycle(record, args.cycle, lr, warmup, batch)
+    fit_to_time = new_cycle and args.time_budget is not None and args.epochs is None
+    if fit_to_time:
+        cycle["length"] = args.cycle or 200
+    epochs_now = min(math.inf if args.epochs is None else args.epochs, cycle["length"] - cycle["done"])
+
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    x_train_t, y_train_t = torch.from_numpy(x_train).to(device), torch.from_numpy(y_train).to(device)
+    x_test_t, y_test_t = torch.from_numpy(x_test).to(device), torch.from_numpy(y_test).to(device)
+    opt = make_optimizer(model, cycle["lr"], args.wd)
+
+    log_dir = args.log_dir or args.out / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = (log_dir / f"{args.model}.log").open("a")
 
     def say(msg: str) -> None:
         print(msg, flush=True)
         log.write(msg + "\n")
         log.flush()
 
-    if first_epoch:
-        say(f"resumed from {checkpoint} after epoch {first_epoch}")
-    else:
-        say(f"{args.model}: {sum(p_.numel() for p_ in model.parameters())} params, {vars(args)}")
-    start = time.time() - elapsed
-    for epoch in range(first_epoch, args.epochs):
-        model.train()
-        perm = torch.randperm(len(x_train), generator=gen)
-        loss_sum = 0.0
-        for b in range(steps_per_epoch):
-            idx = perm[b * args.batch : (b + 1) * args.batch]
-            inputs = to_input(augment(x_train_t[idx], gen))
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            loss = F.cross_entropy(model(inputs), y_train_t[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item()
-            step += 1
-        msg = f"epoch {epoch + 1}/{args.epochs} loss {loss_sum / steps_per_epoch:.4f} time {(time.time() - start) / 60:.1f} min"
-        if (epoch + 1) % 4 == 0 or epoch + 1 == args.epochs:
-            msg += f" test acc {evaluate(model, x_test, y_test):.4f}"
-        say(msg)
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "epoch": epoch + 1,
-                    "step": step, "elapsed": time.time() - start}, checkpoint)
-    train_minutes = (time.time() - start) / 60
-    acc = evaluate(model, x_test, y_test)
-    onnx_path = args.out / f"{args.model}.onnx"
-    export(model, onnx_path)
-    say(f"done: {args.epochs} epochs, {train_minutes:.1f} min, torch test accuracy {acc:.4f}, wrote {onnx_path}")
+    t_accel = time.time()
+    try:
+        sample = to_input(x_train_t[:batch], args.channels_last)
+        forward = compiled(model, compile_mode, sample, bf16)
+    except Exception as e:  # noqa: BLE001 - any failure to capture or compile: train eagerly
+        say(f"{compile_mode} failed ({e!r}): eager")
+        forward, compile_mode = eager(model), "off"
+    if compile_mode == "graphs":
+        say(f"CUDA graphs captured in {time.time() - t_accel:.1f} s")
+    step = make_step(forward, opt, device, bf16)
+
+    first_epoch = record["epochs"]
+    entry = {"cycle": cycle["index"], "from": first_epoch, "to": first_epoch, "lr": cycle["lr"], "batch": batch,
+             "device": device_name(device, args.threads), "minutes": 0.0, "test_acc": None,
+             "test_images": len(x_test), "train_images": len(x_train), "bf16": bf16, "compile": compile_mode,
+             "date": datetime.date.today().isoformat()}
+    say(f"{args.model} from {'scratch' if args.from_scratch else init}: {record['epochs']} epochs so far; "
+        f"cycle {cycle['index']} ({'new' if new_cycle else 'continued'}) at {cycle['done']}/{cycle['length']} "
+        f"epochs, lr {cycle['lr']:.4g}, warm-up {cycle['warmup']}; running {epochs_now} epochs; batch {batch}, "
+        f"device {entry['device']}, bf16 {bf16}, compile {compile_mode}, channels_last {args.channels_last}, "
+        f"{len(x_train)} training images")
+
+    def write(acc: float | None) -> dict:
+        minutes = round((time.time() - started) / 60, 2)
+        entry.update(to=record["epochs"], minutes=minutes, test_acc=acc, compile=compile_mode)
+        out = dict(record, cycle=dict(cycle), history=record["history"] + [dict(entry)],
+                   optimizer=optimizer_note(args.wd), seed=args.seed)
+        export(model, args.out / f"{args.model}.onnx", {**metadata, TRAINING_KEY: json.dumps(out)})
+        return out
+
+    steps_per_epoch = max(1, len(x_train) // batch)
+    gen = torch.Generator(device=device)
+    deadline = started + args.time_budget if args.time_budget else math.inf
+    epoch_seconds: list[float] = []
+    # fitted after the warm-up, from the last epoch's time; torch.compile's first epoch includes the compilation
+    fit_after = max(1 if compile_mode in ("off", "graphs") else 2, math.ceil(cycle["warmup"]))
+    fitted: tuple[float, int] | None = None  # (when, at which epoch of the cycle) it was fitted to the time budget
+    acc = None
+    done_now = 0
+    try:
+        while done_now < epochs_now:
+            if epoch_seconds and time.time() + epoch_seconds[-1] > deadline - args.reserve:
+                say(f"time budget: stopping before epoch {record['epochs'] + 1}")
+                break
+            t0 = time.time()
+            gen.manual_seed(args.seed * 1_000_003 + record["epochs"])  # the data order depends on the epoch only
+            perm = torch.randperm(len(x_train_t), generator=gen, device=device)
+            loss_sum = torch.zeros((), device=device)
+            for b in range(steps_per_epoch):
+                idx = perm[b * batch : (b + 1) * batch]
+                inputs = to_input(augment(x_train_t[idx], gen), args.channels_last)
+                position = cycle["done"] + (b + 1) / steps_per_epoch
+                if fitted:  # anneal by time too, so that the cycle ends by the deadline even if epochs slow down
+                    by_clock = time_position(fitted, cycle["length"], time.time(), deadline - args.reserve)
+                    position = max(position, by_clock)
+                try:
+                    loss_sum += step(inputs, y_train_t[idx], lr_at(cycle, position))
+                except Exception as e:  # noqa: BLE001 - torch.compile fails at the first step, not before
+                    if compile_mode == "off" or done_now or b:
+                        raise
+                    say(f"{compile_mode} failed at the first step ({e!r}): eager")
+                    forward, compile_mode = eager(model), "off"
+                    step = make_step(forward, opt, device, bf16)
+                    loss_sum += step(inputs, y_train_t[idx], lr_at(cycle, position))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            epoch_seconds.append(time.time() - t0)
+            cycle["done"] += 1
+            record["epochs"] += 1
+            done_now += 1
+            msg = (f"epoch {record['epochs']} (cycle {cycle['index']}: {cycle['done']}/{cycle['length']}) "
+                   f"loss {float(loss_sum) / steps_per_epoch:.4f} lr {lr_at(cycle, cycle['done']):.4g} "
+                   f"{steps_per_epoch * batch / epoch_seconds[-1]:.0f} img/s "
+                   f"time {(time.time() - started) / 60:.1f} min")
+            if args.eval_every and done_now % args.eval_every == 0:
+                acc = accuracy(model, x_test_t, y_test_t, args.channels_last)
+                msg += f" test acc {acc:.4f}"
+            say(msg)
+            if fit_to_time and not fitted and len(epoch_seconds) >= fit_after:
+                left = deadline - args.reserve - time.time()
+                cycle["length"] = fit_cycle(cycle, epoch_seconds[-1] * 1.03, left, args.cycle or 200)
+                fitted = (time.time(), cycle["done"])
+                epochs_now = cycle["length"] - cycle["done"] + done_now
+                say(f"cycle fitted to the time budget: {cycle['length']} epochs at {epoch_seconds[-1]:.1f} s each")
+            if export_every and done_now % export_every == 0 and done_now < epochs_now:
+                write(acc)
+    except KeyboardInterrupt:
+        say("interrupted: exporting what there is")
+    if fit_to_time:  # annealed by the clock, the lr reached 0 by the deadline: the cycle is complete
+        if not fitted:
+            say("time budget: stopped before the cycle could be fitted; recorded as complete, lr not annealed")
+        cycle["length"] = cycle["done"]
+    acc = accuracy(model, x_test_t, y_test_t, args.channels_last)
+    out = write(acc)
+    path = args.out / f"{args.model}.onnx"
+    diff = onnx_max_diff(path, model, x_test_t[:64])
+    say(f"done: epochs {record['epochs']}, cycle {cycle['index']} at {cycle['done']}/{cycle['length']}, "
+        f"{(time.time() - started) / 60:.1f} min, torch test accuracy {acc:.4f} on {len(x_test)} images, "
+        f"wrote {path}"
+        + (f" (onnxruntime max |diff| {diff:.2e})" if diff is not None else ""))
+    log.close()
+    return out
 
 
 if __name__ == "__main__":

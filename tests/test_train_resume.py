@@ -1,0 +1,86 @@
+"""models/train.py resumes from the shipped ONNX files (issue 17): the weights load back into the torch
+definitions exactly, and a resumed run records its epochs in the metadata and keeps everything else."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.conftest import run
+
+torch = pytest.importorskip("torch")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from models import definitions, train  # noqa: E402
+
+SHIPPED = ROOT / "models" / "resnet20.onnx"
+CALIB, TEST = ROOT / "models" / "cifar10_calib512.npz", ROOT / "models" / "cifar10_test1000.npz"
+
+
+def _logits(model, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model.eval()(torch.from_numpy(x)).numpy()
+
+
+def test_module_path_undoes_the_exporters_scope_names():
+    assert train.module_path("/layers/layers.3/shortcut/shortcut.0/Conv") == "layers.3.shortcut.0"
+    assert train.module_path("/features/features.10/conv/conv.3/Conv") == "features.10.conv.3"
+    assert train.module_path("/fc/Gemm") == "fc"
+
+
+def test_shipped_resnet20_loads_into_its_definition_and_recalibration_keeps_the_function():
+    proto = onnx.load(str(SHIPPED))
+    model = definitions.resnet20()
+    train.load_onnx_weights(model, proto)
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    ref = run(str(SHIPPED), {"input": x})[0]
+    np.testing.assert_allclose(_logits(model, x), ref, atol=1e-4)
+    images, _ = train.load_npz(CALIB)
+    train.recalibrate(model, [train.to_input(torch.from_numpy(images[:128]), channels_last=False)])
+    np.testing.assert_allclose(_logits(model, x), ref, atol=1e-4)
+    # on the calibration images themselves, batch statistics are the running ones: train mode = eval mode
+    inputs = train.to_input(torch.from_numpy(images[:128]), channels_last=False)
+    with torch.no_grad():
+        np.testing.assert_allclose(model.train()(inputs).numpy(), model.eval()(inputs).numpy(), atol=1e-3)
+
+
+def test_schedule_continues_an_unfinished_cycle_and_doubles_a_finished_one():
+    record = train.legacy_record("resnet20")
+    cycle, new = train.plan_cycle(record, None, lr=0.1, warmup=1.0, batch=128)
+    assert new and cycle["index"] == 1 and cycle["length"] == 60 and cycle["done"] == 0
+    record["cycle"] = dict(cycle, done=10)
+    again, new = train.plan_cycle(record, 5, lr=0.5, warmup=2.0, batch=512)
+    assert not new and again["length"] == 60 and again["lr"] == 0.1 and again["done"] == 10
+    assert train.lr_at(cycle, 0.5) == pytest.approx(0.05) and train.lr_at(cycle, 60) == pytest.approx(0.0)
+    assert train.fit_cycle({"done": 2}, epoch_seconds=2.0, seconds_left=100.0, cap=200) == 52
+
+
+def _resume(init: Path, out: Path, *extra: str) -> dict:
+    return train.main(["resnet20", "--init", str(init), "--out", str(out), "--log-dir", str(out),
+                       "--train-npz", str(CALIB), "--test-npz", str(TEST), "--limit-train", "64", "--limit-test", "64",
+                       "--batch", "32", "--calib-images", "64", "--threads", "1", *extra])
+
+
+def test_a_resumed_run_records_its_epochs_and_keeps_the_other_metadata(tmp_path):
+    shipped = onnx.load(str(SHIPPED))
+    first = _resume(SHIPPED, tmp_path, "--epochs", "1", "--cycle", "2")
+    written = onnx.load(str(tmp_path / "resnet20.onnx"))
+    meta = {e.key: e.value for e in written.metadata_props}
+    assert json.loads(meta[train.TRAINING_KEY]) == first
+    for entry in shipped.metadata_props:
+        assert meta[entry.key] == entry.value  # preprocess and labels unchanged
+    assert first["epochs"] == train.LEGACY["resnet20"]["epochs"] + 1
+    # a new cycle at batch 32: lr 0.1 x sqrt(32 / 128)
+    assert first["cycle"] == {"index": 1, "length": 2, "done": 1, "lr": 0.05, "warmup": 1.0, "batch": 32}
+    assert first["history"][-1]["from"] == 30 and first["history"][-1]["to"] == 31
+    assert [i.name for i in written.graph.input] == ["input"] and [o.name for o in written.graph.output] == ["logits"]
+    assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert [n.name for n in written.graph.node] == [n.name for n in shipped.graph.node]
+
+    second = _resume(tmp_path / "resnet20.onnx", tmp_path)  # continues the unfinished cycle to its end
+    assert second["epochs"] == 32 and second["cycle"]["done"] == second["cycle"]["length"] == 2
+    assert len(second["history"]) == len(first["history"]) + 1
