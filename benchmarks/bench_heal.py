@@ -43,7 +43,7 @@ def split_file(split: str) -> str:
 
 
 def accuracy(model: str, test: str) -> float:
-    return api.evaluate(model, DataOptions(test, batch=250))["accuracy"]
+    return api.evaluate(model, DataOptions(test, batch=250)).to_dict()["accuracy"]
 
 
 def run(name: str, method: str, speedup: float, steps: int, full_epochs: float, folder: Path, test: str) -> dict:
@@ -53,7 +53,7 @@ def run(name: str, method: str, speedup: float, steps: int, full_epochs: float, 
     pruned = folder / f"{name}_{method}_{speedup}.onnx"
     t = time.perf_counter()
     result = api.prune(original, TargetOptions(method=method, speedup=speedup), OutputOptions(str(pruned)),
-                       DataOptions(calib), latency=LatencyOptions(batch=32))
+                       DataOptions(calib), latency=LatencyOptions(batch=32)).to_dict()
     row.update(prune_s=time.perf_counter() - t, measured=result["measured_speedup"], met=result["target_met"],
                removed=len(result["removed_blocks"]), merged=len(result.get("merged", [])))
     row["original"] = accuracy(original, test)
@@ -61,7 +61,7 @@ def run(name: str, method: str, speedup: float, steps: int, full_epochs: float, 
     healed = folder / f"{name}_{method}_{speedup}_healed512.onnx"
     t = time.perf_counter()
     h = api.heal(str(pruned), original, OutputOptions(str(healed)), DataOptions(calib),
-                 HealingOptions(steps=steps, use_labels=False))
+                 HealingOptions(steps=steps, use_labels=False)).to_dict()
     row.update(heal512_s=time.perf_counter() - t, heal512=accuracy(str(healed), test),
                heal512_held_back=[h["after_pruning"]["agreement"], h["after_healing"]["agreement"]],
                heal512_best_step=h["healing"]["best_step"])
@@ -69,7 +69,7 @@ def run(name: str, method: str, speedup: float, steps: int, full_epochs: float, 
         healed = folder / f"{name}_{method}_{speedup}_healed50k.onnx"
         t = time.perf_counter()
         h = api.heal(str(pruned), original, OutputOptions(str(healed)), DataOptions(split_file("train")),
-                     HealingOptions(epochs=full_epochs, use_labels=False, holdout=0.02))
+                     HealingOptions(epochs=full_epochs, use_labels=False, holdout=0.02)).to_dict()
         row.update(heal50k_s=time.perf_counter() - t, heal50k=accuracy(str(healed), test),
                    heal50k_epochs=h["healing"]["epochs"], heal50k_best_step=h["healing"]["best_step"])
     print(json.dumps(row), flush=True)

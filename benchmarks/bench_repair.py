@@ -43,7 +43,7 @@ def run(name: str, method: str, speedup: float, heal_steps: int, folder: Path, t
     repaired = folder / f"{name}_{method}_{speedup}_repaired.onnx"
     t = time.perf_counter()
     result = api.prune(original, TargetOptions(method=method, speedup=speedup), OutputOptions(str(repaired)),
-                       DataOptions(calib), latency=LatencyOptions(batch=32), repair=RepairOptions())
+                       DataOptions(calib), latency=LatencyOptions(batch=32), repair=RepairOptions()).to_dict()
     row.update(prune_s=time.perf_counter() - t, measured=result["measured_speedup"],
                measured_in_search=result["measured_speedup_in_search"], met=result["target_met"],
                removed=len(result["removed_blocks"]), merged=len(result.get("merged", [])),

@@ -104,10 +104,10 @@ def main() -> None:
             slp_only = {"min_blocks_per_stage": args.slp_min_blocks} if method == "slp" else {}
             r = api.prune(model, TargetOptions(method=method, speedup=target, **slp_only), OutputOptions(str(out)),
                           DataOptions(calib, samples=calib_samples, batch=batch, **preprocess),
-                          latency=LatencyOptions(batch=latency_batch))
+                          latency=LatencyOptions(batch=latency_batch)).to_dict()
             wall = time.perf_counter() - t0
             e = api.evaluate(out, DataOptions(args.test, samples=test_samples, batch=batch, **preprocess),
-                             reference=model)
+                             reference=model).to_dict()
             quality = f"{100 * e['accuracy']:.2f}% (original {100 * e['reference_accuracy']:.2f}%)"
             if args.case == "resnet34":
                 quality = f"{100 * e['agreement']:.2f}% agreement; top-1 {quality}"

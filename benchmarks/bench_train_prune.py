@@ -39,7 +39,7 @@ LATENCY = LatencyOptions(batch=32)
 
 
 def accuracy(model: str, test: DataOptions) -> float:
-    return api.evaluate(model, test)["accuracy"]
+    return api.evaluate(model, test).to_dict()["accuracy"]
 
 
 def main() -> None:
@@ -67,9 +67,9 @@ def main() -> None:
                                  GateTrainingOptions(steps=args.steps, block_cost=args.block_cost,
                                                      theta_lr=args.theta_lr, speedup=args.speedup, holdout=0.02,
                                                      patience=min(20, max(1, args.steps // 4))),
-                                 latency=LATENCY)
+                                 latency=LATENCY).to_dict()
         seconds = time.perf_counter() - t
-        measured = api.bench(original, str(out), LATENCY)["speedup"]
+        measured = api.bench(original, str(out), LATENCY).to_dict()["speedup"]
         rows.append({"method": "train-prune", "removed": len(result["removed_blocks"]), "speedup": measured,
                      "accuracy": accuracy(str(out), test), "seconds": seconds,
                      "original": accuracy(original, test), "pruned_at": result["pruned_at"]})
@@ -81,7 +81,7 @@ def main() -> None:
             try:
                 r = api.prune(original, TargetOptions(method=method, speedup=target), OutputOptions(str(path)),
                               DataOptions(str(ROOT / "models" / "cifar10_calib512.npz")), latency=LATENCY,
-                              healing=HealingOptions(steps=args.heal_steps, holdout=0.02), heal_data=train)
+                              healing=HealingOptions(steps=args.heal_steps, holdout=0.02), heal_data=train).to_dict()
                 rows.append({"method": f"{method} + healing", "removed": len(r["removed_blocks"]),
                              "speedup": r["measured_speedup"], "accuracy": accuracy(str(path), test),
                              "seconds": time.perf_counter() - t})

@@ -96,7 +96,7 @@ def run_prune(path: Path, out: Path, target: TargetOptions, samples: int, rounds
     t0 = time.perf_counter()
     try:
         result = api.prune(str(path), target, OutputOptions(str(out)), DataOptions("random", samples=samples),
-                           latency=latency)
+                           latency=latency).to_dict()
         status = "ok"
     except Exception as exc:  # noqa: BLE001
         result = {"error": one_line(exc)}

@@ -1,16 +1,28 @@
-"""onnxprune: make exported ONNX networks shallower and faster, at the graph level.
+"""onnxprune: make exported ONNX networks shallower and faster, at the graph level. The Python API (docs/api.md):
 
 >>> import onnxprune
->>> structure = onnxprune.analyze("models/resnet56.onnx")
->>> [b.join for b in structure.residual_blocks if b.removable][:2]
+>>> result = onnxprune.prune("models/resnet20.onnx", data="models/cifar10_calib512.npz", samples=64,
+...                          remove_blocks=2, output="out/resnet20_pruned.onnx")
+>>> result.removed_blocks, result.verification.passed, result.plan
+
+Every verb of the command line is a function here (onnxprune.pipeline), taking the option objects of
+onnxprune.options or keywords that build them, and returning a result object (onnxprune.results).
 """
 
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import MissingDependency, OnnxPruneError, UnavailableBackend, VerificationFailed
 
-__all__ = ["analyze", "load_model", "save_model", "OnnxPruneError", "Structure"]
+_FUNCTIONS = ("analyze", "apply", "evaluate_model", "score", "prune", "heal", "repair_model", "train_prune",
+              "latency_table", "bench", "demo")
+_OPTIONS = ("DataOptions", "TargetOptions", "OutputOptions", "LatencyOptions", "ScoringOptions", "HealingOptions",
+            "RepairOptions", "GateTrainingOptions")
+_RESULTS = ("ApplyResult", "EvalResult", "ScoreResult", "PruneResult", "HealResult", "RepairResult",
+            "TrainPruneResult", "LatencyResult", "BenchResult", "DemoResult", "Agreement", "BlockScore")
+__all__ = [*_FUNCTIONS, *_OPTIONS, *_RESULTS, "load_model", "save_model", "Structure", "OnnxPruneError",
+           "VerificationFailed", "MissingDependency", "UnavailableBackend"]
 __version__ = "0.1.0"
-_LAZY = {"analyze": "onnxprune.api", "Structure": "onnxprune.graph.analysis", "load_model": "onnxprune.graph.io",
-         "save_model": "onnxprune.graph.io"}
+_LAZY = {**dict.fromkeys(_FUNCTIONS, "onnxprune.pipeline"), **dict.fromkeys(_OPTIONS, "onnxprune.options"),
+         **dict.fromkeys(_RESULTS, "onnxprune.results"), "Structure": "onnxprune.graph.analysis",
+         "load_model": "onnxprune.graph.io", "save_model": "onnxprune.graph.io"}
 
 
 def __getattr__(name: str):
@@ -20,3 +32,7 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'onnxprune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

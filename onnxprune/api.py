@@ -1,5 +1,6 @@
-"""The public API: one function per CLI verb, taking paths and option objects (onnxprune.options), returning
-plain data. Progress goes to the ``onnxprune`` logger."""
+"""The public API: one function per CLI verb, taking paths and option objects (onnxprune.options), returning a
+result object (onnxprune.results: typed attributes, and ``to_dict()``, what the CLI prints; docs/api.md). Progress
+goes to the ``onnxprune`` logger."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import onnx
 
+from onnxprune import outputs
 from onnxprune.data.preprocess import Preprocess, preprocess_of
 from onnxprune.data.sources import load_data, model_inputs, static_batch
 from onnxprune.errors import MissingDependency, OnnxPruneError, VerificationFailed
@@ -25,6 +27,8 @@ from onnxprune.latency.table import build_table, load_table
 from onnxprune.options import (DataOptions, GateTrainingOptions, HealingOptions, LatencyOptions, OutputOptions,
                                RepairOptions, ScoringOptions, TargetOptions, check_method)
 from onnxprune.plan import Plan, apply_plan, fingerprint, load_plan, save_plan
+from onnxprune.results import (ApplyResult, BenchResult, DemoResult, EvalResult, HealResult, LatencyResult, PruneResult,
+                               RepairResult, ScoreResult, TrainPruneResult)
 from onnxprune.planning.blocks import search_space
 from onnxprune.planning.candidates import conv_l1_norms
 from onnxprune.repair.linear import reference_of, repair as repair_model, with_placeholder_maps
@@ -43,7 +47,7 @@ def analyze(model_path: str | os.PathLike[str]) -> Structure:
 
 
 def apply(model_path: str | os.PathLike[str], plan_path: str | os.PathLike[str],
-          out_path: str | os.PathLike[str]) -> dict:
+          out_path: str | os.PathLike[str]) -> ApplyResult:
     """Apply the plan at ``plan_path`` to the model, verify the result, write it to ``out_path``.
 
     Nothing is written when the plan is refused or the result fails verification.
@@ -56,12 +60,12 @@ def apply(model_path: str | os.PathLike[str], plan_path: str | os.PathLike[str],
     if not verification.passed:
         raise VerificationFailed(f"the rewritten model failed verification; nothing written. {verification.summary()}")
     save_model(rewritten, out_path)
-    return {"output": str(out_path), "plan": summary, "verification": verification.to_dict(),
-            "verification_text": verification.summary()}
+    return ApplyResult.from_dict({"output": str(out_path), "plan": summary, "verification": verification.to_dict(),
+                                  "verification_text": verification.summary()})
 
 
 def evaluate(model_path: str | os.PathLike[str], data: DataOptions = DataOptions(), reference: str | None = None,
-             provider: str = "auto") -> dict:
+             provider: str = "auto") -> EvalResult:
     """Top-1 accuracy on ``data`` (when it has labels) and agreement with ``reference``."""
     model = load_model(model_path)
     dataset = _dataset(model, data)
@@ -71,11 +75,26 @@ def evaluate(model_path: str | os.PathLike[str], data: DataOptions = DataOptions
     logits = logits_of(session, dataset, data.batch)
     reference_logits = None
     if reference is not None:
-        reference_logits = logits_of(create_session(load_model(reference), provider), dataset, data.batch)
+        reference_model = load_model(reference)
+        _refuse_other_inputs(model, reference_model, "the model and --reference")
+        reference_logits = logits_of(create_session(reference_model, provider), dataset, data.batch)
     result = evaluate_logits(logits, dataset.labels, reference_logits)
     result.update(model=str(model_path), reference=reference, data=dataset.source, random_data=dataset.random,
                   provider=session.provider)
-    return result
+    return EvalResult.from_dict(result)
+
+
+def _refuse_other_inputs(model: onnx.ModelProto, other: onnx.ModelProto, which: str) -> None:
+    """Refuse two models that cannot take the same data: other input names, dtypes, ranks or fixed sizes (a symbolic
+    size matches any)."""
+    def same(a, b) -> bool:
+        return (a.name, a.dtype, len(a.shape)) == (b.name, b.dtype, len(b.shape)) and all(
+            x is None or y is None or x == y for x, y in zip(a.shape, b.shape))
+
+    mine, theirs = model_inputs(model), model_inputs(other)
+    if len(mine) != len(theirs) or not all(same(a, b) for a, b in zip(mine, theirs)):
+        shown = [[(i.name, ["?" if d is None else d for d in i.shape], str(i.dtype)) for i in m] for m in (mine, theirs)]
+        raise OnnxPruneError(f"{which} take different inputs: {shown[0]} and {shown[1]}")
 
 
 def _refuse_overwrite(model_path, out_path) -> None:
@@ -118,22 +137,22 @@ def _feature(model, name: str | None) -> str:
 
 
 def score(model_path: str | os.PathLike[str], data: DataOptions = DataOptions(),
-          scoring: ScoringOptions = ScoringOptions()) -> dict:
+          scoring: ScoringOptions = ScoringOptions()) -> ScoreResult:
     """SLP score (1 - CKA at the feature tensor) of every removable block; lower = less important."""
     model, dataset = _specialised(load_model(model_path), data)
     feature = _feature(model, scoring.feature_tensor)
     structure = analyze_model(model)
     run = score_blocks(model, dataset, removal_candidates(structure, 0), feature, scoring.provider, data.batch,
                        memory_budget=scoring.memory_budget)
-    return {"model": str(model_path), "feature_tensor": feature, "data": dataset.source, "random_data": dataset.random,
-            "samples": run.samples, "provider": run.provider, "seconds": run.seconds,
-            "blocks": [vars(s) for s in run.scores]}
+    return ScoreResult.from_dict({"model": str(model_path), "feature_tensor": feature, "data": dataset.source,
+                                  "random_data": dataset.random, "samples": run.samples, "provider": run.provider,
+                                  "seconds": run.seconds, "blocks": [vars(s) for s in run.scores]})
 
 
 def prune(model_path: str | os.PathLike[str], target: TargetOptions, output: OutputOptions,
           data: DataOptions = DataOptions(), scoring: ScoringOptions = ScoringOptions(),
           latency: LatencyOptions = LatencyOptions(), healing: HealingOptions | None = None,
-          heal_data: DataOptions | None = None, repair: RepairOptions | None = None) -> dict:
+          heal_data: DataOptions | None = None, repair: RepairOptions | None = None) -> PruneResult:
     """Prune, verify, and write the model and its plan (``output.plan``, else ``<output.model>.plan.json``).
 
     With ``target.speedup``, prune until the speed-up measured on ``latency.backend`` meets it. With ``repair``,
@@ -154,7 +173,7 @@ def prune(model_path: str | os.PathLike[str], target: TargetOptions, output: Out
     if repair is not None:
         _repair_written(model, dataset, repair, scoring.provider, target, latency, output, result)
     if heal_data is None:
-        return result
+        return PruneResult.from_dict(result)
     healing = healing or HealingOptions()
     healed, stages = heal_and_measure(load_model(output.model), model, _dataset(model, heal_data), healing,
                                       scoring.provider)
@@ -166,7 +185,7 @@ def prune(model_path: str | os.PathLike[str], target: TargetOptions, output: Out
     result.update(stages, healing=_brief(healed["record"]), healed_verification=healed["verification"].to_dict())
     if result["target_met"] and not target_check["target_met"]:
         result.update(target_check)
-    return result
+    return PruneResult.from_dict(result)
 
 
 def _prune_and_write(model, dataset, target: TargetOptions, output: OutputOptions, data: DataOptions,
@@ -224,9 +243,10 @@ def _sglp_outputs(result: dict, output: OutputOptions) -> dict:
 
 def _repair_written(model, dataset, options: RepairOptions, provider: str, target: TargetOptions,
                     latency: LatencyOptions, output: OutputOptions, result: dict) -> None:
-    """Repair the pruned model just written, rewrite it and its plan, and update ``result`` (speed-up included)."""
-    repaired = repair_and_measure(load_model(output.model), model, dataset, options, provider)
+    """Repair the pruned model just written (only at the blocks its plan's ``repair_blocks`` names, when it names
+    them), rewrite it and its plan, and update ``result`` (speed-up included)."""
     plan = load_plan(result["plan"])
+    repaired = repair_and_measure(load_model(output.model), model, dataset, options, provider, plan.repair_blocks)
     plan.repair = repaired["record"]
     save_model(repaired["model"], output.model)
     save_plan(plan, result["plan"])
@@ -239,17 +259,17 @@ def _repair_written(model, dataset, options: RepairOptions, provider: str, targe
         speedup = measured.speedups[1]
         result.update(measured_speedup_in_search=result["measured_speedup"], measured_speedup=speedup,
                       original_latency_s=measured.medians[0], pruned_latency_s=measured.medians[1],
-                      target_met=speedup >= target.speedup)
+                      latency_rounds_s=_rounds(measured.times), target_met=speedup >= target.speedup)
         result["message"] = "" if result["target_met"] else (
             f"measured {speedup:.3f}x with the repair maps misses the {target.speedup}x target by "
             f"{100 * (target.speedup / speedup - 1):.1f}%")
 
 
 def repair_and_measure(pruned: onnx.ModelProto, original: onnx.ModelProto, dataset, options: RepairOptions,
-                       provider: str = "auto") -> dict:
+                       provider: str = "auto", blocks: list[str] | None = None) -> dict:
     """Repair ``pruned`` (onnxprune.repair.linear), verify it, and measure top-1 agreement with ``original`` of the
     pruned and the repaired model on ``dataset`` (the data the maps were fitted on: an optimistic figure)."""
-    result = repair_model(pruned, original, dataset, options, provider)
+    result = repair_model(pruned, original, dataset, options, provider, blocks)
     feeds = next(dataset.batches(min(options.batch, 16))).feeds
     verification = verify(pruned, result.model, feeds=feeds)
     if not verification.passed:
@@ -303,9 +323,9 @@ def _prune_to_speedup(model, dataset, feature, target: TargetOptions, output: Ou
         if table is not None and table.batch != batch:
             raise OnnxPruneError(f"the latency table was measured at batch {table.batch}, not {batch}")
         result = layermerge_to_speedup(model, dataset, feature, target.speedup, how, scoring, data.batch, table,
-                                       with_pareto=output.pareto is not None)
+                                       with_pareto=output.pareto is not None or output.curve, repair=repair)
         if output.pareto is not None:
-            Path(output.pareto).write_text(json.dumps(result.pareto, indent=1) + "\n")
+            outputs.write_text(output.pareto, json.dumps(result.pareto, indent=1) + "\n")
     elif target.method == "sglp":
         result = sglp_to_speedup(model, dataset, target.speedup, how, target.segments, scoring.provider, data.batch)
     else:
@@ -329,11 +349,19 @@ def _prune_to_speedup(model, dataset, feature, target: TargetOptions, output: Ou
             "dropped_activations": result.plan.drop_activations, "macs_before": before, "macs_after": after,
             "macs_reduction": 1 - after / before, "data": dataset.source, "random_data": dataset.random,
             "provider": result.provider, "notes": load_notes(model) + result.notes, "verification": result.verification.to_dict(),
-            "verification_text": result.verification.summary()}
+            "verification_text": result.verification.summary(),
+            **({"latency_rounds_s": _rounds(result.rounds_s)} if result.rounds_s else {}),
+            **({"pareto": result.pareto} if output.curve and result.pareto else {})}
+
+
+def _rounds(times: list[list[float]]) -> dict:
+    """The seconds of one run of the original and of the pruned model in every round of a side-by-side measurement
+    (their distributions; the medians are original_latency_s and pruned_latency_s)."""
+    return {"original": list(times[0]), "pruned": list(times[1])}
 
 
 def heal(model_path: str | os.PathLike[str], teacher_path: str | os.PathLike[str], output: OutputOptions,
-         data: DataOptions, healing: HealingOptions = HealingOptions(), provider: str = "auto") -> dict:
+         data: DataOptions, healing: HealingOptions = HealingOptions(), provider: str = "auto") -> HealResult:
     """Heal the pruned model at ``model_path`` against its original at ``teacher_path`` (onnxprune.train.heal),
     verify it, and write it with its plan: the pruned model's plan (``<model>.plan.json`` when there is one)
     with what healing did added."""
@@ -345,9 +373,10 @@ def heal(model_path: str | os.PathLike[str], teacher_path: str | os.PathLike[str
     plan_path = _plan_path(output)
     save_model(healed["model"], output.model)
     save_plan(plan, plan_path)
-    return {"output": str(output.model), "plan": str(plan_path), "teacher": str(teacher_path), "data": dataset.source,
-            **stages, **agreement_target(stages, healing), "healing": _brief(healed["record"]),
-            "verification": healed["verification"].to_dict(), "verification_text": healed["verification"].summary()}
+    return HealResult.from_dict({
+        "output": str(output.model), "plan": str(plan_path), "teacher": str(teacher_path), "data": dataset.source,
+        **stages, **agreement_target(stages, healing), "healing": _brief(healed["record"]),
+        "verification": healed["verification"].to_dict(), "verification_text": healed["verification"].summary()})
 
 
 def _pruned_and_teacher(model_path, teacher_path, output: OutputOptions, data: DataOptions, no_random: str):
@@ -357,10 +386,22 @@ def _pruned_and_teacher(model_path, teacher_path, output: OutputOptions, data: D
     pruned, teacher = load_model(model_path), load_model(teacher_path)
     if [o.name for o in pruned.graph.output] != [o.name for o in teacher.graph.output]:
         raise OnnxPruneError("the pruned model and --teacher have different outputs: is the teacher its original?")
+    _refuse_other_inputs(pruned, teacher, "the pruned model and --teacher")
     dataset = _dataset(pruned, data)
     if dataset.random:
         raise OnnxPruneError(no_random)
+    for model, which in ((pruned, "the pruned model"), (teacher, "--teacher")):
+        _refuse_unrunnable(model, dataset, which)
     return pruned, teacher, dataset
+
+
+def _refuse_unrunnable(model: onnx.ModelProto, dataset, which: str) -> None:
+    """Refuse a model that onnxruntime cannot run on the data's first batch (a damaged graph: an attribute out of
+    range, a missing input), before a torch copy of it trips over the same later."""
+    try:
+        create_session(model, "cpu").run(next(dataset.batches(8)).feeds)
+    except OnnxPruneError as exc:
+        raise OnnxPruneError(f"{which}: {exc}") from exc
 
 
 def _source_plan(model_path, teacher: onnx.ModelProto) -> Plan:
@@ -370,26 +411,27 @@ def _source_plan(model_path, teacher: onnx.ModelProto) -> Plan:
 
 
 def repair(model_path: str | os.PathLike[str], teacher_path: str | os.PathLike[str], output: OutputOptions,
-           data: DataOptions, options: RepairOptions = RepairOptions(), provider: str = "auto") -> dict:
+           data: DataOptions, options: RepairOptions = RepairOptions(), provider: str = "auto") -> RepairResult:
     """Repair the pruned model at ``model_path`` against its original at ``teacher_path`` without training
     (onnxprune.repair.linear), verify it, and write it with its plan (the pruned model's, with the repair added)."""
     pruned, teacher, dataset = _pruned_and_teacher(
         model_path, teacher_path, output, data, "repair needs real data (--data): a map fitted on random inputs "
                                                 "repairs nothing")
-    repaired = repair_and_measure(pruned, teacher, dataset, options, provider)
     plan = _source_plan(model_path, teacher)
+    repaired = repair_and_measure(pruned, teacher, dataset, options, provider, plan.repair_blocks)
     plan.repair = repaired["record"]
     plan_path = _plan_path(output)
     save_model(repaired["model"], output.model)
     save_plan(plan, plan_path)
-    return {"output": str(output.model), "plan": str(plan_path), "teacher": str(teacher_path), "data": dataset.source,
-            "agreement": repaired["agreement"], "repair": repaired["record"],
-            "verification": repaired["verification"].to_dict(), "verification_text": repaired["verification"].summary()}
+    return RepairResult.from_dict({
+        "output": str(output.model), "plan": str(plan_path), "teacher": str(teacher_path), "data": dataset.source,
+        "agreement": repaired["agreement"], "repair": repaired["record"],
+        "verification": repaired["verification"].to_dict(), "verification_text": repaired["verification"].summary()})
 
 
 def train_prune(model_path: str | os.PathLike[str], output: OutputOptions, data: DataOptions,
                 options: GateTrainingOptions = GateTrainingOptions(), teacher_path: str | None = None,
-                latency: LatencyOptions = LatencyOptions(), provider: str = "auto") -> dict:
+                latency: LatencyOptions = LatencyOptions(), provider: str = "auto") -> TrainPruneResult:
     """Train the model with learned Bernoulli gates on its removable residual branches and prune the blocks whose
     gates close (onnxprune.train.gates; docs/algorithms.md section 5). Writes the model with the trained weights and
     the pruned blocks removed (verified), its plan (the run recorded under "training"), the thetas of every
@@ -458,11 +500,11 @@ def train_prune(model_path: str | os.PathLike[str], output: OutputOptions, data:
               "trace": run.record["trace"]}
     save_model(pruned, output.model)
     save_plan(plan, plan_path)
-    thetas_path.write_text(json.dumps(thetas) + "\n")
+    outputs.write_text(thetas_path, json.dumps(thetas) + "\n")
     result.update(plan=str(plan_path), thetas=str(thetas_path),
                   plot=theta_plot(Path(output.model).with_suffix(".thetas.png"), run.record["trace"]),
                   verification=verification.to_dict(), verification_text=verification.summary())
-    return result
+    return TrainPruneResult.from_dict(result)
 
 
 def agreement_target(stages: dict, healing: HealingOptions) -> dict:
@@ -503,7 +545,7 @@ def _brief(record: dict) -> dict:
 
 
 def latency(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
-            latency: LatencyOptions = LatencyOptions(), input_shape: tuple[int, ...] | None = None) -> dict:
+            latency: LatencyOptions = LatencyOptions(), input_shape: tuple[int, ...] | None = None) -> LatencyResult:
     """Build the LayerMerge latency table of a model on ``latency.backend`` and write it to ``out_path``; a
     model with symbolic sizes after the batch is timed at ``input_shape`` (what ``prune --input-shape`` takes)."""
     model = load_model(model_path)
@@ -515,12 +557,13 @@ def latency(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str]
     table = build_table(model, structure, options, get_backend(latency.backend, latency.threads), batch,
                         fingerprint(model), rounds=latency.rounds or 20)
     table.save(out_path)
-    return {"output": str(out_path), "rows": len(table.rows), "options": len(options), "whole_s": table.whole_s,
-            "fixed_s": table.fixed_s, **table.backend, "batch": batch, "rounds": table.rounds, "notes": table.notes}
+    return LatencyResult.from_dict({"output": str(out_path), "rows": len(table.rows), "options": len(options),
+                                    "whole_s": table.whole_s, "fixed_s": table.fixed_s, **table.backend, "batch": batch,
+                                    "rounds": table.rounds, "notes": table.notes})
 
 
 def bench(model_path: str | os.PathLike[str], other_path: str | os.PathLike[str] | None = None,
-          latency: LatencyOptions = LatencyOptions()) -> dict:
+          latency: LatencyOptions = LatencyOptions()) -> BenchResult:
     """Latency of one model, or of two side by side (taking turns) with the second's speed-up."""
     timing = get_backend(latency.backend, latency.threads)
     models = [load_model(model_path)] + ([load_model(other_path)] if other_path else [])
@@ -528,10 +571,11 @@ def bench(model_path: str | os.PathLike[str], other_path: str | os.PathLike[str]
     measured = compare(models, timing, batch, latency.rounds or 25)
     result = {"backend": timing.describe(), "batch": batch, "rounds": measured.rounds,
               "runs_per_turn": measured.runs_per_turn, "models": [
-                  {"model": str(p), "latency_s": t} for p, t in zip([model_path, other_path], measured.medians)]}
+                  {"model": str(p), "latency_s": t, "rounds_s": times}
+                  for p, t, times in zip([model_path, other_path], measured.medians, measured.times)]}
     if other_path:
         result["speedup"] = measured.speedups[1]
-    return result
+    return BenchResult.from_dict(result)
 
 
 # The demo's files: kept once in the repository's models/, and copied into onnxprune/assets/ of a built wheel
@@ -558,7 +602,7 @@ DEMO_HEALING = HealingOptions(steps=300, use_labels=False, mixup=False)
 def demo(out_dir: str = "out/demo", model: str | None = None, calib: str | None = None, test: str | None = None,
          speedup: float = 1.5, method: str = "layermerge", latency: LatencyOptions = LatencyOptions(batch=32),
          samples: int = 256, healing: HealingOptions | None = DEMO_HEALING,
-         repair: RepairOptions | None = RepairOptions()) -> dict:
+         repair: RepairOptions | None = RepairOptions()) -> DemoResult:
     """The whole pipeline on the shipped reference model: prune to ``speedup`` on ``latency.backend`` (with
     ``repair``: fitted maps at the cuts, timed in the search; None: no repair), heal on the calibration images
     (``healing``; None: no healing), then accuracy of the original, the pruned, the repaired and the healed model on
@@ -574,19 +618,19 @@ def demo(out_dir: str = "out/demo", model: str | None = None, calib: str | None 
     pruned = prune(model, TargetOptions(method=method, speedup=speedup), OutputOptions(str(written)),
                    DataOptions(calib, samples=samples), latency=latency, repair=repair)
     if repair is not None:
-        plain, _ = apply_plan(load_model(model), load_plan(pruned["plan"]))
+        plain, _ = apply_plan(load_model(model), load_plan(pruned.plan))
         save_model(plain, pruned_path)
     accuracy = evaluate(pruned_path, DataOptions(test), reference=model)
-    result = {"model": model, "pruned": pruned, "accuracy_before": accuracy["reference_accuracy"],
-              "accuracy_after": accuracy["accuracy"], "agreement": accuracy["agreement"], "test_data": accuracy["data"],
+    result = {"model": model, "pruned": pruned.to_dict(), "accuracy_before": accuracy.reference_accuracy,
+              "accuracy_after": accuracy.accuracy, "agreement": accuracy.agreement, "test_data": accuracy.data,
               "pruned_model": str(pruned_path)}
     if repair is not None:
         repaired = evaluate(repaired_path, DataOptions(test), reference=model)
-        result.update(accuracy_repaired=repaired["accuracy"], agreement_repaired=repaired["agreement"])
+        result.update(accuracy_repaired=repaired.accuracy, agreement_repaired=repaired.agreement)
     if healing is not None:
         healed_path = out / f"{written.stem}_healed.onnx"
         healed = heal(written, model, OutputOptions(str(healed_path)), DataOptions(calib), healing)
         healed_accuracy = evaluate(healed_path, DataOptions(test), reference=model)
-        result.update(healed=healed, accuracy_healed=healed_accuracy["accuracy"],
-                      agreement_healed=healed_accuracy["agreement"])
-    return result
+        result.update(healed=healed.to_dict(), accuracy_healed=healed_accuracy.accuracy,
+                      agreement_healed=healed_accuracy.agreement)
+    return DemoResult.from_dict(result)

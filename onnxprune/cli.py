@@ -1,14 +1,16 @@
 """Command line: argument parsing only. Argument groups build the option objects (onnxprune.options), every
-verb calls onnxprune.api with them, and onnxprune.report formats the result. Nothing heavy is imported until a
-verb runs, so ``--help`` is quick.
+verb calls onnxprune.api with them, and onnxprune.report formats the result's record (``to_dict()``). Nothing
+heavy is imported until a verb runs, so ``--help`` is quick.
 
 Every failure ends with one line on stderr ("onnxprune: error: ...") and an exit status that says what kind of
 failure it was (``exit_status`` maps onnxprune.errors' classes to the EXIT_* codes); ``--debug``, anywhere on the
 command line, shows the traceback as well. A run that worked but missed its target (a measured speed-up, a healed
 model's ``--min-agreement``) writes its outputs and exits with status 4 (EXIT_TARGET_MISSED). Progress goes to
-stderr through the ``onnxprune`` logger; with ``--json`` stdout carries the one JSON object alone (anything else a
-library prints goes to stderr). ``prune`` and ``heal`` read their options from ``--config FILE`` too (a TOML
-file, or a plan onnxprune wrote: its "config" key), flags on the command line winning.
+stderr through the ``onnxprune`` logger and as progress bars (onnxprune.progress; ``--quiet`` silences both);
+with ``--json`` stdout carries the one JSON object alone (anything else a library prints goes to stderr). ``prune``
+and ``heal`` read their options from ``--config FILE`` too (a TOML file, or a plan onnxprune wrote: its "config"
+key), flags on the command line winning. Ctrl-C ends a run with status 130 (EXIT_INTERRUPTED), the files it had
+written removed (onnxprune.outputs).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ EXIT_ERROR = EXIT_VERIFICATION_FAILED
 EXIT_USAGE = 2  # bad usage or bad input: argparse's errors, OnnxPruneError
 EXIT_MISSING_DEPENDENCY = 3  # an optional package missing, or a backend/provider that cannot run here
 EXIT_TARGET_MISSED = 4  # outputs written, target (--speedup, --min-agreement) missed
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): the run's outputs removed, as a shell reports a process killed by SIGINT
 JSON_SCHEMA_VERSION = 1  # "schema_version" of every --json object
 
 VERSION = "0.1.0"  # onnxprune.__version__ (kept here so that --version imports nothing)
@@ -66,9 +69,29 @@ exit status:
   3  a missing optional dependency (torch for heal, tensorrt, onnxruntime-gpu) or a backend or execution
      provider that cannot run here
   4  target missed: outputs written, but --speedup or --min-agreement was not met
---debug (before or after the verb) shows the traceback of an error; every --json object carries
-"schema_version": 1 and is the only thing written to stdout.
+  130  interrupted (Ctrl-C): whatever the run had written is removed; the input is never touched
+--debug (before or after the verb) shows the traceback of an error; --quiet (before or after the verb)
+turns progress off: the bars drawn on stderr when it is a terminal, and the progress messages. Every --json
+object carries "schema_version": 1 and is the only thing written to stdout.
 """
+
+
+QUIET_HELP = ("no progress on stderr: neither progress bars (drawn only when stderr is a terminal) nor progress "
+              "messages; warnings and errors still show")
+
+
+# What the HTML report of each verb that writes one (--report) shows (onnxprune.report.html).
+REPORT_SHOWS = {
+    "analyze": "the residual blocks, the conv chain, op counts and depth per stage",
+    "score": "every block's score (bars, and ranked), op counts and depth per stage",
+    "prune": "what was removed, merged, dropped and fitted, by node name; op counts and depth per stage before and "
+             "after; block scores (slp), GradNorms and the CKA matrix with its segments (sglp), the latency rows the "
+             "plan changes and the predicted trade-off curve (layermerge); measured latency distributions (--speedup); "
+             "agreement before pruning, after pruning and after healing, with the healing curves (--heal-data)",
+    "heal": "agreement and accuracy before pruning, after pruning and after healing, the healing loss and agreement "
+            "curves, and the model before (--teacher) and after",
+    "bench": "each model's latency in every round (distributions) and the speed-up",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"onnxprune {VERSION}")
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     p = verbs.add_parser(
@@ -177,7 +201,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plot", action="store_true", help="sglp: also write the CKA matrix with the segment boundaries "
                    "as a PNG (OUTPUT with .cka.png)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
-    g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_data_arguments(p)
     g = p.add_argument_group("repair", "fit linear maps into the cuts pruning left, without training (see repair "
                              "--help)")
@@ -333,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
         # SUPPRESS: a verb without --debug leaves the main parser's value alone
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="show a traceback on errors (also accepted before the verb)")
+        sub.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                         help=QUIET_HELP + " (also accepted before the verb)")
+        if name in REPORT_SHOWS:
+            sub.add_argument("--report", metavar="OUT.html", help="also write an HTML report of the run to OUT.html: "
+                             f"{REPORT_SHOWS[name]}; with the command, versions and machine. One self-contained file "
+                             "(charts inline, nothing fetched when it is viewed; docs/report.md), written only when "
+                             "the run succeeds or misses its target (exit status 0 or 4)")
         if name in CONFIG_VERBS:
             sub.add_argument("--config", metavar="FILE", help="read options from FILE: a TOML file whose keys are the "
                              "long flag names without their dashes (speedup = 1.5, heal-steps = 300, data = "
@@ -380,7 +410,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # against a fresh parser: the defaults of this one may be the file's
     args.effective_config = (effective_config(subparser(build_parser(), args.verb), args)
                              if args.verb in CONFIG_VERBS else None)
+    args.argv = argv  # the exact command line (an HTML report shows it)
+    _check_report_path(args)
     return args
+
+
+def _check_report_path(args: argparse.Namespace) -> None:
+    """Refuse, before anything runs, a --report path that is one of the run's models (input or output)."""
+    report = getattr(args, "report", None)
+    if report is None:
+        return
+    from pathlib import Path
+
+    for flag, path in (("MODEL", "model"), ("OTHER", "other"), ("--teacher", "teacher"), ("-o", "output"),
+                       ("--plan", "plan")):
+        value = getattr(args, path, None)
+        if isinstance(value, str) and Path(value).resolve() == Path(report).resolve():
+            raise OnnxPruneError(f"--report {report} is also {flag}: the report needs a file of its own")
 
 
 def add_pruned_and_teacher_arguments(p: argparse.ArgumentParser, what: str) -> None:
@@ -547,7 +593,7 @@ def _eval(args: argparse.Namespace) -> int:
     from onnxprune import api
     from onnxprune.report.text import eval_text
 
-    result = api.evaluate(args.model, data_options(args), reference=args.reference, provider=args.provider)
+    result = api.evaluate(args.model, data_options(args), reference=args.reference, provider=args.provider).to_dict()
     print_json(result) if args.json else print(eval_text(result))
     return 0
 
@@ -558,14 +604,14 @@ def _analyze(args: argparse.Namespace) -> int:
 
     structure = api.analyze(args.model)
     print_json(structure.to_dict()) if args.json else print(structure_report(structure, args.model))
-    return 0
+    return _write_report(args, structure.to_dict(), 0, args.model, structure=structure.to_dict())
 
 
 def _apply(args: argparse.Namespace) -> int:
     from onnxprune import api
     from onnxprune.report.text import apply_text
 
-    result = api.apply(args.model, args.plan, args.output)
+    result = api.apply(args.model, args.plan, args.output).to_dict()
     if args.json:
         result.pop("verification_text")
         print_json(result)
@@ -578,17 +624,15 @@ def _score(args: argparse.Namespace) -> int:
     from onnxprune import api
     from onnxprune.report.text import score_text
 
-    result = api.score(args.model, data_options(args), scoring_options(args))
+    result = api.score(args.model, data_options(args), scoring_options(args)).to_dict()
     print_json(result) if args.json else print(score_text(result))
-    return 0
+    return _write_report(args, result, 0, args.model)
 
 
 def _prune(args: argparse.Namespace) -> int:
     from onnxprune import api
     from onnxprune.report.text import prune_text
 
-    if args.quiet:
-        logging.getLogger("onnxprune").setLevel(logging.WARNING)
     heal_data = None
     if args.heal_data is not None:
         heal_data = DataOptions(source=args.heal_data, seed=args.seed, mean=args.mean, std=args.std, scale=args.scale,
@@ -597,12 +641,13 @@ def _prune(args: argparse.Namespace) -> int:
         raise OnnxPruneError("--min-agreement needs --heal-data: agreement is measured on its held-back part")
     if not args.repair and (args.repair_independent or args.repair_no_fold or args.repair_ridge != RepairOptions.ridge):
         raise OnnxPruneError("--repair-ridge, --repair-independent and --repair-no-fold need --repair linear")
-    result = api.prune(args.model, target_options(args), OutputOptions(args.output, args.plan, args.pareto, args.plot),
+    output = OutputOptions(args.output, args.plan, args.pareto, args.plot, curve=args.report is not None)
+    result = api.prune(args.model, target_options(args), output,
                        data_options(args), scoring_options(args), latency_options(args),
                        healing_options(args) if heal_data else None, heal_data,
-                       repair_options(args) if args.repair else None)
+                       repair_options(args) if args.repair else None).to_dict()
     record_config(result["plan"], args)
-    return _report_target(result, args.json, prune_text)
+    return _write_report(args, result, _report_target(result, args.json, prune_text), args.model, result.get("output"))
 
 
 def _report_target(result: dict, as_json: bool, text) -> int:
@@ -613,6 +658,20 @@ def _report_target(result: dict, as_json: bool, text) -> int:
     else:
         print(text(result))
     return _target_status(result)
+
+
+def _write_report(args: argparse.Namespace, result: dict, status: int, before: str | None, after: str | None = None,
+                  structure: dict | None = None) -> int:
+    """With --report, write the HTML report of a run that succeeded or missed its target (status 0 or 4): built
+    from ``result`` (what --json prints), its plan and the models ``before`` and ``after``. Returns ``status``."""
+    if getattr(args, "report", None) is not None and status in (0, EXIT_TARGET_MISSED):
+        from onnxprune.report.html import write_report
+        from onnxprune.report.run import gather
+
+        run = gather(args.verb, result, before, after, getattr(args, "argv", None), args.effective_config, status,
+                     structure)
+        logging.getLogger("onnxprune").info(f"report: {write_report(args.report, run)}")
+    return status
 
 
 def _target_status(result: dict) -> int:
@@ -627,9 +686,9 @@ def _heal(args: argparse.Namespace) -> int:
     from onnxprune.report.text import heal_text
 
     result = api.heal(args.model, args.teacher, OutputOptions(args.output, args.plan), data_options(args),
-                      healing_options(args), args.provider)
+                      healing_options(args), args.provider).to_dict()
     record_config(result["plan"], args)
-    return _report_target(result, args.json, heal_text)
+    return _write_report(args, result, _report_target(result, args.json, heal_text), args.teacher, result.get("output"))
 
 
 def gate_training_options(args: argparse.Namespace) -> GateTrainingOptions:
@@ -647,7 +706,7 @@ def _train_prune(args: argparse.Namespace) -> int:
     if args.speedup is None and args.latency_batch is not None:
         raise OnnxPruneError("--latency-batch needs --speedup: nothing is timed without it")
     result = api.train_prune(args.model, OutputOptions(args.output, args.plan), data_options(args),
-                             gate_training_options(args), args.teacher, latency_options(args), args.provider)
+                             gate_training_options(args), args.teacher, latency_options(args), args.provider).to_dict()
     return _report_target(result, args.json, train_prune_text)
 
 
@@ -656,7 +715,7 @@ def _repair(args: argparse.Namespace) -> int:
     from onnxprune.report.text import repair_text
 
     result = api.repair(args.model, args.teacher, OutputOptions(args.output, args.plan), data_options(args),
-                        repair_options(args), args.provider)
+                        repair_options(args), args.provider).to_dict()
     if args.json:
         result.pop("verification_text")
         print_json(result)
@@ -669,7 +728,7 @@ def _latency(args: argparse.Namespace) -> int:
     from onnxprune import api
     from onnxprune.report.text import latency_text
 
-    result = api.latency(args.model, args.output, latency_options(args), args.input_shape)
+    result = api.latency(args.model, args.output, latency_options(args), args.input_shape).to_dict()
     print_json(result) if args.json else print(latency_text(result))
     return 0
 
@@ -678,9 +737,9 @@ def _bench(args: argparse.Namespace) -> int:
     from onnxprune import api
     from onnxprune.report.text import bench_text
 
-    result = api.bench(args.model, args.other, latency_options(args))
+    result = api.bench(args.model, args.other, latency_options(args)).to_dict()
     print_json(result) if args.json else print(bench_text(result))
-    return 0
+    return _write_report(args, result, 0, args.model, args.other)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -692,7 +751,7 @@ def _demo(args: argparse.Namespace) -> int:
         healing = dataclasses.replace(healing, steps=args.heal_steps)
     result = api.demo(args.out, args.model, args.data, args.test_data, args.speedup, args.method,
                       LatencyOptions(batch=args.latency_batch), healing=healing,
-                      repair=None if args.no_repair else RepairOptions())
+                      repair=None if args.no_repair else RepairOptions()).to_dict()
     if args.json:
         result["pruned"].pop("verification_text", None)
         result.get("healed", {}).pop("verification_text", None)
@@ -706,18 +765,26 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is when a message comes (it may have been replaced since)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr
-        super().emit(record)
+        from onnxprune.progress import write_line
+
+        try:
+            write_line(self.format(record))  # above a progress bar being drawn, not through it
+        except Exception:
+            self.handleError(record)
 
 
-def _log_to_stderr() -> None:
-    """Progress messages of every module (the ``onnxprune`` logger) go to stderr, one line each."""
+def _log_to_stderr(quiet: bool = False) -> None:
+    """Progress messages of every module (the ``onnxprune`` logger) go to stderr, one line each, and progress bars
+    are drawn there when it is a terminal (onnxprune.progress); ``quiet`` (--quiet): warnings and errors only."""
+    from onnxprune.progress import set_enabled
+
+    set_enabled(not quiet)
     logger = logging.getLogger("onnxprune")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def exit_status(exc: BaseException) -> int:
@@ -735,11 +802,16 @@ def _fail(exc: BaseException, debug: bool) -> int:
 
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, OnnxPruneError):
-        print(f"onnxprune: error: {exc}", file=sys.stderr)
+        print(f"onnxprune: error: {_one_line(str(exc))}", file=sys.stderr)
     else:  # a bug or an input we did not foresee: still one line
-        print(f"onnxprune: error: {type(exc).__name__}: {exc}" + ("" if debug else " (run with --debug for the "
-              "traceback)"), file=sys.stderr)
+        print(f"onnxprune: error: {type(exc).__name__}: {_one_line(str(exc))}" + ("" if debug else " (run with "
+              "--debug for the traceback)"), file=sys.stderr)
     return exit_status(exc)
+
+
+def _one_line(text: str) -> str:
+    """A message on one line (a library's multi-line message joined), whatever it says."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -749,7 +821,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
     except OnnxPruneError as exc:  # a bad --config file
         return _fail(exc, "--debug" in argv)
-    _log_to_stderr()
+    _log_to_stderr(quiet=args.quiet)
     # With --json, stdout carries the JSON object alone: whatever else is printed during the run (a library's
     # warnings) goes to stderr.
     quiet_stdout = contextlib.nullcontext()
@@ -757,17 +829,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         _json_stream, quiet_stdout = sys.stdout, contextlib.redirect_stdout(sys.stderr)
     try:
         with quiet_stdout:
-            return args.run(args)
-    except BrokenPipeError:  # the reader (head, less) went away: not an error
-        sys.stdout = open(os.devnull, "w")
-        return 0
-    except KeyboardInterrupt:
-        print("onnxprune: interrupted", file=sys.stderr)
-        return 130
+            return _run(args)
+    except KeyboardInterrupt as exc:  # Ctrl-C: what the run wrote is gone already (_run), the input never touched
+        if args.debug:
+            import traceback
+
+            traceback.print_exception(exc, file=sys.stderr)
+        print("onnxprune: error: interrupted; the outputs of this run were removed", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:
         return _fail(exc, args.debug)
     finally:
         _json_stream = None
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the verb; when it fails or is interrupted, remove the files it had written (onnxprune.outputs)."""
+    from onnxprune.outputs import run_outputs
+
+    with run_outputs():
+        try:
+            return args.run(args)
+        except BrokenPipeError:  # the reader (head, less) went away after the outputs were written: not an error
+            sys.stdout = open(os.devnull, "w")
+            return 0
 
 
 if __name__ == "__main__":

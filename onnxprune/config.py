@@ -12,7 +12,7 @@ from onnxprune.errors import OnnxPruneError
 
 CONFIG_VERBS = ("prune", "heal")
 _NOT_CONFIGURABLE = {"help", "config", "debug"}
-_NOT_RECORDED = {"json", "quiet"}  # how a run reports, not what it does: a plan's config leaves them out
+_NOT_RECORDED = {"json", "quiet", "report"}  # how a run reports, not what it does: a plan's config leaves them out
 
 
 def subparser(parser: argparse.ArgumentParser, verb: str) -> argparse.ArgumentParser:
@@ -104,7 +104,7 @@ def apply_config(sub: argparse.ArgumentParser, verb: str, config: dict, path: st
 
 def effective_config(sub: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     """The options a run used (the file's and the command line's), as a config (what plans record): switches
-    that are on and every option with a value, except how the run reports (--json, --quiet)."""
+    that are on and every option with a value, except how the run reports (--json, --quiet, --report)."""
     config = {}
     for key, action in config_keys(sub).items():
         if action.dest in _NOT_RECORDED:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxprune import progress
 from onnxprune.data.sources import Dataset
 from onnxprune.runtime.session import Session
 
 
 def logits_of(session: Session, data: Dataset, batch: int) -> np.ndarray:
-    outputs = [session.run(feeds)[0][:count] for feeds, _, count in data.batches(batch)]
+    outputs = [session.run(feeds)[0][:count] for feeds, _, count in progress.batches(data, batch, "evaluating")]
     return np.concatenate(outputs).reshape(len(data), -1).astype(np.float64)
 
 

@@ -92,6 +92,9 @@ class OutputOptions:
     plan: str | None = None  # None: the model's path with .plan.json
     pareto: str | None = None  # layermerge only: the predicted trade-off curve (JSON)
     plot: bool = False  # sglp only: a PNG of the CKA matrix and the segments beside the model (OUT with .cka.png)
+    # layermerge: the predicted trade-off curve in the result too ("pareto"; what an HTML report draws), with or
+    # without a ``pareto`` file
+    curve: bool = False
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxprune import outputs
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph import rewrite, rules
 from onnxprune.graph.analysis import Structure, analyze_graph
@@ -32,7 +33,7 @@ from onnxprune.graph.normalize import to_graph, to_model
 SCHEMA = 1
 _LISTS = ("remove_blocks", "replace_with_shortcut", "drop_activations", "drop_convs", "merge")
 _KNOWN_KEYS = set(_LISTS) | {"schema", "model", "method", "predicted", "notes", "healing", "repair", "config",
-                              "training"}
+                              "training", "repair_blocks"}
 
 
 class PlanError(OnnxPruneError):
@@ -52,6 +53,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     healing: dict | None = None  # what healing did after the rewrite (onnxprune.train.heal), when it ran
     repair: dict | None = None  # the maps fitted after the rewrite (onnxprune.repair.linear), when it ran
+    # The removed blocks whose cuts get a fitted map (LayerMerge's "replace by a fitted map", docs/algorithms.md
+    # section 4.1): None, as in plans written before it, leaves repair to map every cut.
+    repair_blocks: list[str] | None = None
     # the gated training run that chose the removed blocks (train-prune: thetas per evaluation, pruning steps)
     training: dict | None = None
     # The options of the command lines that wrote the plan, by verb ({"prune": {"speedup": 1.5, ...}, "heal": ...}):
@@ -66,6 +70,7 @@ class Plan:
             **{name: getattr(self, name) for name in _LISTS},
             "predicted": self.predicted,
             "notes": self.notes,
+            **({"repair_blocks": self.repair_blocks} if self.repair_blocks is not None else {}),
             **({"repair": self.repair} if self.repair is not None else {}),
             **({"healing": self.healing} if self.healing is not None else {}),
             **({"training": self.training} if self.training is not None else {}),
@@ -98,6 +103,10 @@ class Plan:
             raise PlanError("plan key 'merge' must be a list of runs: lists of conv names, or "
                             '{"convs": [...], "fold_identity": "<join>"}')
         plan.merge = runs
+        if (mapped := data.get("repair_blocks")) is not None:
+            if not isinstance(mapped, list) or not all(isinstance(v, str) for v in mapped):
+                raise PlanError("plan key 'repair_blocks' must be a list of joins of removed blocks")
+            plan.repair_blocks = mapped
         return plan
 
     @property
@@ -128,11 +137,7 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
 
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return outputs.write_text(path, json.dumps(plan.to_dict(), indent=2) + "\n")
 
 
 def fingerprint(model: onnx.ModelProto) -> str:
@@ -155,6 +160,9 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> tuple[onnx.ModelProto, dic
     """The rewritten model and a summary of what changed. Raises PlanError before any change is kept."""
     if plan.fingerprint is not None and plan.fingerprint != fingerprint(model):
         raise PlanError("the plan was made for another model (or an older version of this one): fingerprints differ")
+    if stray := [join for join in plan.repair_blocks or [] if join not in plan.remove_blocks]:
+        raise PlanError(f"repair_blocks names {stray}, which the plan does not remove (only a removed block is "
+                        "replaced by a fitted map)")
     if plan.empty:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)

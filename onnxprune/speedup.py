@@ -12,6 +12,7 @@ SLP: remove blocks by SLP until the measured speed-up meets the target.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -28,13 +29,16 @@ from onnxprune.importance.sglp import prune_sglp
 from onnxprune.importance.slp import prune_slp
 from onnxprune.latency.backends import Backend
 from onnxprune.latency.measure import compare
-from onnxprune.latency.table import LatencyTable, build_table
+from onnxprune.latency.table import LatencyTable, build_table, row_signature
 from onnxprune.plan import Plan, apply_plan, fingerprint
 from onnxprune.planning import dp
 from onnxprune.planning import blocks
 from onnxprune.planning.blocks import search_space
-from onnxprune.planning.candidates import conv_l1_norms, options_plan
-from onnxprune.options import ScoringOptions
+from onnxprune.planning.candidates import Option, conv_l1_norms, options_plan
+from onnxprune.options import RepairOptions, ScoringOptions
+from onnxprune.progress import progress
+from onnxprune.repair.blocks import block_cuts, fit_block_maps
+from onnxprune.repair.linear import reference_of, with_placeholder_maps
 from onnxprune.verify import Verification, verify
 
 log = logging.getLogger(__name__)
@@ -61,6 +65,7 @@ class SpeedupResult:
     pareto: list[dict] = field(default_factory=list)  # predicted trade-off curve, when asked for
     note: str = ""  # why the search stopped short of the target, when it did
     notes: list[str] = field(default_factory=list)  # options left out of the search, and why
+    rounds_s: list[list[float]] = field(default_factory=list)  # the measurement's seconds per round: original, pruned
 
 
 def normalized(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -82,11 +87,13 @@ class Measurement:
     timed: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
 
 
-def _measure(original: onnx.ModelProto, pruned: onnx.ModelProto, how: Measurement) -> tuple[float, float, float]:
-    """(original seconds, pruned seconds, speed-up): medians, the speed-up read within rounds."""
+def _measure(original: onnx.ModelProto, pruned: onnx.ModelProto,
+             how: Measurement) -> tuple[float, float, float, list[list[float]]]:
+    """(original seconds, pruned seconds, speed-up, the seconds of each in every round): medians, the speed-up
+    read within rounds."""
     timed = how.timed(pruned) if how.timed else pruned
     measured = compare([original, timed], how.backend, how.batch, how.rounds or MEASURE_ROUNDS)
-    return measured.medians[0], measured.medians[1], measured.speedups[1]
+    return measured.medians[0], measured.medians[1], measured.speedups[1], measured.times
 
 
 def tightened_budget(whole_s: float, predicted_s: float, measured_speedup: float, target: float,
@@ -134,9 +141,11 @@ def out_of_reach(target: float, backend: str, whole_s: float, fixed_s: float, fa
 def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: float, how: Measurement,
                           scoring: ScoringOptions = ScoringOptions(), data_batch: int = 64,
                           table: LatencyTable | None = None, max_attempts: int = 4,
-                          with_pareto: bool = False) -> SpeedupResult:
+                          with_pareto: bool = False, repair: RepairOptions | None = None) -> SpeedupResult:
     """LayerMerge to a ``target`` speed-up measured as ``how`` says; rows are scored on ``data`` in runs of
-    ``data_batch`` samples."""
+    ``data_batch`` samples. With ``repair`` (repair to follow), every removable block also has the option "replace
+    it by a fitted map" (``_map_options``), the plan records the blocks that get one (``Plan.repair_blocks``), and
+    each candidate is timed with placeholder maps at exactly those blocks."""
     stages: dict[str, float] = {}
     clock = time.perf_counter()
     structure = analyze_model(model)
@@ -144,11 +153,17 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
     options = search_space(structure, conv_l1_norms(to_graph(model)))
     last = blocks.positions(structure, options)
     stages["candidates"] = time.perf_counter() - clock
+    maps, map_notes, reference = {}, [], reference_of(model) if repair is not None else None
+    if repair is not None:
+        clock = time.perf_counter()
+        options, maps, map_notes = _map_options(baseline, options, data, repair, scoring.provider)
+        stages["repair maps"] = time.perf_counter() - clock
     log.info(f"layermerge: {len(options)} options over {len(structure.convs)} chain convs and "
              f"{last - len(structure.convs)} blocks off the chain")
     clock = time.perf_counter()
-    copies = row_copies(model, structure, options, feature, scoring.scope or "global")
-    notes = [f"option {o.start}..{o.end} ({', '.join(o.keep or o.drop)}) left out: {why}" for o, why in copies.refused]
+    copies = row_copies(model, structure, options, feature, scoring.scope or "global", maps)
+    notes = map_notes + [f"option {o.start}..{o.end} ({', '.join(o.keep or o.drop)}) left out: {why}"
+                         for o, why in copies.refused]
     for note in notes:
         log.info(f"layermerge: {note}")
     stages["candidates"] += time.perf_counter() - clock
@@ -160,6 +175,8 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
     clock = time.perf_counter()
     rows, provider_used = score_rows(copies, data, scoring.provider, data_batch)
     stages["importance"] = time.perf_counter() - clock
+    rows, untimed = _timed_map_rows(rows, table, structure)
+    notes += untimed
     dp_rows = [dp.Row(r.option.start, r.option.end, table.option_latency(r.option, structure), r.importance, r.option)
                for r in rows]
     chain_budget = table.whole_s / target - table.fixed_s
@@ -168,7 +185,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
     results: list[SpeedupResult] = []
     stages["dp"] = stages["apply"] = stages["verify"] = stages["measure"] = 0.0
     tried: set[tuple] = set()
-    for attempt in range(1, max_attempts + 1):
+    for attempt in progress(range(1, max_attempts + 1), desc="layermerge: speed-up search"):
         if chain_budget <= 0:
             if results:
                 log.info(f"layermerge: the tightened budget leaves nothing for the convs; stopping after {attempt - 1}")
@@ -192,6 +209,8 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
         tried.add(tuple(chosen))
         plan = Plan(**options_plan([o for o in chosen if not o.original]), fingerprint=fingerprint(model),
                     method="layermerge")
+        if repair is not None:  # the removed blocks that get a map; the others are removed without one
+            plan.repair_blocks = plan.repair_blocks or []
         clock = time.perf_counter()
         pruned, _ = apply_plan(model, plan)
         stages["apply"] += time.perf_counter() - clock
@@ -201,7 +220,7 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
         if not verification.passed:
             raise VerificationFailed(f"the pruned model failed verification: {verification.summary()}")
         clock = time.perf_counter()
-        t_original, t_pruned, speedup = _measure(baseline, pruned, how)
+        t_original, t_pruned, speedup, rounds_s = _measure(baseline, pruned, _with_maps(how, reference, repair, plan))
         stages["measure"] += time.perf_counter() - clock
         predicted = table.fixed_s + solution.latency
         attempts.append({"attempt": attempt, "budget_s": chain_budget + table.fixed_s, "predicted_s": predicted,
@@ -211,11 +230,12 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
         log.info(f"layermerge: attempt {attempt}: predicted {table.whole_s / predicted:.3f}x ({1e3 * predicted:.2f} ms), "
             f"measured {speedup:.3f}x ({1e3 * t_original:.2f} -> {1e3 * t_pruned:.2f} ms; target {target}x)")
         plan.predicted = {"latency_s": predicted, "importance": solution.importance, "backend": table.backend,
-                          "batch": how.batch, "attempts": attempts,
-                          "rows": [_describe(r) for r in solution.rows if not r.key.original]}
+                          "batch": how.batch, "attempts": attempts, "whole_s": table.whole_s,
+                          "fixed_s": table.fixed_s, "table_rows": len(dp_rows),
+                          "rows": [_describe(r, dp_rows) for r in solution.rows if not r.key.original]}
         results.append(SpeedupResult(pruned, plan, target, speedup, t_original, t_pruned, predicted,
                                      speedup >= target, attempts, stages, table, verification, provider_used, curve,
-                                     notes=notes))
+                                     notes=notes, rounds_s=rounds_s))
         if target <= speedup <= target * (1 + OVERSHOOT):
             break
         if speedup < target:
@@ -229,12 +249,54 @@ def layermerge_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, t
     return min(met, key=lambda r: r.speedup) if met else max(results, key=lambda r: r.speedup)
 
 
-def _describe(row: dp.Row) -> dict:
+def _describe(row: dp.Row, rows: list[dp.Row] = ()) -> dict:
+    """A chosen row as the plan records it; ``original_latency_s``: what the original rows it replaces cost (in
+    ``rows``), so that latency_s - original_latency_s is what it saves."""
     o = row.key
-    kind = "remove block" if o.remove_block else "merge" if len(o.keep) > 1 or o.fold_identity else "prune"
+    kind = ("replace block by a map" if o.fitted_map else "remove block" if o.remove_block
+            else "merge" if len(o.keep) > 1 or o.fold_identity else "prune")
+    replaced = sum(r.latency for r in rows if r.key.original and row.start <= r.start and r.end <= row.end)
     return {"kind": kind, "positions": [o.start, o.end], "keep": list(o.keep), "drop": list(o.drop),
             "kernel": list(o.kernel), "depthwise": o.depthwise, "block": o.remove_block or o.fold_identity,
-            "latency_s": row.latency, "importance": row.importance}
+            "latency_s": row.latency, "importance": row.importance, "original_latency_s": replaced}
+
+
+def _map_options(baseline: onnx.ModelProto, options: list[Option], data: Dataset, repair: RepairOptions,
+                 provider: str) -> tuple[list[Option], dict[str, tuple], list[str]]:
+    """``options`` with, for every block-removal option, its twin that puts a fitted map in the block's place
+    (planning.blocks.replace_options); the maps that score them (join -> (cut, map), fitted independently on
+    ``data``: repair.blocks); notes on blocks that get no such option."""
+    cuts, notes = block_cuts(baseline, [o.remove_block for o in options if o.remove_block], repair.fold)
+    fitted, _ = fit_block_maps(baseline, cuts, data, repair, provider)
+    log.info(f"layermerge: {len(fitted)} blocks may be replaced by a fitted map "
+             f"({sum(c.fitted_map.folds for c in cuts.values())} of them fold into a neighbour)")
+    maps = {join: (c.cut, fitted[join]) for join, c in cuts.items()}
+    return options + blocks.replace_options(options, {j: c.fitted_map for j, c in cuts.items()}), maps, notes
+
+
+def _timed_map_rows(rows: list, table: LatencyTable, structure) -> tuple[list, list[str]]:
+    """``rows`` without the map options whose row a given latency table lacks (measured without repair), and a
+    note for each: their cost would be a guess."""
+    kept, notes = [], []
+    for r in rows:
+        signature = row_signature(r.option, structure, table.batch) if r.option.fitted_map else None
+        if signature is not None and signature not in table.rows:
+            notes.append(f"replacing block {r.option.remove_block} by a map left out: the latency table has no row "
+                         f"'{signature}' (it was measured without repair)")
+            continue
+        kept.append(r)
+    return kept, notes
+
+
+def _with_maps(how: Measurement, reference: onnx.ModelProto | None, repair: RepairOptions | None,
+               plan: Plan) -> Measurement:
+    """``how`` timing a candidate with placeholder maps at the blocks ``plan`` replaces by maps (and nowhere else),
+    when repair follows; else ``how`` itself."""
+    if repair is None or reference is None:
+        return how
+    blocks_mapped = tuple(plan.repair_blocks or ())
+    return dataclasses.replace(how, timed=lambda pruned: with_placeholder_maps(pruned, reference, repair.fold,
+                                                                               blocks_mapped))
 
 
 def _pareto(rows: list[dp.Row], positions: int, table: LatencyTable) -> list[dict]:
@@ -256,8 +318,8 @@ def slp_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: 
     baseline = normalized(model)
 
     def fast_enough(current: onnx.ModelProto) -> bool:
-        t_original, t_pruned, speedup = _measure(baseline, current, how)
-        measured.update(original=t_original, pruned=t_pruned, speedup=speedup)
+        t_original, t_pruned, speedup, rounds_s = _measure(baseline, current, how)
+        measured.update(original=t_original, pruned=t_pruned, speedup=speedup, rounds_s=rounds_s)
         log.info(f"slp: measured {speedup:.3f}x (target {target}x)")
         return speedup >= target
 
@@ -269,7 +331,7 @@ def slp_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: 
     return SpeedupResult(pruned, result.plan, target, speedup, measured.get("original", 0.0),
                          measured.get("pruned", 0.0), None, speedup >= target,
                          stages={"slp": time.perf_counter() - clock}, verification=verification,
-                         provider=result.provider,
+                         provider=result.provider, rounds_s=measured.get("rounds_s", []),
                          note="" if result.target_met else f"{result.message} (--min-blocks-per-stage lowers it)")
 
 
@@ -290,8 +352,8 @@ def sglp_to_speedup(model: onnx.ModelProto, data: Dataset, target: float, how: M
     speedups: list[float] = []
 
     def fast_enough(current: onnx.ModelProto) -> bool:
-        t_original, t_pruned, speedup = _measure(baseline, current, how)
-        measured.update(original=t_original, pruned=t_pruned, speedup=speedup)
+        t_original, t_pruned, speedup, rounds_s = _measure(baseline, current, how)
+        measured.update(original=t_original, pruned=t_pruned, speedup=speedup, rounds_s=rounds_s)
         speedups.append(speedup)
         log.info(f"sglp: measured {speedup:.3f}x (target {target}x)")
         return speedup >= target
@@ -305,4 +367,5 @@ def sglp_to_speedup(model: onnx.ModelProto, data: Dataset, target: float, how: M
     return SpeedupResult(pruned, result.plan, target, speedup, measured.get("original", 0.0),
                          measured.get("pruned", 0.0), None, speedup >= target,
                          stages={"sglp": time.perf_counter() - clock, **result.scores.seconds},
-                         verification=verification, provider=result.provider, note=result.message)
+                         verification=verification, provider=result.provider, note=result.message,
+                         rounds_s=measured.get("rounds_s", []))

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import onnx
@@ -102,6 +102,14 @@ class Verification:
         for entry, diff in zip(data["outputs"], self.outputs):
             entry["finite"] = diff.finite
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Verification:
+        """The inverse of ``to_dict`` (the result objects of onnxprune.results read their records with it)."""
+        names = {f.name for f in fields(OutputDiff)}
+        outputs = [OutputDiff(**{k: v for k, v in o.items() if k in names}) for o in data.get("outputs", [])]
+        return cls(**{k: v for k, v in data.items() if k in {f.name for f in fields(cls)} - {"outputs"}},
+                   outputs=outputs)
 
     def summary(self) -> str:
         head = "PASSED" if self.passed else "FAILED"

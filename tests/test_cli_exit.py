@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import onnx
 import onnxruntime as ort
@@ -111,9 +112,9 @@ def test_status_3_for_heal_without_torch(tmp_path, capsys, monkeypatch):
 
 def test_status_4_when_the_target_is_missed(net, tmp_path, capsys, monkeypatch):
     """(A real miss, --remove-blocks past what --min-blocks-per-stage allows: tests/test_cli_prune.py.)"""
-    def missed(*args, **kwargs):
-        return {"plan": str(plan), "target_met": False, "message": "measured 1.10x misses the 1.5x target by 36.4%",
-                "verification_text": ""}
+    def missed(*args, **kwargs):  # what the CLI reads of a PruneResult: its record
+        return SimpleNamespace(to_dict=lambda: {"plan": str(plan), "target_met": False, "verification_text": "",
+                                                "message": "measured 1.10x misses the 1.5x target by 36.4%"})
 
     plan = tmp_path / "o.plan.json"
     plan.write_text("{}")

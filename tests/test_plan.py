@@ -168,8 +168,8 @@ def test_apply_keeps_external_data_beside_the_output(tmp_path):
     src = tmp_path / "src.onnx"
     onnx.save(model, src, save_as_external_data=True, location="src.weights", size_threshold=0)
     result = api.apply(src, plan, tmp_path / "out" / "pruned.onnx")
-    assert result["verification"]["passed"]
-    assert result["verification"]["finite"] and not result["verification"]["preserves_function"]
+    assert result.verification.passed
+    assert result.verification.finite and not result.verification.preserves_function
     assert (tmp_path / "out" / "pruned.onnx.data").exists()
 
 

@@ -165,10 +165,10 @@ def test_apply_holds_function_preserving_plans_to_the_tolerance(second_kernel, t
     onnx.save(model, tmp_path / "model.onnx")
     (tmp_path / "plan.json").write_text(json.dumps({"merge": [[s.convs[1].name, s.convs[2].name]]}))
     result = api.apply(tmp_path / "model.onnx", tmp_path / "plan.json", tmp_path / "out.onnx")
-    v = result["verification"]
-    assert v["passed"] and v["finite"] and v["preserves_function"] is (second_kernel == 1)
-    assert v["within_tolerance"] is (True if second_kernel == 1 else None)
-    assert v["outputs"][0]["scaled"] <= TOLERANCE if second_kernel == 1 else v["outputs"][0]["scaled"] > TOLERANCE
+    v = result.verification
+    assert v.passed and v.finite and v.preserves_function is (second_kernel == 1)
+    assert v.within_tolerance is (True if second_kernel == 1 else None)
+    assert v.outputs[0].scaled <= TOLERANCE if second_kernel == 1 else v.outputs[0].scaled > TOLERANCE
 
 
 def test_removals_and_drops_change_the_function():

@@ -14,6 +14,8 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -193,19 +195,31 @@ def _load_npy(path: Path) -> np.ndarray:
         raise OnnxPruneError(f"cannot read {path} as a .npy array: {exc}") from None
 
 
+# What numpy and zipfile raise for a damaged .npz (a truncated or corrupted zip, a member that does not inflate)
+_DAMAGED = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _member(archive, key: str, path: Path) -> np.ndarray:
+    """The array ``key`` of an open .npz (read when asked for: a damaged member shows only then)."""
+    try:
+        return archive[key]
+    except _DAMAGED as exc:
+        raise OnnxPruneError(f"cannot read {key!r} from {path}: the archive is damaged ({exc})") from None
+
+
 def _from_npz(path: Path, inputs: list[ModelInput], prep: Preprocess | None, pick: _Subset) -> Dataset:
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except _DAMAGED as exc:
         raise OnnxPruneError(f"cannot read {path} as a .npz archive: {exc}") from None
     with archive:
         keys = set(archive.files)
-        y = archive["y"] if "y" in keys else None
+        y = _member(archive, "y", path) if "y" in keys else None
         if len(inputs) > 1:
             missing = [i.name for i in inputs if i.name not in keys]
             if missing:
                 raise OnnxPruneError(f"{path} has no arrays for the model inputs {missing} (it has {sorted(keys)})")
-            raw = {i.name: archive[i.name] for i in inputs}
+            raw = {i.name: _member(archive, i.name, path) for i in inputs}
             total = _same_length(raw, str(path))
             if y is not None:
                 _check_labels(y, total, str(path))
@@ -217,7 +231,9 @@ def _from_npz(path: Path, inputs: list[ModelInput], prep: Preprocess | None, pic
         key = name if name in keys else "x" if "x" in keys else None
         if key is None:
             raise OnnxPruneError(f"{path} has no array 'x' or '{name}' (the model's input); it has {sorted(keys)}")
-        x = archive[key]
+        x = _member(archive, key, path)
+        if x.ndim == 0:
+            raise OnnxPruneError(f"{path}[{key}] is a single value, not an array of samples")
         if y is not None:
             _check_labels(y, len(x), str(path))
         return _from_array(pick(x), None if y is None else pick(y), inputs, prep, f"arrays {path}[{key}]", pick)

@@ -1,19 +1,23 @@
 """Loading and saving ONNX models.
 
 - Loading validates what the rest of onnxprune relies on (parseable protobuf, a supported opset,
-  something to prune) and runs shape inference on a weight-free skeleton of the model, so a
-  multi-GB model costs no more to infer than a small one and symbolic dims (a dynamic batch) survive.
+  something to prune, graph outputs, names that are text, initializers whose values fit their data
+  type and dims, inputs it can feed: tests/test_fuzz.py feeds it damaged files) and runs shape
+  inference on a weight-free skeleton of the model, so a multi-GB model costs no more to infer than
+  a small one and symbolic dims (a dynamic batch) survive.
 - A model older than the supported opsets (the ONNX Model Zoo classics are at opset 9 or older) is
   upgraded on load with ``onnx.version_converter``, again on the weight-free skeleton, to the oldest
   supported opset; ``load_notes(model)`` says so. Saving keeps the upgraded opset. Newer opsets
   than the supported ones are refused.
 - Saving is atomic: everything is written under a temporary name in the target folder and renamed,
   so a crash never leaves a half-written model; models whose weights exceed the protobuf limit, or
-  that came with external data, keep their weights in a ``<name>.data`` file beside the output.
+  that came with external data, keep their weights in a ``<name>.data`` file beside the output. What
+  is saved is an output of the run (onnxprune.outputs): removed again if the run fails or is interrupted.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +26,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
+from onnxprune import outputs
 from onnxprune.errors import OnnxPruneError
 
 SUPPORTED_OPSETS = range(11, 22)
@@ -62,6 +67,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise OnnxPruneError(f"{path} is not a readable ONNX model (truncated or not ONNX: {_first_line(exc)})") from None
     if not model.HasField("graph") or not model.graph.node or model.ir_version == 0:
         raise OnnxPruneError(f"{path} is not an ONNX model (no graph, nodes or IR version in it)")
+    check_text(model, name=str(path))
     old_opset = default_opset(model)
     if old_opset is not None and old_opset < SUPPORTED_OPSETS.start:
         model = upgrade_opset(model, UPGRADE_TARGET, name=str(path))
@@ -69,6 +75,8 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
                          f"opsets {SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}); a saved model keeps opset "
                          f"{UPGRADE_TARGET}")
     validate_model(model, name=str(path))
+    check_initializers(model, name=str(path))
+    check_inputs(model, name=str(path))
     if any(external_data_helper.uses_external_data(t) for t in model.graph.initializer):
         try:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
@@ -135,6 +143,91 @@ def validate_model(model: onnx.ModelProto, name: str = "model") -> None:
         )
     if not any(node.op_type in COMPUTE_OPS for node in model.graph.node):
         raise OnnxPruneError(f"{name} has no Conv, Gemm or MatMul node: nothing for onnxprune to prune")
+    if not model.graph.output:
+        raise OnnxPruneError(f"{name} has no graph outputs")
+
+
+# Weights onnxprune reads (graphsurgeon and numpy): numeric and boolean types numpy has, and strings.
+_WEIGHT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.UINT16,
+                 onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.STRING,
+                 onnx.TensorProto.BOOL, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.UINT32,
+                 onnx.TensorProto.UINT64}
+_VALUE_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def check_text(model: onnx.ModelProto, name: str = "model") -> None:
+    """Refuse a name, domain or metadata entry that is not valid UTF-8 (protobuf hands it over as bytes, not str:
+    a damaged file), in the graph and its subgraphs."""
+    texts = [model.producer_name, model.domain, *(o.domain for o in model.opset_import),
+             *(s for p in model.metadata_props for s in (p.key, p.value))]
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        texts += [vi.name for vi in (*graph.input, *graph.output, *graph.value_info)]
+        texts += [t.name for t in graph.initializer]
+        for node in graph.node:
+            texts += [node.name, node.op_type, node.domain, *node.input, *node.output]
+            for attr in node.attribute:
+                texts.append(attr.name)
+                graphs += [attr.g] if attr.HasField("g") else []
+                graphs += list(attr.graphs)
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None:
+        raise OnnxPruneError(f"{name}: {bytes(bad)!r} is not valid UTF-8 text where a name belongs (a damaged file?)")
+
+
+def check_initializers(model: onnx.ModelProto, name: str = "model") -> None:
+    """Refuse an initializer of a data type onnxprune cannot read (bfloat16, float8, int4, an unknown number), with
+    negative dims, or with another number of values than its dims need (a damaged file): OnnxPruneError."""
+    for t in model.graph.initializer:
+        if t.data_type not in _WEIGHT_TYPES:
+            raise OnnxPruneError(f"{name}: initializer {t.name!r} is {_type_name(t.data_type)}; onnxprune reads float, "
+                                 "integer, boolean and string weights")
+        if any(d < 0 for d in t.dims):
+            raise OnnxPruneError(f"{name}: initializer {t.name!r} has negative dims {list(t.dims)}")
+        if external_data_helper.uses_external_data(t) or t.data_type == onnx.TensorProto.STRING:
+            continue
+        expected = 1
+        for d in t.dims:
+            expected *= d
+        if t.HasField("raw_data"):
+            found = len(t.raw_data) / onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        else:
+            found = sum(len(getattr(t, f)) for f in _VALUE_FIELDS)  # float16 and bool: one per int32_data entry
+        if found != expected:
+            raise OnnxPruneError(f"{name}: initializer {t.name!r} holds {found:g} values where its dims {list(t.dims)} "
+                                 f"need {expected} (a damaged file?)")
+
+
+_MAX_INPUT_ELEMENTS = 2**31 - 1  # one batch of a model input: 8 GB of float32, beyond any network onnxprune prunes
+
+
+def check_inputs(model: onnx.ModelProto, name: str = "model") -> None:
+    """Refuse a graph input that onnxprune cannot feed: no tensor, a data type numpy lacks (bfloat16, float8, an
+    unknown number) or strings, or a fixed size under 1."""
+    initializers = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        if not vi.type.HasField("tensor_type"):
+            raise OnnxPruneError(f"{name}: input {vi.name!r} is not a tensor; onnxprune feeds tensors")
+        tensor = vi.type.tensor_type
+        if tensor.elem_type not in _WEIGHT_TYPES - {onnx.TensorProto.STRING}:
+            raise OnnxPruneError(f"{name}: input {vi.name!r} is {_type_name(tensor.elem_type)}; onnxprune feeds "
+                                 "float, integer and boolean tensors")
+        dims = tensor.shape.dim
+        shown = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in dims]
+        if any(d.HasField("dim_value") and d.dim_value < 1 for d in dims):
+            raise OnnxPruneError(f"{name}: input {vi.name!r} has a size under 1 in its shape {shown}")
+        if math.prod(d.dim_value for d in dims if d.HasField("dim_value")) > _MAX_INPUT_ELEMENTS:
+            raise OnnxPruneError(f"{name}: input {vi.name!r} has the fixed shape {shown}: more than 2^31 elements, "
+                                 "more than onnxprune feeds (a damaged file?)")
+
+
+def _type_name(data_type: int) -> str:
+    if data_type in onnx.TensorProto.DataType.values():
+        return onnx.TensorProto.DataType.Name(data_type)
+    return f"of unknown data type {data_type}"
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -196,9 +289,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], external_da
             onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
             if (Path(tmp) / data_name).exists():  # absent when every tensor is under the threshold
+                outputs.record(path.parent / data_name)
                 os.replace(Path(tmp) / data_name, path.parent / data_name)
         else:
             onnx.save_model(model, str(tmp_model))
+        outputs.record(path)  # removed again if the run fails or is interrupted (onnxprune.outputs)
         os.replace(tmp_model, path)
     return path
 

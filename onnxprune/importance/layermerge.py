@@ -10,7 +10,8 @@ conv, below 0 for every change. Scopes:
   when the segment ends the chain): cheaper, it runs only the changed region and one conv.
 
 Each row runs only the part of the modified network after the segment's input, fed with that
-input as captured from the original network (as SLP's suffix scoring).
+input as captured from the original network (as SLP's suffix scoring). A row that replaces a block
+by a fitted map (repair on) is scored with the block removed and its map inserted at the cut.
 """
 
 from __future__ import annotations
@@ -18,15 +19,20 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import onnx
 
 from onnxprune.data.sources import Dataset
 from onnxprune.graph.analysis import Structure
+from onnxprune.graph.io import infer_shapes
 from onnxprune.graph.normalize import to_graph, to_model
 from onnxprune.plan import Plan, PlanError, apply_plan
 from onnxprune.planning.candidates import Option, options_plan
+from onnxprune.repair.cuts import Cut
+from onnxprune.repair.fit import AffineMap
+from onnxprune.repair.place import place_map
 from onnxprune.runtime.capture import suffix_model
 from onnxprune.runtime.compare import Copy, cka_with_original, share_weights
 
@@ -56,9 +62,11 @@ class RowCopies:
 
 
 def row_copies(model: onnx.ModelProto, structure: Structure, options: list[Option], feature: str,
-               scope: str = "global") -> RowCopies:
+               scope: str = "global", maps: Mapping[str, tuple[Cut, AffineMap]] | None = None) -> RowCopies:
     """Apply every changed option alone and cut the result after the segment's input (its suffix). An
-    option the rewrite refuses is set aside with the reason, so one bad option never stops a search."""
+    option the rewrite refuses is set aside with the reason, so one bad option never stops a search. An option
+    that replaces a block by a fitted map has the block removed and ``maps[join]`` (its cut, its map:
+    repair.blocks) inserted at the cut, never folded, so that it lies in the suffix (a fold computes the same)."""
     if scope not in ("global", "local"):
         raise ValueError(f"scope must be global or local, not {scope!r}")
     base = to_model(to_graph(model), model)  # normalized: tensor names as the analysis has them
@@ -68,11 +76,17 @@ def row_copies(model: onnx.ModelProto, structure: Structure, options: list[Optio
         if option.original:
             kept.append(option)
             continue
+        if option.fitted_map is not None and option.remove_block not in (maps or {}):
+            refused.append((option, f"no map was fitted for block {option.remove_block}"))
+            continue
         try:
             modified, _ = apply_plan(base, Plan(**options_plan([option])))
         except PlanError as exc:
             refused.append((option, str(exc)))
             continue
+        if option.fitted_map is not None:
+            cut, fitted = maps[option.remove_block]
+            modified, _ = place_map(infer_shapes(modified), cut, fitted, fold=False)
         if option.remove_block is not None:  # cut at the block's input: the block may lie off the chain
             start = next(b.input for b in structure.residual_blocks if b.join == option.remove_block)
         else:
@@ -105,6 +119,8 @@ def _row(option: Option, cka_value: float) -> RowImportance:
 
 def row_importances(model: onnx.ModelProto, structure: Structure, options: list[Option], data: Dataset,
                     feature: str, scope: str = "global", provider: str = "auto",
-                    batch: int = 64, memory_budget: int | None = None) -> tuple[list[RowImportance], str]:
+                    batch: int = 64, memory_budget: int | None = None,
+                    maps: Mapping[str, tuple[Cut, AffineMap]] | None = None) -> tuple[list[RowImportance], str]:
     """``row_copies`` then ``score_rows``: h for every option the rewrite accepts, and the provider used."""
-    return score_rows(row_copies(model, structure, options, feature, scope), data, provider, batch, memory_budget)
+    return score_rows(row_copies(model, structure, options, feature, scope, maps), data, provider, batch,
+                      memory_budget)

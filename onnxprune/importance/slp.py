@@ -99,6 +99,7 @@ def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, remove_blocks
     original_macs = analyze_model(model).macs
     current, removed, history, provider_used = model, [], [], provider
     ranking: list[BlockScore] | None = None
+    first_scores: list[dict] = []  # the first round's score of every candidate (what a report draws)
 
     def done() -> bool:
         if remove_blocks is not None:
@@ -120,6 +121,7 @@ def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, remove_blocks
             run = score_blocks(current, data, candidates, feature, provider, batch, memory_budget=memory_budget)
             provider_used = run.provider
             ranking = sorted(run.scores, key=lambda s: s.score)
+            first_scores = first_scores or [{"join": s.join, "score": s.score} for s in run.scores]
             log.info(f"slp: scored {len(candidates)} blocks on {run.samples} samples in {run.seconds:.1f} s ({run.provider})")
         allowed = {b.join for b in candidates}
         choice = next((s for s in ranking if s.join in allowed and s.join not in removed), None)
@@ -133,7 +135,7 @@ def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, remove_blocks
         log.info(f"slp: removed {choice.join} (score {choice.score:.5f}); MACs -{100 * (1 - macs / original_macs):.1f}%")
     plan = Plan(remove_blocks=removed, fingerprint=fingerprint(model), method="slp-one-shot" if one_shot else "slp",
                 predicted={"macs_before": original_macs, "macs_after": analyze_model(current).macs,
-                           "history": history})
+                           "history": history, "scores": first_scores})
     message = "" if met else (f"stopped after {len(removed)} blocks: no removable block is left whose stage keeps "
                               f"{min_blocks_per_stage} block(s)")
     return SLPResult(current, plan, history, provider_used, met, message)

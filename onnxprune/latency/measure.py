@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -21,6 +21,7 @@ import onnx
 from onnxprune.data.sources import model_inputs
 from onnxprune.errors import OnnxPruneError
 from onnxprune.latency.backends import Backend, OwnClock, median_time
+from onnxprune.progress import progress
 
 
 def random_feeds(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -47,6 +48,7 @@ class SideBySide:
     speedups: list[float]  # per model: median over rounds of (the first model's time / this model's), 1 for the first
     rounds: int
     runs_per_turn: int
+    times: list[list[float]] = field(default_factory=list)  # per model: the seconds of one run, in every round
 
 
 def compare(models: Sequence[onnx.ModelProto], backend: Backend, batch: int, rounds: int = 25,
@@ -59,12 +61,12 @@ def compare(models: Sequence[onnx.ModelProto], backend: Backend, batch: int, rou
     single = [median_time(run, warmup, 3) for run in runners]
     repeats = max(1, min(20, round(turn_s / max(max(single), 1e-6))))
     times: list[list[float]] = [[] for _ in models]
-    for r in range(rounds):
+    for r in progress(range(rounds), desc=f"timing {len(runners)} model(s) side by side"):
         order = range(len(runners)) if r % 2 == 0 else reversed(range(len(runners)))
         for k in order:
             times[k].append(median_time(runners[k], 0, repeats))
     speedups = [statistics.median(a / b for a, b in zip(times[0], t)) for t in times]
-    return SideBySide([statistics.median(t) for t in times], speedups, rounds, repeats)
+    return SideBySide([statistics.median(t) for t in times], speedups, rounds, repeats, times)
 
 
 def time_in_rounds(whole: Callable[[], object], reference: Callable[[], object], clocks: Sequence[OwnClock],
@@ -77,7 +79,7 @@ def time_in_rounds(whole: Callable[[], object], reference: Callable[[], object],
         for _ in range(warmup):
             run()
     whole_times, reference_times = [], []
-    for _ in range(rounds):
+    for _ in progress(range(rounds), desc=f"latency: timing {len(clocks)} row(s)"):
         whole_times.append(median_time(whole, 0, 1))
         reference_times.append(median_time(reference, 0, 1))
         for clock in clocks:

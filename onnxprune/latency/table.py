@@ -27,13 +27,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxprune import outputs
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import Structure
 from onnxprune.graph.normalize import to_graph, to_model
 from onnxprune.graph.ops import ACTIVATION_ATTRS
 from onnxprune.latency.backends import Backend, median_time, overhead_model
 from onnxprune.latency.measure import random_feeds, time_in_rounds
-from onnxprune.planning.candidates import Option
+from onnxprune.planning.candidates import FittedMap, Option
 
 # 3: rows carry their conv's groups and their activation's attributes; 2: rows are their own work, shares of
 # the whole model timed in the same rounds
@@ -73,6 +74,8 @@ class LatencyTable:
         if signature not in self.rows:
             raise OnnxPruneError(f"the latency table has no row '{signature}' (convs {', '.join(option.keep)}): it was "
                                  "measured for other options of this model; measure it again with onnxprune latency")
+        if option.fitted_map is not None:  # the map alone: its conv, or its MatMul and Add
+            return self.rows[signature] + self.node_overhead_s * (1 if option.fitted_map.conv else 2)
         extras = sum(self.block_extras.get(join, 0.0) for a, b, join in chain_spans(structure)
                      if a == option.start and option.end <= b)
         nodes = 1 + len(structure.convs[option.end - 1].activation_nodes)  # the conv and its activation
@@ -90,11 +93,7 @@ class LatencyTable:
         return self.fixed_s + sum(self.option_latency(o, structure) for o in options)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
-        os.replace(tmp, path)
-        return path
+        return outputs.write_text(path, json.dumps(asdict(self), indent=1) + "\n")
 
 
 def load_table(path: str | os.PathLike[str], fingerprint: str) -> LatencyTable:
@@ -138,6 +137,10 @@ def fixed_part(whole_s: float, rows_s: float) -> tuple[float, str | None]:
 
 
 def _row_shape(option: Option, structure: Structure, batch: int) -> tuple[list[int], list[int], int]:
+    if option.fitted_map is not None:  # a map keeps its tensor's shape: channels in, the same channels out
+        shape = [batch, *option.fitted_map.shape]
+        channels = option.fitted_map.shape[option.fitted_map.axis]
+        return shape, [d for i, d in enumerate(option.fitted_map.shape) if i != option.fitted_map.axis], channels
     first, last = structure.convs[option.start], structure.convs[option.end - 1]
     if first.input_shape is None or last.output_shape is None:
         raise OnnxPruneError(f"conv {first.name}: latency tables need static channel and spatial sizes")
@@ -180,8 +183,13 @@ def chain_spans(structure: Structure) -> list[tuple[int, int, str]]:
 
 
 def row_signature(option: Option, structure: Structure, batch: int) -> str | None:
-    """What determines a conv row's latency; None for a removed block (it costs nothing) or a kept one (its
-    branch is timed as a whole: LatencyTable.blocks)."""
+    """What determines a conv row's latency; None for a removed block (it costs nothing), one replaced by a map
+    that folds into its neighbour (nor does it), or a kept one (its branch is timed as a whole:
+    LatencyTable.blocks). A block replaced by a map that does not fold has the map's row: ``map conv k1`` (channels
+    first) or ``map matmul`` (channels last) at the tensor's shape."""
+    if option.fitted_map is not None and not option.fitted_map.folds:
+        kind = "conv k1" if option.fitted_map.conv else "matmul"
+        return f"map {kind} {[batch, *option.fitted_map.shape]}"
     if option.remove_block is not None or option.keep_block is not None:
         return None
     in_shape, out_spatial, cout = _row_shape(option, structure, batch)
@@ -256,7 +264,10 @@ ACTIVATIONS: dict[str, Callable[[dict, str, str, int], _Built]] = {
 
 def row_model(option: Option, structure: Structure, batch: int, dtype=np.float32) -> onnx.ModelProto:
     """A model of the row alone: the (merged) conv, with its groups, and the activation after it as it is in the
-    network (ACTIVATIONS; an activation it does not know is left out: build_table notes it), random weights."""
+    network (ACTIVATIONS; an activation it does not know is left out: build_table notes it), random weights. A
+    block replaced by a fitted map: the map alone (``map_model``)."""
+    if option.fitted_map is not None:
+        return map_model(option.fitted_map, batch, dtype)
     in_shape, out_spatial, cout = _row_shape(option, structure, batch)
     cin = in_shape[1]
     groups = _conv_groups(option, cin, cout)
@@ -279,6 +290,29 @@ def row_model(option: Option, structure: Structure, batch: int, dtype=np.float32
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     graph = helper.make_graph(nodes, "row", [helper.make_tensor_value_info("x", elem, in_shape)],
                               [helper.make_tensor_value_info("y", elem, [batch, cout, *out_spatial])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def map_model(fitted: FittedMap, batch: int, dtype=np.float32) -> onnx.ModelProto:
+    """A model of a fitted map alone, as repair/place.py inserts it: a 1x1 conv with a bias (channels first), or a
+    MatMul and an Add (channels last), at the tensor's shape with ``batch`` samples, random weights."""
+    shape = [batch, *fitted.shape]
+    channels = fitted.shape[fitted.axis]
+    rng = np.random.default_rng(0)
+    node = helper.make_node
+    if fitted.conv:
+        weight = rng.normal(0, 0.1, (channels, channels, *[1] * (len(shape) - 2)))
+        nodes = [node("Conv", ["x", "w", "b"], ["y"])]
+    else:
+        weight = rng.normal(0, 0.1, (channels, channels))
+        nodes = [node("MatMul", ["x", "w"], ["m"]), node("Add", ["m", "b"], ["y"])]
+    inits = [numpy_helper.from_array(weight.astype(dtype), "w"),
+             numpy_helper.from_array(np.zeros(channels, dtype), "b")]
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph(nodes, "map", [helper.make_tensor_value_info("x", elem, shape)],
+                              [helper.make_tensor_value_info("y", elem, shape)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -391,6 +425,8 @@ def _untimed_activations(distinct: dict[str, Option], structure: Structure) -> l
     """A note for each row whose activation has no row model (ACTIVATIONS): it was timed as the bare conv."""
     notes = []
     for signature, option in distinct.items():
+        if option.fitted_map is not None:
+            continue
         kind = structure.convs[option.end - 1].activation
         if kind is not None and kind not in ACTIVATIONS:
             notes.append(f"row '{signature}': no row model for the activation {kind}; timed as the bare conv")

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxprune.progress import progress
+
 
 @dataclass(frozen=True)
 class Row:
@@ -99,7 +101,7 @@ def pareto(rows: Sequence[Row], positions: int, max_budget: float, unit: float) 
     t_max = int(math.floor(max_budget / unit + 1e-9))
     best, choice, g = _table(rows, positions, t_max, unit)
     curve, last = [], -np.inf
-    for t in range(t_max + 1):
+    for t in progress(range(t_max + 1), desc="trade-off curve"):
         if np.isfinite(best[positions, t]) and best[positions, t] > last:
             last = best[positions, t]
             chosen = _backtrack(rows, choice, g, positions, t)

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
+from onnxprune import progress
 from onnxprune.data.sources import Dataset
+from onnxprune.graph.analysis import analyze_model
 from onnxprune.graph.io import infer_shapes
 from onnxprune.graph.normalize import to_graph, to_model
 from onnxprune.options import RepairOptions
-from onnxprune.repair.cuts import Cut, find_cuts
+from onnxprune.repair.cuts import Cut, cuts_of_blocks, find_cuts
 from onnxprune.repair.fit import AffineMap, RidgeSums, channel_rows, solve
 from onnxprune.repair.place import place_map
 from onnxprune.runtime.capture import attention_mask_input, prefix_model
@@ -40,13 +43,16 @@ class RepairResult:
 
 
 def repair(pruned: onnx.ModelProto, original: onnx.ModelProto, data: Dataset, options: RepairOptions = RepairOptions(),
-           provider: str = "auto") -> RepairResult:
-    """``pruned`` with a fitted map at every cut. The record lists, per map: the cut (source -> target), its
+           provider: str = "auto", blocks: Collection[str] | None = None) -> RepairResult:
+    """``pruned`` with a fitted map at every cut, or with ``blocks`` (joins of removed blocks: a plan's
+    ``repair_blocks``) only at the cuts of those blocks. The record lists, per map: the cut (source -> target), its
     channels, the rows fitted, the relative squared error at the cut before and after the fit, and where the
     map went; plus notes on differences that are not cuts, and the wall time."""
     start = time.perf_counter()
     current, original = infer_shapes(_copy(pruned)), reference_of(original)
     cuts, notes = find_cuts(current, original)
+    cuts, left = planned_cuts(cuts, original, blocks)
+    notes += [f"cut {c.source} -> {c.target} left without a map: the plan removes it without one" for c in left]
     notes += [f"cut {c.source} -> {c.target} skipped: only float32 tensors are repaired" for c in cuts
               if not _is_float32(current, c.source)]
     cuts = [c for c in cuts if _is_float32(current, c.source)]
@@ -69,8 +75,19 @@ def repair(pruned: onnx.ModelProto, original: onnx.ModelProto, data: Dataset, op
             maps.append(_describe(cut, affine, how))
     _drop_unused_initializers(current)
     record = {"method": options.method, "sequential": options.sequential, "ridge": options.ridge,
-              "samples": len(data), "maps": maps, "notes": notes, "seconds": time.perf_counter() - start}
+              "samples": len(data), "maps": maps, "notes": notes, "seconds": time.perf_counter() - start,
+              **({"blocks": list(blocks)} if blocks is not None else {})}
     return RepairResult(current, record, used)
+
+
+def planned_cuts(cuts: list[Cut], reference: onnx.ModelProto,
+                 blocks: Collection[str] | None) -> tuple[list[Cut], list[Cut]]:
+    """(the cuts that get a map, the others): every cut when ``blocks`` is None, else those standing for one of
+    the removed blocks ``blocks`` (repair.cuts.cuts_of_blocks on the analysis of ``reference``)."""
+    if blocks is None:
+        return cuts, []
+    mapped = cuts_of_blocks(cuts, analyze_model(reference), blocks) if blocks else []
+    return mapped, [c for c in cuts if c not in mapped]
 
 
 def reference_of(original: onnx.ModelProto) -> onnx.ModelProto:
@@ -79,13 +96,15 @@ def reference_of(original: onnx.ModelProto) -> onnx.ModelProto:
     return infer_shapes(to_model(to_graph(original), original))
 
 
-def with_placeholder_maps(pruned: onnx.ModelProto, reference: onnx.ModelProto, fold: bool = True) -> onnx.ModelProto:
-    """``pruned`` with an identity map wherever ``repair`` would put a fitted one: the same nodes, so the same
-    latency, without fitting anything. A speed-up search that will be followed by repair times this form, so the
-    maps' cost is paid inside the search (docs/algorithms.md section 8). ``reference``: ``reference_of(original)``,
-    computed once for the whole search."""
+def with_placeholder_maps(pruned: onnx.ModelProto, reference: onnx.ModelProto, fold: bool = True,
+                          blocks: Collection[str] | None = None) -> onnx.ModelProto:
+    """``pruned`` with an identity map wherever ``repair`` would put a fitted one (with ``blocks``, only at the
+    cuts of those removed blocks, as ``repair``): the same nodes, so the same latency, without fitting anything.
+    A speed-up search that will be followed by repair times this form, so the maps' cost is paid inside the
+    search (docs/algorithms.md section 8). ``reference``: ``reference_of(original)``, computed once for the
+    whole search."""
     current = infer_shapes(_copy(pruned))
-    cuts, _ = find_cuts(current, reference)
+    cuts, _ = planned_cuts(find_cuts(current, reference)[0], reference, blocks)
     for cut in cuts:
         if not _is_float32(current, cut.source):
             continue
@@ -117,7 +136,7 @@ def _fit(source_model: onnx.ModelProto, original: onnx.ModelProto, data: Dataset
     mask = attention_mask_input(original)
     mask = mask if mask in data.inputs else None
     sums: list[RidgeSums | None] = [None] * len(cuts)
-    for batch in data.batches(options.batch):
+    for batch in progress.batches(data, options.batch, f"repair: fitting {len(cuts)} map(s)"):
         keep = None if mask is None else batch.feeds[mask][:batch.count] != 0
         xs = dict(zip(wanted, s_src.run(batch.feeds, wanted)))
         ys = xs if same else dict(zip(targets, s_orig.run(batch.feeds, targets)))

@@ -38,7 +38,9 @@ def encode_png(rgb: np.ndarray) -> bytes:
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> None:
-    Path(path).write_bytes(encode_png(rgb))
+    from onnxprune.outputs import write_bytes
+
+    write_bytes(path, encode_png(rgb))
 
 
 def colours(values: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:

@@ -44,6 +44,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune import progress
 from onnxprune.data.sources import Dataset
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.io import weight_bytes
@@ -337,7 +338,7 @@ def cka_with_original(original: onnx.ModelProto, copies: list[Copy], data: Datas
             captured = _captured(copies, data)
             full = create_session(files.write(with_outputs(original, captured), owned=True), provider, arena=False)
             used = full.provider
-            for feeds, _, _ in data.batches(plan.batch):
+            for feeds, _, _ in progress.batches(data, plan.batch, "capturing activations"):
                 store.append(dict(zip(full.output_names, full.run(feeds))), keep=set(captured))
             del full
             _release()
@@ -373,7 +374,7 @@ def _score_group(group: list[int], copies: list[Copy], data: Dataset, batch: int
     # One session per copy, without onnxruntime's memory arena: each arena would keep its peak.
     sessions = [create_session(files.write(c.model, c.shared), provider, arena=False) for c in members]
     accumulators: list = [None] * len(members)
-    for feeds, _, count in data.batches(batch):
+    for feeds, _, count in progress.batches(data, batch, f"scoring {len(members)} candidate(s)"):
         outs = tensors(feeds)
         kept = feeds[mask] if mask else None
         for k, (c, session) in enumerate(zip(members, sessions)):

@@ -7,6 +7,8 @@ only CUDA is asked for, so the provider a session really got is read back with
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
 import warnings
@@ -33,6 +35,17 @@ class Session:
     threads: int | None
 
     def run(self, feeds: dict, outputs: list[str] | None = None) -> list:
+        """The outputs (all, or those named) on ``feeds``. A model onnxruntime cannot run (a damaged graph, an input
+        it refuses): OnnxPruneError with onnxruntime's first line."""
+        try:
+            return self._run(feeds, outputs)
+        except Exception as exc:
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            raise OnnxPruneError("onnxruntime could not run the model: "
+                                 f"{str(exc).strip().splitlines()[0][:300]}") from exc
+
+    def _run(self, feeds: dict, outputs: list[str] | None) -> list:
         if self.provider == "cpu":
             return self.session.run(outputs, feeds)
         # GPU: IO binding, so onnxruntime copies each input to the device once and each output back once.
@@ -64,7 +77,7 @@ def session_options(threads: int | None = None, spinning: bool = False, optimize
     ``profile``: turn onnxruntime's profiler on, writing to a file whose name starts with this prefix.
     """
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: an error onnxruntime logs is raised too, and reported in one line
     if threads:
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
@@ -99,7 +112,8 @@ def create_session(model: onnx.ModelProto | str | os.PathLike[str], provider: st
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     options = session_options(threads, spinning, optimize, arena, profile)
     try:
-        with warnings.catch_warnings():  # the fallback is detected and reported below, not warned about
+        # the fallback is detected and reported below, not warned about (nor printed: onnxruntime prints its banner)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             session = ort.InferenceSession(source, options, providers=PROVIDERS[wanted])
     except Exception as exc:  # onnxruntime raises its own exception types

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from onnxprune import progress
 from onnxprune.data.sources import Dataset
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import Structure
@@ -109,7 +110,7 @@ def layer_cka(model: onnx.ModelProto, structure: Structure, data: Dataset, provi
     session = create_session(with_outputs(model, computed), provider)
     size = max(MIN_BATCH, capture_batch(model, computed, batch))
     accumulator = MinibatchCKA(len(layers))
-    for feeds, _, count in data.batches(size):
+    for feeds, _, count in progress.batches(data, size, "CKA matrix"):
         values = {**feeds, **dict(zip(computed, session.run(feeds, computed)))}
         accumulator.update([values[name][:count] for name in layers])
     if accumulator.samples == 0:

@@ -31,9 +31,11 @@ from onnxprune.data.sources import Dataset
 from onnxprune.errors import OnnxPruneError, UnavailableBackend
 from onnxprune.graph.analysis import ResidualBlock, analyze_model
 from onnxprune.options import GateTrainingOptions, HealingOptions
+from onnxprune.progress import progress
 from onnxprune.runtime.session import create_session
 from onnxprune.train.bridge import GraphModule, write_back
-from onnxprune.train.heal import _tensor, augment, distillation_loss, image_axes, schedule, split_data, step_count
+from onnxprune.train.heal import (_tensor, augment, check_labels, distillation_loss, image_axes, schedule, split_data,
+                                  step_count)
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +251,7 @@ def train_prune(model: onnx.ModelProto, data: Dataset, options: GateTrainingOpti
     if options.from_scratch:
         log.info(f"train-prune: {reinitialise(module)} conv/linear layers re-initialised")
     labels = data.labels
+    check_labels(labels, model)
     use_teacher = labels is None or teacher_model is not None
     teacher_source = teacher_model if teacher_model is not None else model
     teacher = create_session(teacher_source, provider) if use_teacher else None
@@ -325,7 +328,7 @@ def train_prune(model: onnx.ModelProto, data: Dataset, options: GateTrainingOpti
              f"{' + ' if labels is not None and use_teacher else ''}{'distillation KL' if use_teacher else ''}")
     losses_seen: list[float] = []
     module.train()
-    for step in range(1, steps + 1):
+    for step in progress(range(1, steps + 1), desc="train-prune"):
         rows = rng.choice(split.train, size=batch, replace=len(split.train) < batch)
         feeds = {k: data.inputs[k][rows] for k in input_names}
         if axes is not None:

@@ -20,6 +20,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from onnxprune import progress
 from onnxprune.data.sources import Dataset
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import ResidualBlock
@@ -66,7 +67,7 @@ def grad_norms(model: onnx.ModelProto, blocks: list[ResidualBlock], data: Datase
     labelled = use_labels and data.labels is not None
     totals = {join: 0.0 for join in owned}
     batches = samples = 0
-    for feeds, labels, count in data.batches(batch):
+    for feeds, labels, count in progress.batches(data, batch, "GradNorm"):
         inputs = {k: torch.as_tensor(v).to(device) for k, v in feeds.items()}
         logits = module(inputs)[0][:count].float()
         if logits.ndim != 2:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from onnxprune.data.sources import Dataset
 from onnxprune.errors import OnnxPruneError, UnavailableBackend
 from onnxprune.options import HealingOptions
+from onnxprune.progress import progress
 from onnxprune.runtime.capture import pooled_feature, with_outputs
 from onnxprune.runtime.session import create_session
 from onnxprune.train.bridge import GraphModule, write_back
@@ -123,7 +124,11 @@ def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], 
                       options: HealingOptions, labels: torch.Tensor | None = None) -> torch.Tensor:
     """The healing loss (module docstring) of ``[logits, feature]`` outputs; the feature term is left out when
     the feature is the logits themselves (a single output), the logit term is a relative MSE for an output
-    that is not (batch, classes)."""
+    that is not (batch, classes). Outputs of different shapes (a damaged pruned model) are refused."""
+    for s, t, what in zip(student, teacher, ("output", "feature map")):
+        if s.shape != t.shape:
+            raise OnnxPruneError(f"the pruned model's {what} has shape {list(s.shape)} where the original's has "
+                                 f"{list(t.shape)}: healing matches the two, so they must be alike")
     s_logits, t_logits = student[0], teacher[0]
     if s_logits.ndim == 2:
         t = options.temperature
@@ -137,6 +142,18 @@ def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], 
     if labels is not None:
         loss = loss + F.cross_entropy(s_logits, labels)
     return loss
+
+
+def check_labels(labels: np.ndarray | None, model: onnx.ModelProto) -> None:
+    """Refuse labels that are no class of ``model``'s logits (its first output, when it is (batch, classes) with a
+    fixed number of classes): cross-entropy cannot take them."""
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    if labels is None or not len(labels) or len(dims) != 2 or not dims[1].HasField("dim_value"):
+        return
+    classes = dims[1].dim_value
+    if labels.min() < 0 or labels.max() >= classes:
+        raise OnnxPruneError(f"the data's labels run from {labels.min()} to {labels.max()}, but the model's "
+                             f"{classes} classes are 0 to {classes - 1}")
 
 
 def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: Dataset,
@@ -158,6 +175,7 @@ def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: D
     split = split_data(len(data), options.holdout, options.seed)
     batch = data.static_batch or options.batch
     labels = data.labels if options.use_labels else None
+    check_labels(labels, teacher_model)
     input_names = list(data.inputs)
     axes = image_axes(data.inputs[input_names[0]]) if options.augment and len(input_names) == 1 else None
     if options.augment and axes is None:
@@ -184,7 +202,7 @@ def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: D
     feature_scale, losses, history = None, [], [{"step": 0, "agreement": agreement0, "kl": kl0}]
     last_line = time.perf_counter()
     student.train()
-    for step in range(1, steps + 1):
+    for step in progress(range(1, steps + 1), desc="healing"):
         rows = rng.choice(split.train, size=batch, replace=len(split.train) < batch)
         feeds = {k: data.inputs[k][rows] for k in input_names}
         if axes is not None:

@@ -194,8 +194,8 @@ def test_eval_accuracy_and_agreement(tmp_path, model_file):
     y_wrong[:3] = (y_wrong[:3] + 1) % 3
     np.savez(tmp_path / "d.npz", x=x, y=y_wrong)
     result = api.evaluate(model_file, DataOptions(str(tmp_path / "d.npz")), reference=str(model_file))
-    assert result["accuracy"] == pytest.approx(9 / 12) and result["agreement"] == 1.0 and result["mean_kl"] < 1e-12
-    assert result["provider"] == "cpu" and not result["random_data"]
+    assert result.accuracy == pytest.approx(9 / 12) and result.agreement == 1.0 and result.mean_kl < 1e-12
+    assert result.provider == "cpu" and not result.to_dict()["random_data"]
     with pytest.raises(OnnxPruneError, match="nothing to evaluate"):
         api.evaluate(model_file, DataOptions(None))
 
@@ -226,7 +226,7 @@ def test_a_static_batch_model_evaluates_every_sample_once(tmp_path):
     onnx.save(static_colour_model(4), path)
     np.savez(tmp_path / "d.npz", x=x, y=y)
     result = api.evaluate(path, DataOptions(str(tmp_path / "d.npz")), reference=str(path))
-    assert result["samples"] == 9 and result["accuracy"] == 1.0 and result["agreement"] == 1.0
+    assert result.samples == 9 and result.accuracy == 1.0 and result.agreement == 1.0
 
 
 def token_model(mask_type: int = onnx.TensorProto.INT64) -> onnx.ModelProto:
@@ -265,3 +265,22 @@ def test_an_npz_with_one_array_per_input_of_any_integer_width(tmp_path):
     np.savez(tmp_path / "missing.npz", input_ids=ids)
     with pytest.raises(OnnxPruneError, match=r"no arrays for the model inputs \['attention_mask'\]"):
         load_data(tmp_path / "missing.npz", token_model())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped member", "scalar x"])
+def test_a_damaged_archive_is_refused_in_one_line(tmp_path, damage):
+    """Found by tests/test_fuzz.py: a .npz whose zip or member is damaged, or whose x is a single value."""
+    x, y = colour_images()
+    path = tmp_path / "data.npz"
+    if damage == "scalar x":
+        np.savez(path, x=np.float32(3), y=y)
+    else:
+        np.savez(path, x=x, y=y)
+        data = bytearray(path.read_bytes())
+        if damage == "truncated":
+            data = data[: len(data) // 2]
+        else:  # a byte inside the first member's compressed bytes: its CRC fails when it is read
+            data[60] ^= 0xFF
+        path.write_bytes(bytes(data))
+    with pytest.raises(OnnxPruneError):
+        load_data(path, colour_model())

@@ -139,3 +139,43 @@ def test_weights_over_the_protobuf_limit_go_to_external_data(tmp_path, monkeypat
     path = save_model(small_model(), tmp_path / "big.onnx")
     assert (tmp_path / "big.onnx.data").exists()
     onnx.checker.check_model(str(path))
+
+
+def _damaged(kind: str) -> bytes:
+    """small_model() with one thing damaged, as the fuzzer (tests/test_fuzz.py) found them."""
+    model = small_model()
+    g = model.graph
+    if kind == "bfloat16 weight":
+        g.initializer[0].data_type = onnx.TensorProto.BFLOAT16
+    elif kind == "unknown weight type":
+        g.initializer[0].data_type = 99
+    elif kind == "short weight":
+        g.initializer[0].raw_data = g.initializer[0].raw_data[:-3]
+    elif kind == "negative dim":
+        g.initializer[0].dims[0] = -1
+    elif kind == "no outputs":
+        del g.output[:]
+    elif kind == "input size 0":
+        g.input[0].type.tensor_type.shape.dim[0].dim_value = 0
+    elif kind == "huge input":
+        g.input[0].type.tensor_type.shape.dim[0].dim_value = 1 << 40
+    elif kind == "bfloat16 input":
+        g.input[0].type.tensor_type.elem_type = onnx.TensorProto.BFLOAT16
+    data = model.SerializeToString()
+    if kind == "name not utf-8":
+        name = g.node[0].output[0].encode()
+        data = data.replace(name, b"\x87" + name[1:])
+    return data
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("bfloat16 weight", "is BFLOAT16"), ("unknown weight type", "unknown data type 99"),
+    ("short weight", "values where its dims"), ("negative dim", "negative dims"), ("no outputs", "no graph outputs"),
+    ("input size 0", "size under 1"), ("huge input", "more than 2^31"), ("bfloat16 input", "input 'input' is BFLOAT16"),
+    ("name not utf-8", "not valid UTF-8"),
+])
+def test_damaged_models_are_refused_with_the_reason(tmp_path, kind, message):
+    path = tmp_path / "damaged.onnx"
+    path.write_bytes(_damaged(kind))
+    with pytest.raises(OnnxPruneError, match=message.replace("^", r"\^")):
+        load_model(path)

@@ -65,3 +65,13 @@ def test_a_model_over_the_protobuf_limit_goes_through_a_file(monkeypatch):
     assert io.over_protobuf_limit(model)
     session = create_session(model, "cpu")  # the temporary file is gone once the session exists
     np.testing.assert_allclose(session.run({"input": x})[0], expected, atol=1e-6)
+
+
+def test_a_model_onnxruntime_cannot_run_is_a_one_line_input_error():
+    """Found by tests/test_fuzz.py: a conv whose group no longer fits its weights fails only when it runs."""
+    g = GraphBuilder((1, 4, 8, 8))
+    model = g.build([g.conv(g.input, 4)])
+    next(a for a in model.graph.node[0].attribute if a.name == "group").i = 2
+    session = create_session(model, "cpu")
+    with pytest.raises(OnnxPruneError, match="onnxruntime could not run the model"):
+        session.run({"input": np.zeros((1, 4, 8, 8), np.float32)})

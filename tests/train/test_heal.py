@@ -184,3 +184,20 @@ def test_heal_flags_epochs_no_augment_no_mixup(pruned_pair, tmp_path, capsys):
     healing = json.loads(capsys.readouterr().out)["healing"]
     assert code == 0 and healing["steps"] == 2  # ceil(0.5 x 58 training samples / 16)
     assert not healing["augment"] and not healing["mixup"] and not healing["labels"]
+
+
+def test_labels_outside_the_models_classes_and_outputs_of_other_shapes_are_refused():
+    """Found by tests/test_fuzz.py: cross-entropy on a label the logits lack, a loss broadcast over unlike shapes."""
+    from onnxprune.errors import OnnxPruneError
+    from onnxprune.train.heal import check_labels
+
+    g_model = onnx.helper.make_model(onnx.helper.make_graph(
+        [], "g", [], [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 10])]))
+    check_labels(np.array([0, 9]), g_model)
+    check_labels(None, g_model)
+    for labels in (np.array([0, 10]), np.array([-1, 3])):
+        with pytest.raises(OnnxPruneError, match="classes are 0 to 9"):
+            check_labels(labels, g_model)
+    with pytest.raises(OnnxPruneError, match="feature map has shape"):
+        distillation_loss([torch.zeros(2, 10), torch.zeros(2, 4, 3, 3)], [torch.zeros(2, 10), torch.zeros(2, 4, 2, 2)],
+                          1.0, HealingOptions())
