@@ -8,13 +8,19 @@ weighs them as it weighs chain rows, so SLP's move is in the search space for ev
 
 Blocks that nest inside one another are left out when both are off the chain: removing the outer one would
 also remove the inner one, which two independent positions cannot express.
+
+With repair on, every "remove the block" option, on the chain or off it, gets a twin "replace the block by a
+fitted map" over the same positions (``replace_options``): keep / remove / replace.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+
 from onnxprune.graph.analysis import ResidualBlock, Structure
 from onnxprune.graph.rules import remove_refusal
-from onnxprune.planning.candidates import Option, enumerate_options
+from onnxprune.planning.candidates import FittedMap, Option, enumerate_options
 
 
 def off_chain_blocks(structure: Structure) -> list[ResidualBlock]:
@@ -52,3 +58,10 @@ def positions(structure: Structure, options: list[Option]) -> int:
 def search_space(structure: Structure, l1: dict[str, float]) -> list[Option]:
     """Every LayerMerge option: the chain's segments (planning/candidates.py), then the off-chain blocks."""
     return enumerate_options(structure, l1) + block_options(structure)
+
+
+def replace_options(options: list[Option], maps: Mapping[str, FittedMap]) -> list[Option]:
+    """For every option that removes a block with an entry in ``maps`` (join -> its map), the option that removes
+    it and puts the fitted map in its place: same positions, the map's own latency row, its own importance."""
+    return [dataclasses.replace(o, fitted_map=maps[o.remove_block]) for o in options
+            if o.remove_block is not None and o.fitted_map is None and o.remove_block in maps]

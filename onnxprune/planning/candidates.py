@@ -14,7 +14,8 @@ What may be merged, dropped, folded or removed is decided by graph/rules.py, whi
 and the rewrite ask too. Its options are the subsets of convs to keep: convs that cannot become the
 identity (channel-changing, strided, shape-changing) always stay, the others may go. Subsets giving the same merged shape (kernel, depthwise) are
 represented by the one with the largest summed L1 weight norm, as the public code does. A segment
-that covers an identity block exactly also has the option "remove the block" (SLP's move).
+that covers an identity block exactly also has the option "remove the block" (SLP's move), and with
+repair on its twin "replace the block by a fitted map" (``FittedMap``; planning/blocks.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,23 @@ from onnxprune.graph.analysis import ChainConv, Structure
 
 
 @dataclass(frozen=True)
+class FittedMap:
+    """The affine map that stands in for a removed block (docs/algorithms.md section 4.1): the shape of one
+    sample's tensor at the block's cut, its channel axis there (0: channels first, the map is a 1x1 conv; the
+    last: tokens, a MatMul and an Add), and whether it folds exactly into the linear op that produces that
+    tensor (then it adds no node and costs nothing)."""
+
+    shape: tuple[int, ...]
+    axis: int
+    folds: bool = False
+
+    @property
+    def conv(self) -> bool:
+        """Whether the map is a 1x1 conv (channels first, with spatial axes) rather than a MatMul and an Add."""
+        return self.axis == 0 and len(self.shape) >= 2
+
+
+@dataclass(frozen=True)
 class Option:
     start: int  # DP position s
     end: int  # DP position e: the segment holds chain convs s..e-1
@@ -44,6 +62,7 @@ class Option:
     remove_block: str | None = None  # join of the block this option removes
     drop_activations: tuple[str, ...] = ()  # activation nodes strictly inside the segment
     keep_block: str | None = None  # join of a block off the chain that this option keeps as it is (planning/blocks.py)
+    fitted_map: FittedMap | None = None  # with remove_block: the block is replaced by a fitted map (repair on)
 
     @property
     def original(self) -> bool:
@@ -202,11 +221,14 @@ def _inner_activations(structure: Structure, s: int, e: int, exact: str | None) 
 
 
 def options_plan(options: list[Option]) -> dict:
-    """The plan entries (as Plan keyword arguments) that realise the chosen options."""
+    """The plan entries (as Plan keyword arguments) that realise the chosen options; ``repair_blocks`` (the
+    removed blocks that get a fitted map) only when an option replaces a block by one."""
     plan: dict[str, list] = {"remove_blocks": [], "drop_activations": [], "drop_convs": [], "merge": []}
     for o in options:
         if o.remove_block is not None:
             plan["remove_blocks"].append(o.remove_block)
+            if o.fitted_map is not None:
+                plan.setdefault("repair_blocks", []).append(o.remove_block)
             continue
         plan["drop_activations"].extend(o.drop_activations)
         plan["drop_convs"].extend(o.drop)

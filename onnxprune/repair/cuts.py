@@ -10,9 +10,12 @@ the pruned model that read x where the original read y. A run of removed blocks 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import onnx
+
+from onnxprune.graph.analysis import Structure
 
 CHANNEL_FIRST_OPS = {"Conv", "ConvTranspose", "BatchNormalization", "MaxPool", "AveragePool", "GlobalAveragePool",
                      "GlobalMaxPool", "InstanceNormalization", "LpPool", "Resize", "Upsample"}
@@ -62,6 +65,25 @@ def find_cuts(pruned: onnx.ModelProto, original: onnx.ModelProto) -> tuple[list[
             continue
         cuts.append(Cut(source, target, tuple(readers), axis))
     return cuts, notes
+
+
+def covered_blocks(cut: Cut, structure: Structure) -> list[str]:
+    """The joins of the removed blocks a cut stands for, last first: walking back from its target through the
+    blocks whose output each tensor is, to its source; [] for a cut that is no run of removed blocks (a dropped
+    activation or conv). ``structure``: the original's analysis (``analyze_model``)."""
+    by_output = {b.output: b for b in structure.residual_blocks}
+    joins, tensor = [], cut.target
+    while tensor != cut.source and tensor in by_output and by_output[tensor].input is not None:
+        joins.append(by_output[tensor].join)
+        tensor = by_output[tensor].input
+    return joins if tensor == cut.source else []
+
+
+def cuts_of_blocks(cuts: list[Cut], structure: Structure, joins: Collection[str]) -> list[Cut]:
+    """The cuts that stand for at least one of the removed blocks ``joins`` (a run of removed blocks is one cut: it
+    gets its map when any of them is named), in the order of ``cuts``."""
+    wanted = set(joins)
+    return [cut for cut in cuts if wanted.intersection(covered_blocks(cut, structure))]
 
 
 def _outputs(model: onnx.ModelProto) -> set[str]:
