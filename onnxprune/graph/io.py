@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -156,24 +157,27 @@ _VALUE_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "doubl
 
 
 def check_text(model: onnx.ModelProto, name: str = "model") -> None:
-    """Refuse a name, domain or metadata entry that is not valid UTF-8 (protobuf hands it over as bytes, not str:
-    a damaged file), in the graph and its subgraphs."""
-    texts = [model.producer_name, model.domain, *(o.domain for o in model.opset_import),
-             *(s for p in model.metadata_props for s in (p.key, p.value))]
-    graphs = [model.graph]
-    while graphs:
-        graph = graphs.pop()
-        texts += [vi.name for vi in (*graph.input, *graph.output, *graph.value_info)]
-        texts += [t.name for t in graph.initializer]
-        for node in graph.node:
-            texts += [node.name, node.op_type, node.domain, *node.input, *node.output]
-            for attr in node.attribute:
-                texts.append(attr.name)
-                graphs += [attr.g] if attr.HasField("g") else []
-                graphs += list(attr.graphs)
-    bad = next((t for t in texts if not isinstance(t, str)), None)
+    """Refuse a text field (a name, domain, doc string or metadata entry, anywhere in the model) that is not valid
+    UTF-8: protobuf hands it over as bytes, not str (a damaged file)."""
+    bad = next((t for t in _text_fields(model) if not isinstance(t, str)), None)
     if bad is not None:
-        raise OnnxPruneError(f"{name}: {bytes(bad)!r} is not valid UTF-8 text where a name belongs (a damaged file?)")
+        raise OnnxPruneError(f"{name}: {bytes(bad)[:40]!r} is not valid UTF-8 text where text belongs (a damaged file?)")
+
+
+def _text_fields(message) -> Iterator:
+    """Every value of a protobuf ``string`` field in ``message`` and the messages inside it."""
+    for field, value in message.ListFields():
+        values = value if _repeated(field) else [value]
+        if field.type == field.TYPE_STRING:
+            yield from values
+        elif field.type == field.TYPE_MESSAGE:
+            for inner in values:
+                yield from _text_fields(inner)
+
+
+def _repeated(field) -> bool:
+    """Whether a protobuf field is repeated (``is_repeated`` in protobuf >= 5.29, where ``label`` went away)."""
+    return field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
 
 
 def check_initializers(model: onnx.ModelProto, name: str = "model") -> None:

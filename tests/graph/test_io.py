@@ -161,10 +161,14 @@ def _damaged(kind: str) -> bytes:
         g.input[0].type.tensor_type.shape.dim[0].dim_value = 1 << 40
     elif kind == "bfloat16 input":
         g.input[0].type.tensor_type.elem_type = onnx.TensorProto.BFLOAT16
+    elif kind == "graph name not utf-8":
+        g.name = "graph-name-to-damage"
     data = model.SerializeToString()
     if kind == "name not utf-8":
         name = g.node[0].output[0].encode()
         data = data.replace(name, b"\x87" + name[1:])
+    if kind == "graph name not utf-8":  # any text field, not only names of nodes and tensors (a fuzzer's find)
+        data = data.replace(b"graph-name-to-damage", b"graph-name-to-dam\xf3ge")
     return data
 
 
@@ -172,7 +176,7 @@ def _damaged(kind: str) -> bytes:
     ("bfloat16 weight", "is BFLOAT16"), ("unknown weight type", "unknown data type 99"),
     ("short weight", "values where its dims"), ("negative dim", "negative dims"), ("no outputs", "no graph outputs"),
     ("input size 0", "size under 1"), ("huge input", "more than 2^31"), ("bfloat16 input", "input 'input' is BFLOAT16"),
-    ("name not utf-8", "not valid UTF-8"),
+    ("name not utf-8", "not valid UTF-8"), ("graph name not utf-8", "not valid UTF-8"),
 ])
 def test_damaged_models_are_refused_with_the_reason(tmp_path, kind, message):
     path = tmp_path / "damaged.onnx"
