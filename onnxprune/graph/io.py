@@ -69,6 +69,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if not model.HasField("graph") or not model.graph.node or model.ir_version == 0:
         raise OnnxPruneError(f"{path} is not an ONNX model (no graph, nodes or IR version in it)")
     check_text(model, name=str(path))
+    check_attributes(model, name=str(path))
     old_opset = default_opset(model)
     if old_opset is not None and old_opset < SUPPORTED_OPSETS.start:
         model = upgrade_opset(model, UPGRADE_TARGET, name=str(path))
@@ -162,6 +163,31 @@ def check_text(model: onnx.ModelProto, name: str = "model") -> None:
     bad = next((t for t in _text_fields(model) if not isinstance(t, str)), None)
     if bad is not None:
         raise OnnxPruneError(f"{name}: {bytes(bad)[:40]!r} is not valid UTF-8 text where text belongs (a damaged file?)")
+
+
+_A = onnx.AttributeProto
+_ATTRIBUTE_FIELD = {_A.FLOAT: "f", _A.INT: "i", _A.STRING: "s", _A.TENSOR: "t", _A.GRAPH: "g",
+                    _A.SPARSE_TENSOR: "sparse_tensor", _A.TYPE_PROTO: "tp", _A.FLOATS: "floats", _A.INTS: "ints",
+                    _A.STRINGS: "strings", _A.TENSORS: "tensors", _A.GRAPHS: "graphs",
+                    _A.SPARSE_TENSORS: "sparse_tensors", _A.TYPE_PROTOS: "type_protos"}  # type -> its value field
+
+
+def check_attributes(model: onnx.ModelProto, name: str = "model") -> None:
+    """Refuse a node attribute whose type is missing or unknown, or names another field than the one holding its
+    value (a damaged file), in the graph and its subgraphs: onnx's helpers cannot read it and onnxruntime refuses
+    the model. The check onnx.checker makes, without checking the rest of a large model."""
+    values = set(_ATTRIBUTE_FIELD.values())
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            for attr in node.attribute:
+                held = {f.name for f, _ in attr.ListFields() if f.name in values}
+                if attr.type not in _ATTRIBUTE_FIELD or (held and _ATTRIBUTE_FIELD[attr.type] not in held):
+                    raise OnnxPruneError(f"{name}: attribute {attr.name!r} of node {node.name or node.op_type!r} is "
+                                         "not of the type it says (a damaged file?)")
+                graphs += [attr.g] if attr.HasField("g") else []
+                graphs += list(attr.graphs)
 
 
 def _text_fields(message) -> Iterator:

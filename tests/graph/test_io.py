@@ -163,6 +163,10 @@ def _damaged(kind: str) -> bytes:
         g.input[0].type.tensor_type.elem_type = onnx.TensorProto.BFLOAT16
     elif kind == "graph name not utf-8":
         g.name = "graph-name-to-damage"
+    elif kind == "attribute without a type":
+        next(n for n in g.node if n.attribute).attribute[0].type = onnx.AttributeProto.UNDEFINED
+    elif kind == "attribute of another type":  # ints said to be floats: one flipped bit (a fuzzer's find)
+        next(a for n in g.node for a in n.attribute if a.ints).type = onnx.AttributeProto.FLOATS
     data = model.SerializeToString()
     if kind == "name not utf-8":
         name = g.node[0].output[0].encode()
@@ -177,6 +181,8 @@ def _damaged(kind: str) -> bytes:
     ("short weight", "values where its dims"), ("negative dim", "negative dims"), ("no outputs", "no graph outputs"),
     ("input size 0", "size under 1"), ("huge input", "more than 2^31"), ("bfloat16 input", "input 'input' is BFLOAT16"),
     ("name not utf-8", "not valid UTF-8"), ("graph name not utf-8", "not valid UTF-8"),
+    ("attribute without a type", "not of the type it says"),
+    ("attribute of another type", "not of the type it says"),
 ])
 def test_damaged_models_are_refused_with_the_reason(tmp_path, kind, message):
     path = tmp_path / "damaged.onnx"
