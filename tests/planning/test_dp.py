@@ -40,6 +40,23 @@ def instances(draw):
     return positions, rows, draw(st.floats(0.1, 1.0))
 
 
+def assert_solves_like_brute_force(rows, positions: int, budget: float, unit: float, everything):
+    """``solve`` finds the best importance among the tilings ``everything`` that fit the budget in latency units,
+    raises Infeasible when none does, and never exceeds the budget in float seconds. Returns the solution (None
+    when infeasible)."""
+    g = {r: math.ceil(r.latency / unit - 1e-9) for r in rows}
+    t = math.floor(budget / unit + 1e-9)
+    feasible = [tl for tl in everything if sum(g[r] for r in tl) <= t]
+    if not feasible:
+        with pytest.raises(Infeasible):
+            solve(rows, positions, budget, unit)
+        return None
+    solution = solve(rows, positions, budget, unit)
+    assert solution.importance == pytest.approx(max(sum(r.importance for r in tl) for tl in feasible), abs=1e-9)
+    assert solution.latency <= budget + 1e-9  # the float sum never exceeds the budget
+    return solution
+
+
 @settings(max_examples=150, deadline=None)
 @given(instances(), st.floats(0.2, 1.2))
 def test_dp_equals_brute_force_and_never_overshoots(instance, budget_fraction):
@@ -47,16 +64,9 @@ def test_dp_equals_brute_force_and_never_overshoots(instance, budget_fraction):
     everything = tilings(rows, positions)
     original = sum(r.latency for r in rows if r.key[0] == "keep")
     budget = budget_fraction * original
-    g = {r: math.ceil(r.latency / unit - 1e-9) for r in rows}
-    t = math.floor(budget / unit + 1e-9)
-    feasible = [tl for tl in everything if sum(g[r] for r in tl) <= t]
-    if not feasible:
-        with pytest.raises(Infeasible):
-            solve(rows, positions, budget, unit)
+    solution = assert_solves_like_brute_force(rows, positions, budget, unit, everything)
+    if solution is None:
         return
-    solution = solve(rows, positions, budget, unit)
-    assert solution.importance == pytest.approx(max(sum(r.importance for r in tl) for tl in feasible), abs=1e-9)
-    assert solution.latency <= budget + 1e-9  # the float sum never exceeds the budget
     assert [r.start for r in solution.rows][0] == 0 and solution.rows[-1].end == positions
     assert all(a.end == b.start for a, b in zip(solution.rows, solution.rows[1:]))
 

@@ -1,7 +1,6 @@
 """LayerMerge's third block option, "replace the block by a fitted map" (docs/algorithms.md section 4.1): the DP
 weighs keep / remove / replace by their latency rows and importances."""
 
-import math
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -13,9 +12,9 @@ from onnxprune.latency.table import LatencyTable, row_signature
 from onnxprune.plan import Plan, apply_plan
 from onnxprune.planning import blocks
 from onnxprune.planning.candidates import FittedMap, conv_l1_norms, options_plan
-from onnxprune.planning.dp import Infeasible, Row, solve
+from onnxprune.planning.dp import Row, solve
 from tests.builders import GraphBuilder, residual_block
-from tests.planning.test_dp import tilings
+from tests.planning.test_dp import assert_solves_like_brute_force, tilings
 
 BATCH = 2
 
@@ -148,13 +147,4 @@ def test_the_dp_with_three_options_per_block_equals_brute_force(instance, budget
     positions, rows, unit = instance
     original = sum(r.latency for r in rows if r.key[0] == "keep")
     budget = budget_fraction * original
-    g = {r: math.ceil(r.latency / unit - 1e-9) for r in rows}
-    t = math.floor(budget / unit + 1e-9)
-    feasible = [tl for tl in tilings(rows, positions) if sum(g[r] for r in tl) <= t]
-    if not feasible:
-        with pytest.raises(Infeasible):
-            solve(rows, positions, budget, unit)
-        return
-    solution = solve(rows, positions, budget, unit)
-    assert solution.importance == pytest.approx(max(sum(r.importance for r in tl) for tl in feasible), abs=1e-9)
-    assert solution.latency <= budget + 1e-9
+    assert_solves_like_brute_force(rows, positions, budget, unit, tilings(rows, positions))
