@@ -107,7 +107,28 @@ def load_data(spec: str | os.PathLike[str] | None, model: onnx.ModelProto, sampl
         raise OnnxPruneError(f"--samples must be at least 1, not {samples}")
     dataset = _load(spec, model, samples, seed, preprocess, labels, default_random_samples)
     dataset.static_batch = static_batch(model)
+    _refuse_huge_static_batch(dataset)
     return dataset
+
+
+STATIC_BATCH_SHARE = 8  # one static batch of inputs may take at most this fraction of the memory budget
+
+
+def _refuse_huge_static_batch(dataset: Dataset) -> None:
+    """Refuse a fixed batch dimension whose one batch of inputs alone takes more than 1/STATIC_BATCH_SHARE of the
+    memory budget (onnxprune.runtime.compare): every run feeds whole batches, and the activations of a batch are many
+    times its inputs (a damaged file, or a model exported at a batch far too large for this machine)."""
+    if not dataset.static_batch:
+        return
+    from onnxprune.runtime.compare import resolve_budget
+
+    per_sample = sum(v[:1].nbytes for v in dataset.inputs.values())
+    budget = resolve_budget()
+    if dataset.static_batch * per_sample > budget / STATIC_BATCH_SHARE:
+        raise OnnxPruneError(f"the model takes batches of exactly {dataset.static_batch} samples (a fixed batch "
+                             f"dimension): one batch of inputs is {dataset.static_batch * per_sample / 2**30:.2f} GiB, "
+                             f"more than 1/{STATIC_BATCH_SHARE} of the memory budget ({budget / 2**30:.2f} GiB); export "
+                             "it with a smaller or a dynamic batch")
 
 
 def _load(spec, model, samples, seed, preprocess, labels, default_random_samples) -> Dataset:

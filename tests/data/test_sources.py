@@ -219,6 +219,18 @@ def test_a_static_batch_model_gets_batches_of_exactly_its_size(batch):
     np.testing.assert_array_equal(last.feeds["input"][last.count:], d.inputs["input"][:batch - last.count])
 
 
+def test_a_static_batch_too_large_for_the_memory_budget_is_refused():
+    """A fixed batch whose one batch of inputs takes over 1/8 of the budget (the 10,000-case fuzz run set one to
+    1,048,576 and healing then tried to allocate 22 GB)."""
+    from onnxprune.runtime.compare import memory_budget
+
+    per_sample = 3 * 8 * 8 * 4  # static_colour_model's input: 3 x 8 x 8 float32
+    with memory_budget(8 * 1024 * per_sample):
+        load_data(None, static_colour_model(1024), samples=4)  # exactly 1/8: accepted
+        with pytest.raises(OnnxPruneError, match="fixed batch dimension"):
+            load_data(None, static_colour_model(1025), samples=4)
+
+
 def test_a_static_batch_model_evaluates_every_sample_once(tmp_path):
     """Accuracy over 9 samples at a fixed batch of 4: the filler rows of the last batch are not counted."""
     x, y = colour_images(3)
