@@ -24,11 +24,17 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _default_sigint() -> None:
+    """In the child before it starts: SIGINT's default action. A test run started in the background by a
+    non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupted(args: list[str], ready: str) -> tuple[int, str] | None:
     """(exit status, stderr) of ``onnxprune ARGS`` sent SIGINT right after it logs a line containing ``ready``;
     None when it ended before that."""
     proc = subprocess.Popen([sys.executable, "-m", "onnxprune", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=_default_sigint)
     seen = []
     for line in proc.stderr:  # stderr is line-buffered: each log line arrives as it is written
         seen.append(line)
