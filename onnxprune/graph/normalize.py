@@ -26,6 +26,8 @@ import onnx_graphsurgeon as gs
 from onnx.reference import ReferenceEvaluator
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
+from onnxprune.graph.order import toposort
+
 # Ops never evaluated ahead of time: random ones would be frozen to one draw, Constant nodes still
 # present hold sparse or string values, and the ops with subgraphs are left to the runtime.
 _UNFOLDABLE_OPS = {"Constant", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
@@ -44,7 +46,7 @@ def normalize(graph: gs.Graph) -> gs.Graph:
     fold_constant_nodes(graph)
     fold_constant_subgraphs(graph)
     fold_batchnorm_into_conv(graph)
-    return graph.cleanup().toposort()
+    return toposort(graph.cleanup())
 
 
 def name_nodes(graph: gs.Graph) -> None:
@@ -107,7 +109,7 @@ def fold_constant_subgraphs(graph: gs.Graph) -> int:
     serialized); intermediate values are dropped after their last use. Whatever depends on a node
     that fails to evaluate stays in the graph as it was.
     """
-    graph.toposort()
+    toposort(graph)
     producers: dict[str, gs.Node] = {}
     constant_nodes: list[gs.Node] = []
     for node in graph.nodes:
@@ -252,7 +254,7 @@ def _foldable_conv(bn: gs.Node, graph_outputs: set[str]) -> gs.Node | None:
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """Export ``graph`` to a ModelProto, keeping ``template``'s metadata, producer and IR version."""
-    model = gs.export_onnx(graph.cleanup().toposort(), do_type_check=False)
+    model = gs.export_onnx(toposort(graph.cleanup()), do_type_check=False)
     if template is not None:
         model.ir_version = template.ir_version
         model.producer_name = template.producer_name

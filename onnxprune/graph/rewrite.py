@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph import merge, rules
 from onnxprune.graph.analysis import ResidualBlock, through_noops
+from onnxprune.graph.order import toposort
 from onnxprune.graph.ops import NO_OP, Activation, activation_after, activation_containing, conv_info, variable_inputs
 
 
@@ -27,7 +28,7 @@ class RewriteError(OnnxPruneError):
 
 
 def finish(graph: gs.Graph) -> gs.Graph:
-    return graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return toposort(graph.cleanup(remove_unused_graph_inputs=False))
 
 
 def bypass(graph: gs.Graph, old: gs.Variable, new: gs.Variable) -> None:
