@@ -237,15 +237,15 @@ def fold_batchnorm_into_conv(graph: gs.Graph) -> int:
 
 
 def _foldable_conv(bn: gs.Node, graph_outputs: set[str]) -> gs.Node | None:
-    if len(bn.outputs) != 1 or int(bn.attrs.get("training_mode", 0)) != 0:
-        return None
+    if len(bn.inputs) != 5 or len(bn.outputs) != 1 or int(bn.attrs.get("training_mode", 0)) != 0:
+        return None  # (a BatchNormalization or Conv without its inputs is a damaged model: the checker names it)
     if not all(isinstance(t, gs.Constant) for t in bn.inputs[1:5]):
         return None
     x = bn.inputs[0]
     if not x.inputs or len(x.outputs) != 1 or x.name in graph_outputs:
         return None
     conv = x.inputs[0]
-    if conv.op != "Conv" or not isinstance(conv.inputs[1], gs.Constant):
+    if conv.op != "Conv" or len(conv.inputs) < 2 or not isinstance(conv.inputs[1], gs.Constant):
         return None
     if len(conv.inputs) > 2 and not isinstance(conv.inputs[2], gs.Constant):
         return None

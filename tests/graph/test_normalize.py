@@ -152,3 +152,17 @@ def test_a_constant_node_that_fails_to_evaluate_stays_with_what_depends_on_it(mo
     assert {"ConstantOfShape", "Mul"} <= {n.op for n in graph.nodes}
     x = np.random.default_rng(2).normal(size=(2, 4, 6, 6)).astype(np.float32)
     np.testing.assert_array_equal(run(to_model(graph, model), {"x": x})[0], run(model, {"x": x})[0])
+
+
+def test_a_damaged_conv_or_batchnorm_is_left_unfolded_not_a_crash():
+    """Found by the 10,000-case fuzz run: a byte flip turned a node into a Conv with one input, and BN folding read
+    its missing weight. A damaged node is left as it is, for the checker to name."""
+    scale = [numpy_helper.from_array(np.ones(4, np.float32), n) for n in ("s", "b", "m", "v")]
+    for conv_inputs, bn_inputs in ((["x"], ["c", "s", "b", "m", "v"]), (["x", "w"], ["c", "s", "b"])):
+        nodes = [helper.make_node("Conv", conv_inputs, ["c"], name="conv"),
+                 helper.make_node("BatchNormalization", bn_inputs, ["y"], name="bn")]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 3, 3])],
+                                  [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                                  scale + [numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w")])
+        folded = to_graph(helper.make_model(graph))
+        assert [n.op for n in folded.nodes] == ["Conv", "BatchNormalization"]
