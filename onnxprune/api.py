@@ -4,6 +4,7 @@ goes to the ``onnxprune`` logger."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,11 +22,11 @@ from onnxprune.graph.io import load_model, load_notes, save_model, specialise_in
 from onnxprune.graph.normalize import to_graph
 from onnxprune.importance.sglp import prune_sglp
 from onnxprune.importance.slp import prune_slp, removal_candidates, score_blocks
-from onnxprune.latency.backends import get_backend
+from onnxprune.latency.backends import BACKENDS, Backend, get_backend
 from onnxprune.latency.measure import compare
 from onnxprune.latency.table import build_table, load_table
 from onnxprune.options import (DataOptions, GateTrainingOptions, HealingOptions, LatencyOptions, OutputOptions,
-                               RepairOptions, ScoringOptions, TargetOptions, check_method)
+                               RayOptions, RepairOptions, ScoringOptions, TargetOptions, check_method)
 from onnxprune.plan import Plan, apply_plan, fingerprint, load_plan, save_plan
 from onnxprune.results import (ApplyResult, BenchResult, DemoResult, EvalResult, HealResult, LatencyResult, PruneResult,
                                RepairResult, ScoreResult, TrainPruneResult)
@@ -102,6 +103,16 @@ def _refuse_overwrite(model_path, out_path) -> None:
         raise OnnxPruneError("the output path is the input model: onnxprune never overwrites its input")
 
 
+def on_cluster(ray: RayOptions | None) -> contextlib.AbstractContextManager:
+    """The block connected to the Ray cluster ``ray`` names (onnxprune.scaleout.cluster.connect), or a plain block
+    without one: onnxprune.scaleout, and Ray, are imported only when a run asks for Ray."""
+    if ray is None or ray.address is None:
+        return contextlib.nullcontext()
+    from onnxprune.scaleout import cluster
+
+    return cluster.connect(ray)
+
+
 def _dataset(model: onnx.ModelProto, data: DataOptions):
     overrides = data.preprocess_overrides
     prep = None
@@ -137,13 +148,15 @@ def _feature(model, name: str | None) -> str:
 
 
 def score(model_path: str | os.PathLike[str], data: DataOptions = DataOptions(),
-          scoring: ScoringOptions = ScoringOptions()) -> ScoreResult:
-    """SLP score (1 - CKA at the feature tensor) of every removable block; lower = less important."""
+          scoring: ScoringOptions = ScoringOptions(), ray: RayOptions | None = None) -> ScoreResult:
+    """SLP score (1 - CKA at the feature tensor) of every removable block; lower = less important. With ``ray``, one
+    Ray task per block (docs/scale-out.md): the same scores."""
     model, dataset = _specialised(load_model(model_path), data)
     feature = _feature(model, scoring.feature_tensor)
     structure = analyze_model(model)
-    run = score_blocks(model, dataset, removal_candidates(structure, 0), feature, scoring.provider, data.batch,
-                       memory_budget=scoring.memory_budget)
+    with on_cluster(ray):
+        run = score_blocks(model, dataset, removal_candidates(structure, 0), feature, scoring.provider, data.batch,
+                           memory_budget=scoring.memory_budget)
     return ScoreResult.from_dict({"model": str(model_path), "feature_tensor": feature, "data": dataset.source,
                                   "random_data": dataset.random, "samples": run.samples, "provider": run.provider,
                                   "seconds": run.seconds, "blocks": [vars(s) for s in run.scores]})
@@ -152,7 +165,8 @@ def score(model_path: str | os.PathLike[str], data: DataOptions = DataOptions(),
 def prune(model_path: str | os.PathLike[str], target: TargetOptions, output: OutputOptions,
           data: DataOptions = DataOptions(), scoring: ScoringOptions = ScoringOptions(),
           latency: LatencyOptions = LatencyOptions(), healing: HealingOptions | None = None,
-          heal_data: DataOptions | None = None, repair: RepairOptions | None = None) -> PruneResult:
+          heal_data: DataOptions | None = None, repair: RepairOptions | None = None,
+          ray: RayOptions | None = None) -> PruneResult:
     """Prune, verify, and write the model and its plan (``output.plan``, else ``<output.model>.plan.json``).
 
     With ``target.speedup``, prune until the speed-up measured on ``latency.backend`` meets it. With ``repair``,
@@ -160,7 +174,7 @@ def prune(model_path: str | os.PathLike[str], target: TargetOptions, output: Out
     with a speed-up target, the repaired model's speed-up is measured again: it is the one reported. With
     ``heal_data``, the pruned (or repaired) model is then healed on it (``heal``) and the healed model is what is
     written; the result gives agreement (and accuracy, for labelled data) before pruning, after pruning and after
-    healing."""
+    healing. With ``ray``, scoring, the latency table and healing run on that Ray cluster (docs/scale-out.md)."""
     check_method(target, scoring, latency, output)
     _refuse_overwrite(model_path, output.model)
     if heal_data is not None and heal_data.source in (None, "random"):
@@ -169,6 +183,15 @@ def prune(model_path: str | os.PathLike[str], target: TargetOptions, output: Out
     if repair is not None and dataset.random:
         raise OnnxPruneError("--repair needs real calibration data (--data): a map fitted on random inputs "
                              "repairs nothing")
+    with on_cluster(ray):
+        return _prune_repair_heal(model, dataset, target, output, data, scoring, latency, healing, heal_data, repair,
+                                  ray)
+
+
+def _prune_repair_heal(model, dataset, target: TargetOptions, output: OutputOptions, data: DataOptions,
+                       scoring: ScoringOptions, latency: LatencyOptions, healing: HealingOptions | None,
+                       heal_data: DataOptions | None, repair: RepairOptions | None,
+                       ray: RayOptions | None) -> PruneResult:
     result = _prune_and_write(model, dataset, target, output, data, scoring, latency, repair)
     if repair is not None:
         _repair_written(model, dataset, repair, scoring.provider, target, latency, output, result)
@@ -176,7 +199,7 @@ def prune(model_path: str | os.PathLike[str], target: TargetOptions, output: Out
         return PruneResult.from_dict(result)
     healing = healing or HealingOptions()
     healed, stages = heal_and_measure(load_model(output.model), model, _dataset(model, heal_data), healing,
-                                      scoring.provider)
+                                      scoring.provider, ray)
     plan = load_plan(result["plan"])
     plan.healing = healed["record"]
     save_model(healed["model"], output.model)
@@ -361,13 +384,15 @@ def _rounds(times: list[list[float]]) -> dict:
 
 
 def heal(model_path: str | os.PathLike[str], teacher_path: str | os.PathLike[str], output: OutputOptions,
-         data: DataOptions, healing: HealingOptions = HealingOptions(), provider: str = "auto") -> HealResult:
-    """Heal the pruned model at ``model_path`` against its original at ``teacher_path`` (onnxprune.train.heal),
-    verify it, and write it with its plan: the pruned model's plan (``<model>.plan.json`` when there is one)
-    with what healing did added."""
+         data: DataOptions, healing: HealingOptions = HealingOptions(), provider: str = "auto",
+         ray: RayOptions | None = None) -> HealResult:
+    """Heal the pruned model at ``model_path`` against its original at ``teacher_path`` (onnxprune.train.heal; with
+    ``ray``, on Ray Train workers: onnxprune.scaleout.heal), verify it, and write it with its plan: the pruned
+    model's plan (``<model>.plan.json`` when there is one) with what healing did added."""
     pruned, teacher, dataset = _pruned_and_teacher(model_path, teacher_path, output, data,
                                                    "healing needs real data (--data): random inputs teach nothing")
-    healed, stages = heal_and_measure(pruned, teacher, dataset, healing, provider)
+    with on_cluster(ray):
+        healed, stages = heal_and_measure(pruned, teacher, dataset, healing, provider, ray)
     plan = _source_plan(model_path, teacher)
     plan.healing = healed["record"]
     plan_path = _plan_path(output)
@@ -517,14 +542,20 @@ def agreement_target(stages: dict, healing: HealingOptions) -> dict:
 
 
 def heal_and_measure(pruned: onnx.ModelProto, original: onnx.ModelProto, dataset, healing: HealingOptions,
-                     provider: str = "auto") -> tuple[dict, dict]:
-    """Heal ``pruned`` on ``dataset``, verify the result, and measure agreement with ``original`` (and accuracy,
-    when the data has labels) on the held-back part, by onnxruntime: before pruning, after pruning, after healing."""
+                     provider: str = "auto", ray: RayOptions | None = None) -> tuple[dict, dict]:
+    """Heal ``pruned`` on ``dataset`` (with ``ray``, on Ray Train workers of the connected cluster), verify the
+    result, and measure agreement with ``original`` (and accuracy, when the data has labels) on the held-back part,
+    by onnxruntime: before pruning, after pruning, after healing."""
     try:
         from onnxprune.train.heal import heal as heal_model
     except ImportError as exc:
         raise MissingDependency(f"healing needs torch: pip install 'onnxprune[torch]' ({exc})") from None
-    result = heal_model(pruned, original, dataset, healing, provider)
+    if ray is not None and ray.address is not None:
+        from onnxprune.scaleout.heal import heal_on_ray
+
+        result = heal_on_ray(pruned, original, dataset, healing, ray, provider)
+    else:
+        result = heal_model(pruned, original, dataset, healing, provider)
     held = dataset.subset(result.split.held_back)
     verification = verify(pruned, result.model, feeds=next(held.batches(min(healing.batch, 16))).feeds)
     if not verification.passed:
@@ -545,21 +576,36 @@ def _brief(record: dict) -> dict:
 
 
 def latency(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
-            latency: LatencyOptions = LatencyOptions(), input_shape: tuple[int, ...] | None = None) -> LatencyResult:
+            latency: LatencyOptions = LatencyOptions(), input_shape: tuple[int, ...] | None = None,
+            ray: RayOptions | None = None) -> LatencyResult:
     """Build the LayerMerge latency table of a model on ``latency.backend`` and write it to ``out_path``; a
-    model with symbolic sizes after the batch is timed at ``input_shape`` (what ``prune --input-shape`` takes)."""
+    model with symbolic sizes after the batch is timed at ``input_shape`` (what ``prune --input-shape`` takes).
+    With ``ray``, the rows are timed on Ray actors (docs/scale-out.md); the table says which timed which."""
     model = load_model(model_path)
     if input_shape is not None:
         model = specialise_inputs(model, {model_inputs(model)[0].name: input_shape})
     structure = analyze_model(model)
     batch = latency_batch(model, latency)
     options = search_space(structure, conv_l1_norms(to_graph(model)))
-    table = build_table(model, structure, options, get_backend(latency.backend, latency.threads), batch,
-                        fingerprint(model), rounds=latency.rounds or 20)
+    with on_cluster(ray):
+        table = build_table(model, structure, options, _table_backend(latency, ray), batch, fingerprint(model),
+                            rounds=latency.rounds or 20)
     table.save(out_path)
-    return LatencyResult.from_dict({"output": str(out_path), "rows": len(table.rows), "options": len(options),
-                                    "whole_s": table.whole_s, "fixed_s": table.fixed_s, **table.backend, "batch": batch,
-                                    "rounds": table.rounds, "notes": table.notes})
+    result = {"output": str(out_path), "rows": len(table.rows), "options": len(options), "whole_s": table.whole_s,
+              "fixed_s": table.fixed_s, **table.backend, "batch": batch, "rounds": table.rounds, "notes": table.notes}
+    if table.timed_on:
+        result["timed_on"] = sorted(set(table.timed_on.values()))
+    return LatencyResult.from_dict(result)
+
+
+def _table_backend(latency: LatencyOptions, ray: RayOptions | None) -> Backend:
+    """The backend a latency table is timed on: made here, or with ``ray`` named only (each Ray actor makes it on its
+    node, with that node's threads: this machine needs no GPU to time rows on the cluster's)."""
+    if ray is None or ray.address is None:
+        return get_backend(latency.backend, latency.threads)
+    if latency.backend not in BACKENDS:
+        raise OnnxPruneError(f"unknown backend {latency.backend!r}; choose one of {', '.join(BACKENDS)}")
+    return Backend(latency.backend, latency.threads)
 
 
 def bench(model_path: str | os.PathLike[str], other_path: str | os.PathLike[str] | None = None,

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from onnxprune.config import CONFIG_VERBS, apply_config, effective_config, load_config, record_config, subparser
 from onnxprune.errors import OnnxPruneError
 from onnxprune.options import (DataOptions, GateTrainingOptions, HealingOptions, LatencyOptions, OutputOptions,
-                               RepairOptions, ScoringOptions, TargetOptions)
+                               RayOptions, RepairOptions, ScoringOptions, TargetOptions)
 
 EXIT_VERIFICATION_FAILED = 1  # also an unexpected internal error (a bug: run with --debug)
 EXIT_ERROR = EXIT_VERIFICATION_FAILED
@@ -66,8 +66,8 @@ exit status:
      also an unexpected internal error (run with --debug for the traceback)
   2  bad usage or bad input: a bad flag, flag combination or --config key, an unreadable or invalid model,
      bad data, a refused plan (nothing written)
-  3  a missing optional dependency (torch for heal, tensorrt, onnxruntime-gpu) or a backend or execution
-     provider that cannot run here
+  3  a missing optional dependency (torch for heal, tensorrt, onnxruntime-gpu, ray for --ray) or a backend,
+     execution provider or Ray cluster that cannot be used from here
   4  target missed: outputs written, but --speedup or --min-agreement was not met
   130  interrupted (Ctrl-C): whatever the run had written is removed; the input is never touched
 --debug (before or after the verb) shows the traceback of an error; --quiet (before or after the verb)
@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "Gemm/MatMul on the way to the output, or the first output when none leads to it)")
     add_provider_argument(p)
     add_memory_budget_argument(p)
+    add_ray_arguments(p, "each block is scored by a Ray task, with the same scores as without Ray")
     p.add_argument("--json", action="store_true", help="print one JSON object with blocks: [{join, score, ...}]")
     p.set_defaults(run=_score)
 
@@ -215,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_healing_arguments(g, prefix="--heal-")
     g.add_argument("--min-agreement", type=float, metavar="F", help="with --heal-data: exit with status 4 when the "
                    "healed model agrees with the original on less than this share of the held-back samples")
+    add_ray_arguments(p, "importance rows and block scores are Ray tasks (the same scores as without Ray), latency "
+                      "table rows are timed on Ray actors, and --heal-data heals on Ray Train workers; the side-by-side "
+                      "speed-up measurements stay in this process", resource=True,
+                      workers="latency actors (at most one per CPU of the cluster, or per unit of --ray-resource) and "
+                      "healing workers")
     p.set_defaults(run=_prune)
 
     p = verbs.add_parser(
@@ -237,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "agrees with the original on less than this share of the held-back samples")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_data_arguments(p)
+    add_ray_arguments(p, "healing runs on --ray-workers Ray Train workers", workers="Ray Train workers heal")
     p.set_defaults(run=_heal)
 
     p = verbs.add_parser(
@@ -316,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "batch are symbolic: the sizes to time it at (give prune the same, or data of that size)")
     p.add_argument("-o", "--output", required=True, help="where to write the table (.json)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_ray_arguments(p, "the rows are timed on --ray-workers Ray actors, each beside the whole model, and the table "
+                      "records which actor timed which row", resource=True,
+                      workers="latency actors (at most one per CPU of the cluster, or per unit of --ray-resource)")
     p.set_defaults(run=_latency)
 
     p = verbs.add_parser(
@@ -539,6 +549,34 @@ def add_memory_budget_argument(p: argparse.ArgumentParser | argparse._ArgumentGr
                    "a temporary folder. Default: 40%% of the memory available, at most 3G. Scores do not depend on it")
 
 
+def add_ray_arguments(p: argparse.ArgumentParser, what: str, resource: bool = False, workers: str | None = None) -> None:
+    """``--ray``, and ``--ray-resource`` where the verb times latency, ``--ray-workers`` where it has actors or
+    workers (``workers``: what they are); ``what``: what the verb sends to the cluster."""
+    g = p.add_argument_group("scale-out", "run on a Ray cluster (docs/scale-out.md; pip install 'onnxprune[ray]')")
+    g.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help=f"run on Ray: {what}. --ray alone (auto) joins the cluster running here (RAY_ADDRESS, or the "
+                   "one 'ray start' started on this machine), else starts a local Ray for this run; --ray local always "
+                   "starts one; --ray HOST:6379 (or ray://HOST:10001) joins that cluster. Give it after MODEL, or as "
+                   "--ray=ADDRESS")
+    if resource:
+        g.add_argument("--ray-resource", metavar="NAME", help="with --ray: place every latency actor on a node that "
+                       "offers the custom resource NAME, one actor per unit (edge devices joined with ray start "
+                       "--resources='{\"NAME\": 1}'), so that rows are timed on those devices")
+    if workers:
+        g.add_argument("--ray-workers", type=int, metavar="N", help=f"with --ray: how many {workers} (default "
+                       f"{RayOptions.workers})")
+
+
+def ray_options(args: argparse.Namespace) -> RayOptions | None:
+    """RayOptions of the command line; None without --ray (then --ray-resource and --ray-workers are errors)."""
+    resource, workers = getattr(args, "ray_resource", None), getattr(args, "ray_workers", None)
+    if getattr(args, "ray", None) is None:
+        if resource is not None or workers is not None:
+            raise OnnxPruneError("--ray-resource and --ray-workers need --ray")
+        return None
+    return RayOptions(args.ray, resource, RayOptions.workers if workers is None else workers)
+
+
 def memory_size(text: str) -> int:
     """Bytes from '4G', '512M', '1.5GiB', '4gb', '100B' or '1048576' (K, M, G, T are powers of 1024)."""
     import re
@@ -624,7 +662,7 @@ def _score(args: argparse.Namespace) -> int:
     from onnxprune import api
     from onnxprune.report.text import score_text
 
-    result = api.score(args.model, data_options(args), scoring_options(args)).to_dict()
+    result = api.score(args.model, data_options(args), scoring_options(args), ray_options(args)).to_dict()
     print_json(result) if args.json else print(score_text(result))
     return _write_report(args, result, 0, args.model)
 
@@ -645,7 +683,7 @@ def _prune(args: argparse.Namespace) -> int:
     result = api.prune(args.model, target_options(args), output,
                        data_options(args), scoring_options(args), latency_options(args),
                        healing_options(args) if heal_data else None, heal_data,
-                       repair_options(args) if args.repair else None).to_dict()
+                       repair_options(args) if args.repair else None, ray_options(args)).to_dict()
     record_config(result["plan"], args)
     return _write_report(args, result, _report_target(result, args.json, prune_text), args.model, result.get("output"))
 
@@ -686,7 +724,7 @@ def _heal(args: argparse.Namespace) -> int:
     from onnxprune.report.text import heal_text
 
     result = api.heal(args.model, args.teacher, OutputOptions(args.output, args.plan), data_options(args),
-                      healing_options(args), args.provider).to_dict()
+                      healing_options(args), args.provider, ray_options(args)).to_dict()
     record_config(result["plan"], args)
     return _write_report(args, result, _report_target(result, args.json, heal_text), args.teacher, result.get("output"))
 
@@ -728,7 +766,7 @@ def _latency(args: argparse.Namespace) -> int:
     from onnxprune import api
     from onnxprune.report.text import latency_text
 
-    result = api.latency(args.model, args.output, latency_options(args), args.input_shape).to_dict()
+    result = api.latency(args.model, args.output, latency_options(args), args.input_shape, ray_options(args)).to_dict()
     print_json(result) if args.json else print(latency_text(result))
     return 0
 

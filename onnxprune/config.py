@@ -12,7 +12,8 @@ from onnxprune.errors import OnnxPruneError
 
 CONFIG_VERBS = ("prune", "heal")
 _NOT_CONFIGURABLE = {"help", "config", "debug"}
-_NOT_RECORDED = {"json", "quiet", "report"}  # how a run reports, not what it does: a plan's config leaves them out
+# how a run reports and where it runs, not what it does: a plan's config leaves them out
+_NOT_RECORDED = {"json", "quiet", "report", "ray", "ray_resource", "ray_workers"}
 
 
 def subparser(parser: argparse.ArgumentParser, verb: str) -> argparse.ArgumentParser:

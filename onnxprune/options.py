@@ -214,6 +214,27 @@ class GateTrainingOptions:
             raise OnnxPruneError(f"--device is cpu or cuda, not {self.device!r}")
 
 
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Scale-out on a Ray cluster (``--ray`` and its group; docs/scale-out.md): importance rows as Ray tasks, latency
+    rows on Ray actors, healing on Ray Train workers. Without an address nothing touches Ray."""
+
+    address: str | None = None  # None: no Ray; "auto": the running cluster, else a local one; "local"; HOST:PORT
+    resource: str | None = None  # a custom resource every latency actor needs (edge devices joined with it)
+    workers: int = 2  # healing workers / latency actors
+    max_retries: int = 3  # a task retried, an actor restarted, this many times after its process dies
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise OnnxPruneError(f"--ray-workers needs at least 1 worker, not {self.workers}")
+        if self.max_retries < 0:
+            raise OnnxPruneError(f"Ray's retries are at least 0, not {self.max_retries}")
+        if self.address is not None and not self.address.strip():
+            raise OnnxPruneError("--ray takes auto, local or a cluster's address (HOST:PORT, ray://HOST:PORT)")
+        if self.resource is not None and not self.resource.strip():
+            raise OnnxPruneError("--ray-resource needs the name of a custom resource")
+
 # flag -> (the option object's attribute, the methods it applies to)
 _METHOD_FLAGS = {
     "--remove-blocks": ("remove_blocks", {"slp", "sglp"}),

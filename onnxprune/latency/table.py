@@ -11,7 +11,9 @@ the network they come from: a table is refused for it, beyond a small tolerance 
 A row is keyed by its signature: kernel, stride, groups, shapes and its activation with the
 attributes that change it (a Clip(0, 1) row is not a Clip(0, 6) row). A table is JSON: it can be built
 on the deployment device (``onnxprune latency``) and carried back; it is refused for another model,
-or the same model exported at another input shape or dtype.
+or the same model exported at another input shape or dtype. With ``--ray`` the groups of rows are timed on Ray
+actors, each beside the whole model on its own device (``time_groups``; onnxprune/scaleout/latency.py), and the
+table says which actor timed which row (``timed_on``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +67,10 @@ class LatencyTable:
     # kernels and an empty model's run, shared out by node count; what a row's nodes add to its own work
     node_overhead_s: float = 0.0
     schema: int = TABLE_SCHEMA
+    # signature (or "block JOIN") -> where it was timed, when rows were timed on Ray actors (scaleout.latency): the
+    # host, Ray node and actor, and the backend's device; every row's share is of the whole model timed by the same
+    # actor. Empty: every row timed in this process, on ``backend``'s device.
+    timed_on: dict[str, str] = field(default_factory=dict)
 
     def option_latency(self, option: Option, structure: Structure) -> float:
         if option.keep_block is not None:
@@ -318,13 +325,96 @@ def map_model(fitted: FittedMap, batch: int, dtype=np.float32) -> onnx.ModelProt
     return model
 
 
+@dataclass(frozen=True)
+class TimedRow:
+    """A model timed as its own work beside the whole model: a row (``key``: its signature) or a residual block's
+    branch (``key``: "block JOIN"), as a ModelProto or serialized; ``feeds`` None: ``random_feeds`` at the batch."""
+
+    key: str
+    model: onnx.ModelProto | bytes
+    feeds: dict[str, np.ndarray] | None = None
+
+
+class GroupTimer:
+    """The whole model on a backend, kept ready to time groups of rows beside it (measure.time_in_rounds): what
+    one process keeps between groups, and what each Ray actor keeps (scaleout.latency; docs/scale-out.md)."""
+
+    def __init__(self, model: onnx.ModelProto | bytes, backend: Backend, batch: int, rounds: int = 20,
+                 warmup: int = 3) -> None:
+        self.model = onnx.load_from_string(model) if isinstance(model, bytes) else model
+        self.backend, self.batch, self.rounds, self.warmup = backend, batch, rounds, warmup
+        self.feeds = random_feeds(self.model, batch)
+        self.whole_run = backend.runner(self.model, self.feeds)
+        self.reference = backend.reference_runner(self.model, self.feeds)
+
+    def time(self, rows: list[TimedRow]) -> tuple[float, list[float], str]:
+        """(the whole model's median seconds, each row's own seconds, where they were timed), the rows timed in
+        rounds beside the whole model."""
+        clocks = []
+        for row in rows:
+            model = onnx.load_from_string(row.model) if isinstance(row.model, bytes) else row.model
+            clocks.append(self.backend.own_clock(model, row.feeds if row.feeds is not None
+                                                 else random_feeds(model, self.batch)))
+        whole_s, own = time_in_rounds(self.whole_run, self.reference, clocks, self.rounds, self.warmup)
+        return whole_s, own, self.where()
+
+    def whole_seconds(self) -> float:
+        """The whole model's median seconds, alone."""
+        return median_time(self.whole_run, self.warmup, self.rounds)
+
+    def node_overhead(self) -> float:
+        """Per graph node, the share of the whole model's run that is no kernel's work (``_node_overhead``)."""
+        return _node_overhead(self.model, self.backend, self.reference, self.feeds, self.rounds)
+
+    def describe(self) -> dict:
+        return self.backend.describe()
+
+    def where(self) -> str:
+        """Where this timer times (its backend's device; a Ray actor adds its host, node and actor)."""
+        return self.backend.device
+
+
+@dataclass
+class GroupTimes:
+    """What timing every group gave: each row's share of its group's whole model, the whole model's median over the
+    groups, the per-node overhead as a share of the whole, where each row was timed, the backend that timed."""
+
+    shares: dict[str, float]
+    whole_s: float
+    node_overhead: float
+    timed_on: dict[str, str]
+    backend: dict
+
+
+def time_groups(model: onnx.ModelProto, backend: Backend, groups: list[list[str]], build: Callable[[str], TimedRow],
+                batch: int, rounds: int, warmup: int) -> GroupTimes:
+    """Time each group of keys (``build(key)`` makes its row, a group at a time) beside the whole model, in this
+    process or, inside ``onnxprune.scaleout.cluster.connect``, on Ray actors (scaleout.latency)."""
+    ray_cluster = sys.modules.get("onnxprune.scaleout.cluster")  # imported only when a run asks for Ray
+    if ray_cluster is not None and ray_cluster.current() is not None:
+        from onnxprune.scaleout.latency import time_groups_on_ray
+
+        return time_groups_on_ray(model, backend, groups, build, batch, rounds, warmup)
+    timer = GroupTimer(model, backend, batch, rounds, warmup)
+    shares: dict[str, float] = {}
+    wholes: list[float] = []
+    for keys in groups:
+        whole_s, own, _ = timer.time([build(key) for key in keys])
+        wholes.append(whole_s)
+        shares.update((key, seconds / whole_s) for key, seconds in zip(keys, own))
+        log.info(f"latency: timed {len(shares)}/{sum(map(len, groups))} rows and blocks on {backend.name}")
+    whole = float(np.median(wholes)) if wholes else timer.whole_seconds()
+    return GroupTimes(shares, whole, timer.node_overhead(), {}, backend.describe())
+
+
 def build_table(model: onnx.ModelProto, structure: Structure, options: list[Option], backend: Backend, batch: int,
                 fingerprint: str, warmup: int = 3, rounds: int = 20, group_bytes: int = 2 << 30) -> LatencyTable:
     """Time every distinct row of ``options`` (its own work: Backend.own_clock) and the whole model on
     ``backend`` at ``batch``, the rows in rounds beside the whole model (measure.time_in_rounds).
 
     Rows are timed in groups whose input and output tensors stay under ``group_bytes`` together (the
-    sessions of a group live at once), each group beside the whole model and scaled to one whole."""
+    sessions of a group live at once), each group beside the whole model and scaled to one whole; the residual
+    blocks' branches in a group of their own. Inside ``scaleout.cluster.connect``, on Ray actors (time_groups)."""
     feeds = random_feeds(model, batch)
     dtype = next(iter(feeds.values())).dtype
     row_dtype = dtype.type if np.issubdtype(dtype, np.floating) else np.float32
@@ -333,34 +423,25 @@ def build_table(model: onnx.ModelProto, structure: Structure, options: list[Opti
         signature = row_signature(option, structure, batch)
         if signature is not None and signature not in distinct:
             distinct[signature] = option
-    whole_run, reference = backend.runner(model, feeds), backend.reference_runner(model, feeds)
     removable = {o.remove_block or o.keep_block for o in options} - {None}
     branches = block_models(model, [b for b in structure.residual_blocks if b.join in removable], feeds)
-    shares: dict[str, float] = {}  # signature -> row seconds / whole seconds, within its group's rounds
-    wholes: list[float] = []
-    for group in _groups(distinct, structure, batch, np.dtype(row_dtype).itemsize, group_bytes):
-        clocks = []
-        for signature in group:
-            row = row_model(distinct[signature], structure, batch, row_dtype)
-            clocks.append(backend.own_clock(row, random_feeds(row, batch)))
-        whole_s, own = time_in_rounds(whole_run, reference, clocks, rounds, warmup)
-        wholes.append(whole_s)
-        shares.update((signature, seconds / whole_s) for signature, seconds in zip(group, own))
-        log.info(f"latency: timed {len(shares)}/{len(distinct)} distinct rows on {backend.name}")
-    if branches:
-        clocks = [backend.own_clock(branch, branch_feeds) for branch, branch_feeds in branches.values()]
-        whole_s, own = time_in_rounds(whole_run, reference, clocks, rounds, warmup)
-        wholes.append(whole_s)
-        shares.update((f"block {join}", seconds / whole_s) for join, seconds in zip(branches, own))
-        log.info(f"latency: timed {len(branches)} residual blocks as a whole on {backend.name}")
-    whole = float(np.median(wholes)) if wholes else median_time(whole_run, warmup, rounds)
-    node_overhead = _node_overhead(model, backend, reference, feeds, rounds) * whole
+
+    def build(key: str) -> TimedRow:
+        if key.startswith("block "):
+            return TimedRow(key, *branches[key.removeprefix("block ")])
+        return TimedRow(key, row_model(distinct[key], structure, batch, row_dtype))
+
+    groups = _groups(distinct, structure, batch, np.dtype(row_dtype).itemsize, group_bytes)
+    groups += [[f"block {join}" for join in branches]] if branches else []
+    timed = time_groups(model, backend, groups, build, batch, rounds, warmup)
+    shares, whole = timed.shares, timed.whole_s
+    node_overhead = timed.node_overhead * whole
     rows = {signature: share * whole for signature, share in shares.items() if not signature.startswith("block ")}
     originals = [o for o in options if o.original]
-    table = LatencyTable(backend.describe(), batch, str(dtype), fingerprint, whole, 0.0, rows, rounds,
+    table = LatencyTable(timed.backend, batch, str(dtype), fingerprint, whole, 0.0, rows, rounds,
                          _untimed_activations(distinct, structure),
                          blocks={join: shares[f"block {join}"] * whole for join in branches},
-                         node_overhead_s=node_overhead)
+                         node_overhead_s=node_overhead, timed_on=timed.timed_on)
     table.block_extras = _block_extras(table, structure, originals)
     for _ in range(8):  # the overhead estimate is noisy on small models: never let it push the rows past the whole
         if table.node_overhead_s == 0 or sum(table.option_latency(o, structure) for o in originals) <= whole:

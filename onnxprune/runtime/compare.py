@@ -24,6 +24,9 @@ spill, the original runs again for each group. The temporary folder is always re
 not depend on the budget beyond float rounding (the batch size may differ).
 
 Measured figures: benchmarks/RESULTS.md, "Memory within a budget".
+
+On a Ray cluster (inside ``onnxprune.scaleout.cluster.connect``, ``--ray``) every copy is a Ray task instead, fed from
+the object store; the budget then only sets the batch (onnxprune/scaleout/scoring.py; docs/scale-out.md).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import gc
 import math
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -313,6 +317,10 @@ def cka_with_original(original: onnx.ModelProto, copies: list[Copy], data: Datas
     ``default_memory_budget()``); ``spill_dir``: where the temporary folder goes (default: the system's)."""
     if not copies:
         return [], create_session(original, provider).provider
+    if _on_ray():  # --ray: one Ray task per copy (docs/scale-out.md)
+        from onnxprune.scaleout.scoring import cka_on_ray
+
+        return cka_on_ray(original, copies, data, provider, batch, unbiased, memory_budget, spill_dir)
     _release()  # what building the copies freed, before the budget is spent
     plan = plan_scoring(original, copies, data, batch, unbiased, memory_budget, spill_dir)
     mask = token_mask(original, data)
@@ -354,6 +362,13 @@ def cka_with_original(original: onnx.ModelProto, copies: list[Copy], data: Datas
     return values, used
 
 
+def _on_ray() -> bool:
+    """Whether this runs inside ``onnxprune.scaleout.cluster.connect``. That module is imported only when a run asks
+    for Ray, so a run without ``--ray`` never imports it (nor ray) to find out."""
+    cluster = sys.modules.get("onnxprune.scaleout.cluster")
+    return cluster is not None and cluster.current() is not None
+
+
 def token_mask(original: onnx.ModelProto, data: Dataset) -> str | None:
     """The data's attention mask, when the model has one: token sequences compared by CKA are pooled over the
     tokens it keeps (capture.feature_rows; docs/algorithms.md section 9)."""
@@ -378,9 +393,7 @@ def _score_group(group: list[int], copies: list[Copy], data: Dataset, batch: int
         outs = tensors(feeds)
         kept = feeds[mask] if mask else None
         for k, (c, session) in enumerate(zip(members, sessions)):
-            reference = feature_rows(outs[c.reference], count, kept)
-            got = feature_rows(session.run({name: outs[source] for name, source in c.feeds.items()}, [c.output])[0],
-                               count, kept)
+            reference, got = copy_rows(c, session, outs, count, kept)
             if accumulators[k] is None:
                 accumulators[k] = accumulator(reference.shape[1], unbiased)
             accumulators[k].update(reference, got)
@@ -391,6 +404,16 @@ def _score_group(group: list[int], copies: list[Copy], data: Dataset, batch: int
     for k, i in enumerate(group):
         values[i] = accumulators[k].value()
         accumulators[k] = None
+
+
+def copy_rows(copy: Copy, session, outs: dict[str, np.ndarray], count: int,
+              kept: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(the original's rows, the copy's rows) that CKA compares for one batch: ``outs`` holds the batch's inputs and
+    the original's captured tensors, ``count`` its samples, ``kept`` the attention mask (feature_rows)."""
+    reference = feature_rows(outs[copy.reference], count, kept)
+    got = feature_rows(session.run({name: outs[source] for name, source in copy.feeds.items()}, [copy.output])[0],
+                       count, kept)
+    return reference, got
 
 
 def _release() -> None:

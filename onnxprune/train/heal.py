@@ -21,6 +21,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,10 +122,13 @@ def step_count(options, train_samples: int, batch: int) -> int:
 
 
 def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], feature_scale: float,
-                      options: HealingOptions, labels: torch.Tensor | None = None) -> torch.Tensor:
+                      options: HealingOptions, labels: torch.Tensor | None = None,
+                      logit_scale: float | None = None) -> torch.Tensor:
     """The healing loss (module docstring) of ``[logits, feature]`` outputs; the feature term is left out when
     the feature is the logits themselves (a single output), the logit term is a relative MSE for an output
-    that is not (batch, classes). Outputs of different shapes (a damaged pruned model) are refused."""
+    that is not (batch, classes): relative to ``logit_scale``, the teacher's mean square there (None: this
+    batch's; a worker of a distributed run passes the whole batch's, so that its slice's loss averages with the
+    others' to the loss of the whole batch). Outputs of different shapes (a damaged pruned model) are refused."""
     for s, t, what in zip(student, teacher, ("output", "feature map")):
         if s.shape != t.shape:
             raise OnnxPruneError(f"the pruned model's {what} has shape {list(s.shape)} where the original's has "
@@ -135,7 +139,8 @@ def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], 
         kd = F.kl_div(F.log_softmax(s_logits / t, dim=1), F.log_softmax(t_logits / t, dim=1), log_target=True,
                       reduction="batchmean") * t * t
     else:
-        kd = F.mse_loss(s_logits, t_logits) / t_logits.square().mean().clamp_min(1e-12)
+        scale = t_logits.square().mean().clamp_min(1e-12) if logit_scale is None else max(logit_scale, 1e-12)
+        kd = F.mse_loss(s_logits, t_logits) / scale
     loss = options.logit_weight * kd
     if len(student) > 1:
         loss = loss + options.feature_weight * F.mse_loss(student[1], teacher[1]) / feature_scale
@@ -156,6 +161,213 @@ def check_labels(labels: np.ndarray | None, model: onnx.ModelProto) -> None:
                              f"{classes} classes are 0 to {classes - 1}")
 
 
+@dataclass
+class HealSetup:
+    """What a healing run works out once, before its first step, besides the models and the data: which outputs
+    are matched, the split, the batch and the step count, the augmentation, and the teacher's outputs that do not
+    change (on the held-back part; on the whole data set when the inputs are never augmented). ``heal`` makes it
+    in-process; Ray healing (onnxprune.scaleout.heal) makes it on the driver and ships it to its workers."""
+
+    outputs_s: list[str]  # the student's [first output, feature map]
+    outputs_t: list[str]  # the teacher's
+    split: Split
+    batch: int  # samples per step (the whole batch, over all workers)
+    steps: int
+    labels: np.ndarray | None  # the data's labels, when cross-entropy uses them
+    input_names: list[str]
+    axes: tuple[int, int] | None  # image axes when the batches are augmented
+    blend: bool  # mixup on top of the augmentation
+    channels_last: bool  # NCHW images: the student's convs run channels-last
+    held: Dataset  # the held-back samples
+    held_teacher: np.ndarray  # the teacher's first output on them
+    cached: list[np.ndarray] | None  # the teacher's outputs on the whole data set (no augmentation), else None
+
+    @property
+    def layout(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def draw(self, data: Dataset, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The rows of the next batch and its (augmented) inputs: the whole batch, whatever part of it a
+        worker trains on, so that every worker's ``rng`` draws the same."""
+        rows = rng.choice(self.split.train, size=self.batch, replace=len(self.split.train) < self.batch)
+        feeds = {k: data.inputs[k][rows] for k in self.input_names}
+        if self.axes is not None:
+            feeds[self.input_names[0]] = augment(feeds[self.input_names[0]], self.axes, rng)
+            if self.blend:
+                feeds[self.input_names[0]] = mixup(feeds[self.input_names[0]], rng)
+        return rows, feeds
+
+    def targets(self, teacher, rows: np.ndarray, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The teacher's outputs for a batch: cached ones, else a run of ``teacher`` (a session that returns
+        ``outputs_t``) on the batch."""
+        return [c[rows] for c in self.cached] if self.cached is not None else teacher.run(feeds, self.outputs_t)
+
+
+def prepare(teacher_model: onnx.ModelProto, teacher, data: Dataset, options: HealingOptions, outputs_s: list[str],
+            outputs_t: list[str]) -> HealSetup:
+    """The ``HealSetup`` of healing on ``data``; ``teacher`` is a session of ``teacher_model`` that returns
+    ``outputs_t``, run here on the held-back samples (and on all of them when nothing is augmented)."""
+    split = split_data(len(data), options.holdout, options.seed)
+    batch = data.static_batch or options.batch
+    labels = data.labels if options.use_labels else None
+    check_labels(labels, teacher_model)
+    input_names = list(data.inputs)
+    axes = image_axes(data.inputs[input_names[0]]) if options.augment and len(input_names) == 1 else None
+    if options.augment and axes is None:
+        log.info("heal: note: the input is not a batch of images; no augmentation")
+    blend = axes is not None and options.mixup and labels is None  # a blend has no label of its own
+    channels_last = image_axes(data.inputs[input_names[0]]) == (2, 3)  # NCHW images: channels-last convs train faster
+    held = data.subset(split.held_back)
+    held_teacher = _teacher_outputs(teacher, held, batch, outputs_t[:1])[0]
+    cached = None if axes is not None else _teacher_outputs(teacher, data, batch, outputs_t)  # same inputs every time
+    steps = step_count(options, len(split.train), batch)
+    return HealSetup(outputs_s, outputs_t, split, batch, steps, labels, input_names, axes, blend, channels_last,
+                     held, held_teacher, cached)
+
+
+class HealingDiverged(OnnxPruneError):
+    """The healing loss is no longer finite."""
+
+
+class HealLoop:
+    """The optimisation and the bookkeeping of a healing run, step by step: AdamW with its schedule, the loss
+    (``distillation_loss``), the held-back evaluations and the best checkpoint (lowest held-back KL). ``heal``
+    runs one in-process; each worker of Ray healing (onnxprune.scaleout.heal) runs one on its slice of every
+    batch, with ``forward`` the student's DistributedDataParallel wrapper (which averages the gradients) and
+    ``mean`` the average of a number over the workers (the identity in-process): the loss's scales and the loss
+    itself are those of the whole batch."""
+
+    def __init__(self, student: GraphModule, setup: HealSetup, options: HealingOptions, device: torch.device,
+                 forward: Callable | None = None, mean: Callable[[float], float] | None = None,
+                 started: float | None = None) -> None:
+        self.student, self.setup, self.options, self.device = student, setup, options, device
+        self.forward = forward or student
+        self.mean = mean or (lambda x: x)
+        self.optimizer = torch.optim.AdamW(student.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: schedule(s, setup.steps))
+        self.every = max(1, setup.steps // max(1, options.evaluations))
+        self.feature_scale: float | None = None
+        self.losses: list[float] = []  # the whole batch's loss at each step
+        self.step_seconds: list[float] = []  # wall time of each step (drawing the batch to the optimiser step)
+        self.history: list[dict] = []
+        self.best: dict = {}
+        self.started = time.perf_counter() if started is None else started
+        self.last_line = time.perf_counter()
+
+    def evaluate(self) -> tuple[float, float]:
+        """(top-1 agreement, KL) with the teacher on the held-back samples, now."""
+        return _held_back(self.student, self.setup.held, self.setup.held_teacher, self.setup.batch, self.device,
+                          self.setup.layout)
+
+    def begin(self) -> tuple[float, float]:
+        """Evaluate the unhealed student: step 0 of the history and the first best checkpoint."""
+        agreement0, kl0 = self.evaluate()
+        self.best = {"step": 0, "agreement": agreement0, "kl": kl0, "state": copy.deepcopy(self.student.state_dict())}
+        self.history = [{"step": 0, "agreement": agreement0, "kl": kl0}]
+        self.student.train()
+        return agreement0, kl0
+
+    def step(self, step: int, data: Dataset, rng: np.random.Generator, teacher, part: slice = slice(None)) -> None:
+        """One optimiser step on the ``part`` of the next batch (all of it in-process)."""
+        began = time.perf_counter()
+        setup, device = self.setup, self.device
+        rows, feeds = setup.draw(data, rng)
+        rows, feeds = rows[part], {k: v[part] for k, v in feeds.items()}
+        targets = [torch.from_numpy(np.ascontiguousarray(t)).to(device) for t in setup.targets(teacher, rows, feeds)]
+        if self.feature_scale is None:
+            self.feature_scale = max(self.mean(float(targets[-1].float().square().mean())), 1e-12)
+        logit_scale = None if targets[0].ndim == 2 else self.mean(float(targets[0].float().square().mean()))
+        y = torch.from_numpy(setup.labels[rows]).to(device) if setup.labels is not None else None
+        out = self.forward({k: _tensor(v, device, setup.layout) for k, v in feeds.items()})
+        loss = distillation_loss(out, targets, self.feature_scale, self.options, y, logit_scale)
+        value = self.mean(loss.item())
+        if not math.isfinite(value):
+            raise HealingDiverged(f"healing diverged at step {step} (loss {value}); try a lower --heal-lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.losses.append(value)
+        self.step_seconds.append(time.perf_counter() - began)
+
+    def due(self, step: int) -> bool:
+        """Whether the held-back evaluation runs after ``step``."""
+        return step % self.every == 0 or step == self.setup.steps
+
+    def after_step(self, step: int) -> None:
+        """The evaluation when it is due, else a progress line every 30 s."""
+        if self.due(step):
+            self.evaluation(step)
+        else:
+            self.progress_line(step)
+
+    def evaluation(self, step: int) -> None:
+        """Evaluate on the held-back samples; keep the checkpoint if it is the closest to the teacher so far."""
+        agreement, kl = self.evaluate()
+        self.student.train()
+        loss = float(np.mean(self.losses[-self.every:]))
+        self.history.append({"step": step, "agreement": agreement, "kl": kl, "loss": loss})
+        if kl < self.best["kl"]:
+            self.best = {"step": step, "agreement": agreement, "kl": kl,
+                         "state": copy.deepcopy(self.student.state_dict())}
+        log.info(f"heal: step {step}/{self.setup.steps}  loss {loss:.4f}  held-back agreement "
+                 f"{100 * agreement:.1f}%, KL {kl:.4f} (kept: step {self.best['step']})  "
+                 f"{time.perf_counter() - self.started:.0f} s")
+        self.last_line = time.perf_counter()
+
+    def progress_line(self, step: int) -> None:
+        if time.perf_counter() - self.last_line > 30:
+            log.info(f"heal: step {step}/{self.setup.steps}  loss {np.mean(self.losses[-50:]):.4f}  "
+                     f"{time.perf_counter() - self.started:.0f} s")
+            self.last_line = time.perf_counter()
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to go on as if never stopped (with the caller's step and rng state)."""
+        return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "lr_schedule": self.lr_schedule.state_dict(), "feature_scale": self.feature_scale,
+                "losses": self.losses, "step_seconds": self.step_seconds, "history": self.history, "best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.feature_scale, self.losses = state["feature_scale"], state["losses"]
+        self.step_seconds = state["step_seconds"]
+        self.history, self.best = state["history"], state["best"]
+
+
+def heal_result(student_model: onnx.ModelProto, student: GraphModule, setup: HealSetup, options: HealingOptions,
+                history: list[dict], best: dict, device: str, started: float,
+                step_seconds: list[float]) -> HealResult:
+    """The healed model (the best checkpoint's weights written into ``student_model``, or ``student_model`` itself
+    when the unhealed model was the best) and the record of the run."""
+    if best["step"]:
+        student.load_state_dict(best["state"])
+        healed = write_back(student_model, student.cpu().to(memory_format=torch.contiguous_format))
+    else:
+        healed = student_model
+    labels, split, steps, batch = setup.labels, setup.split, setup.steps, setup.batch
+    agreement0, kl0 = history[0]["agreement"], history[0]["kl"]
+    record = {"method": "distillation from the original (PRACTISE-style feature MSE + logit KL)"
+                        + (" + cross-entropy" if labels is not None else ""),
+              "steps": steps, "epochs": steps * batch / len(split.train), "batch": batch, "lr": options.lr,
+              "weight_decay": options.weight_decay, "temperature": options.temperature,
+              "feature_tensor": setup.outputs_s[1] if len(setup.outputs_s) > 1 else None,
+              "teacher_feature_tensor": setup.outputs_t[1] if len(setup.outputs_t) > 1 else None,
+              "labels": labels is not None, "augment": setup.axes is not None,
+              "mixup": setup.blend, "device": device,
+              "train_samples": int(len(split.train)), "held_back_samples": int(len(split.held_back)),
+              "held_back_agreement_before": agreement0, "held_back_agreement_after": best["agreement"],
+              "held_back_kl_before": kl0, "held_back_kl_after": best["kl"],
+              "best_step": best["step"], "seconds": time.perf_counter() - started,
+              # the median wall time of a step (the first, with its warm-up, included), evaluations left out
+              "seconds_per_step": float(np.median(step_seconds)) if step_seconds else None,
+              "history": history}
+    if best["step"] == 0:
+        record["note"] = "no checkpoint came closer to the original than the unhealed model: it is kept as it was"
+    return HealResult(healed, split, record)
+
+
 def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: Dataset,
          options: HealingOptions = HealingOptions(), provider: str = "auto") -> HealResult:
     """Heal ``student_model`` (a pruned model) against ``teacher_model`` (its original) on ``data``."""
@@ -168,92 +380,20 @@ def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: D
 
     outputs_s, outputs_t = _heal_outputs(student_model, teacher_model, options.feature_tensor)
     student = GraphModule(student_model, outputs_s).to(device)
-    layout = torch.contiguous_format
     teacher = create_session(with_outputs(teacher_model, outputs_t), provider)
-    names = outputs_t
-
-    split = split_data(len(data), options.holdout, options.seed)
-    batch = data.static_batch or options.batch
-    labels = data.labels if options.use_labels else None
-    check_labels(labels, teacher_model)
-    input_names = list(data.inputs)
-    axes = image_axes(data.inputs[input_names[0]]) if options.augment and len(input_names) == 1 else None
-    if options.augment and axes is None:
-        log.info("heal: note: the input is not a batch of images; no augmentation")
-    blend = axes is not None and options.mixup and labels is None  # a blend has no label of its own
-    if image_axes(data.inputs[input_names[0]]) == (2, 3):  # NCHW images: channels-last convs train faster
-        layout = torch.channels_last
-        student = student.to(memory_format=layout)
-    held = data.subset(split.held_back)
-    held_teacher = _teacher_outputs(teacher, held, batch, names[:1])[0]
-    cached = None if axes is not None else _teacher_outputs(teacher, data, batch, names)  # same inputs every time
-    steps = step_count(options, len(split.train), batch)
-
-    def evaluate() -> tuple[float, float]:
-        return _held_back(student, held, held_teacher, batch, device, layout)
-
-    agreement0, kl0 = evaluate()
-    best = {"step": 0, "agreement": agreement0, "kl": kl0, "state": copy.deepcopy(student.state_dict())}
-    log.info(f"heal: {len(split.train)} samples to train on, {len(split.held_back)} held back; {steps} steps of "
-             f"{batch} on {device.type}; held-back agreement before: {100 * agreement0:.1f}%")
-    optimizer = torch.optim.AdamW(student.parameters(), lr=options.lr, weight_decay=options.weight_decay)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, steps))
-    every = max(1, steps // max(1, options.evaluations))
-    feature_scale, losses, history = None, [], [{"step": 0, "agreement": agreement0, "kl": kl0}]
-    last_line = time.perf_counter()
-    student.train()
-    for step in progress(range(1, steps + 1), desc="healing"):
-        rows = rng.choice(split.train, size=batch, replace=len(split.train) < batch)
-        feeds = {k: data.inputs[k][rows] for k in input_names}
-        if axes is not None:
-            feeds[input_names[0]] = augment(feeds[input_names[0]], axes, rng)
-            if blend:
-                feeds[input_names[0]] = mixup(feeds[input_names[0]], rng)
-        outputs = [c[rows] for c in cached] if cached is not None else teacher.run(feeds, names)
-        targets = [torch.from_numpy(np.ascontiguousarray(t)).to(device) for t in outputs]
-        if feature_scale is None:
-            feature_scale = float(targets[-1].float().square().mean().clamp_min(1e-12))
-        y = torch.from_numpy(labels[rows]).to(device) if labels is not None else None
-        out = student({k: _tensor(v, device, layout) for k, v in feeds.items()})
-        loss = distillation_loss(out, targets, feature_scale, options, y)
-        if not torch.isfinite(loss):
-            raise OnnxPruneError(f"healing diverged at step {step} (loss {loss.item()}); try a lower --heal-lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_schedule.step()
-        losses.append(loss.item())
-        if step % every == 0 or step == steps:
-            agreement, kl = evaluate()
-            student.train()
-            history.append({"step": step, "agreement": agreement, "kl": kl, "loss": float(np.mean(losses[-every:]))})
-            if kl < best["kl"]:
-                best = {"step": step, "agreement": agreement, "kl": kl, "state": copy.deepcopy(student.state_dict())}
-            log.info(f"heal: step {step}/{steps}  loss {np.mean(losses[-every:]):.4f}  held-back agreement "
-                     f"{100 * agreement:.1f}%, KL {kl:.4f} (kept: step {best['step']})  {time.perf_counter() - started:.0f} s")
-            last_line = time.perf_counter()
-        elif time.perf_counter() - last_line > 30:
-            log.info(f"heal: step {step}/{steps}  loss {np.mean(losses[-50:]):.4f}  {time.perf_counter() - started:.0f} s")
-            last_line = time.perf_counter()
-
-    student.load_state_dict(best["state"])
-    healed = write_back(student_model, student.cpu().to(memory_format=torch.contiguous_format)) if best["step"] \
-        else student_model
-    record = {"method": "distillation from the original (PRACTISE-style feature MSE + logit KL)"
-                        + (" + cross-entropy" if labels is not None else ""),
-              "steps": steps, "epochs": steps * batch / len(split.train), "batch": batch, "lr": options.lr,
-              "weight_decay": options.weight_decay, "temperature": options.temperature,
-              "feature_tensor": outputs_s[1] if len(outputs_s) > 1 else None,
-              "teacher_feature_tensor": outputs_t[1] if len(outputs_t) > 1 else None,
-              "labels": labels is not None, "augment": axes is not None,
-              "mixup": blend, "device": device.type,
-              "train_samples": int(len(split.train)), "held_back_samples": int(len(split.held_back)),
-              "held_back_agreement_before": agreement0, "held_back_agreement_after": best["agreement"],
-              "held_back_kl_before": kl0, "held_back_kl_after": best["kl"],
-              "best_step": best["step"], "seconds": time.perf_counter() - started, "history": history}
-    if best["step"] == 0:
-        record["note"] = "no checkpoint came closer to the original than the unhealed model: it is kept as it was"
-    return HealResult(healed, split, record)
+    setup = prepare(teacher_model, teacher, data, options, outputs_s, outputs_t)
+    if setup.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    loop = HealLoop(student, setup, options, device, started=started)
+    agreement0, _ = loop.begin()
+    log.info(f"heal: {len(setup.split.train)} samples to train on, {len(setup.split.held_back)} held back; "
+             f"{setup.steps} steps of {setup.batch} on {device.type}; held-back agreement before: "
+             f"{100 * agreement0:.1f}%")
+    for step in progress(range(1, setup.steps + 1), desc="healing"):
+        loop.step(step, data, rng, teacher)
+        loop.after_step(step)
+    return heal_result(student_model, student, setup, options, loop.history, loop.best, device.type, started,
+                       loop.step_seconds)
 
 
 def _heal_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto, feature: str | None) -> tuple[list[str], list[str]]:
