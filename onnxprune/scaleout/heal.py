@@ -59,7 +59,7 @@ from onnxprune.train.heal import HealingDiverged, HealLoop, HealResult, HealSetu
 
 log = logging.getLogger(__name__)
 
-# A testing hook (tests/test_scaleout_heal.py): "RANK:STEP:MARKER" in the driver's environment makes worker RANK
+# A testing hook (tests/scaleout/test_heal.py): "RANK:STEP:MARKER" in the driver's environment makes worker RANK
 # exit abruptly before step STEP unless the file MARKER exists (it creates it first), to check that a lost worker
 # is retried.
 KILL_WORKER_ENV = "ONNXPRUNE_TEST_KILL_WORKER"

@@ -11,12 +11,12 @@ creates its session, accumulates CKA over the batches in the same order with the
 (``compare.copy_rows``, ``similarity.cka.accumulator``; docs/algorithms.md section 1) and returns the value with how
 long it took and where it ran. A task whose worker process dies runs again, ``RayOptions.max_retries`` times at most.
 
-The scores are those of a single process up to the rounding of CKA's float64 sums (tests/test_scaleout.py: within
-1e-12, the same plans). The copies' outputs are the same floats on the same kind of CPU (same batches, same
+The scores are those of a single process up to the rounding of CKA's float64 sums
+(tests/scaleout/test_scaleout.py: within 1e-12, the same plans). The copies' outputs are the same floats on the same kind of CPU (same batches, same
 onnxruntime kernels; a session's thread count does not change them), but numpy's OpenBLAS splits the sums CKA
 accumulates (X^T X, the norms) across its threads, and a task has one (Ray sets OMP_NUM_THREADS to the task's CPUs)
-where a process on this 2-core machine has two: on the ResNet-34 of benchmarks/bench_ray.py the scores differ by
-4.4e-16 at most, exactly as one process run with OPENBLAS_NUM_THREADS=1 and =2 differs from itself. Further apart: a
+where a process on this 2-core machine has two: ulp-sized differences (benchmarks/RESULTS.md, "Scale-out on Ray"), as
+one process run with OPENBLAS_NUM_THREADS=1 and =2 differs from itself. Further apart: a
 node with another CPU (other kernels: float32 rounding of the features), and a single process without the memory for
 every copy's session and without disk to spill to, which runs the original once per group of copies, each run
 capturing only its group's tensors (onnxruntime may then fuse nodes differently).

@@ -5,7 +5,7 @@ package; a Ray already running in this process is reused and left running.
 
 Why scores are compared within ``SAME``, not for equality: the copies' outputs are the same floats, but numpy's
 OpenBLAS splits CKA's float64 sums across its threads, one in a Ray task (Ray sets OMP_NUM_THREADS=1) and as many as
-the cores here: ulp-sized differences (4.4e-16 on benchmarks/bench_ray.py's ResNet-34; one process run with
+the cores here: ulp-sized differences (benchmarks/RESULTS.md, "Scale-out on Ray"; one process run with
 OPENBLAS_NUM_THREADS=1 and =2 differs as much). On these small nets the sums stay under OpenBLAS's threading sizes
 and the scores come out equal, but nothing guarantees that (onnxprune/scaleout/scoring.py)."""
 
