@@ -18,7 +18,7 @@ from typing import Any
 from onnxprune import api
 from onnxprune.errors import OnnxPruneError
 from onnxprune.options import (DataOptions, GateTrainingOptions, HealingOptions, LatencyOptions, OutputOptions,
-                               RepairOptions, ScoringOptions, TargetOptions)
+                               RayOptions, RepairOptions, ScoringOptions, TargetOptions)
 from onnxprune.results import (ApplyResult, BenchResult, DemoResult, EvalResult, HealResult, LatencyResult,
                                PruneResult, RepairResult, ScoreResult, TrainPruneResult)
 
@@ -47,6 +47,12 @@ def output_options(output: OutputOptions | PathLike) -> OutputOptions:
     return output if isinstance(output, OutputOptions) else OutputOptions(os.fspath(output))
 
 
+def ray_options(ray: RayOptions | str | None) -> RayOptions | None:
+    """``ray``: RayOptions, or a cluster's address as ``--ray`` takes it ("auto", "local", HOST:PORT), or None (no
+    Ray; docs/scale-out.md)."""
+    return RayOptions(ray) if isinstance(ray, str) else ray
+
+
 def latency_options(latency: LatencyOptions | None, backend: str | None = None, batch: int | None = None,
                     rounds: int | None = None) -> LatencyOptions:
     """``latency``, or LatencyOptions from the keywords (None: each one's default)."""
@@ -61,11 +67,12 @@ def prune(model: PathLike, data: DataOptions | PathLike | None = None, speedup: 
           heal_data: DataOptions | PathLike | None = None, heal_steps: int | None = None,
           min_agreement: float | None = None, target: TargetOptions | None = None,
           scoring: ScoringOptions | None = None, latency: LatencyOptions | None = None,
-          healing: HealingOptions | None = None) -> PruneResult:
+          healing: HealingOptions | None = None, ray: RayOptions | str | None = None) -> PruneResult:
     """``onnxprune prune``: prune ``model`` to ``speedup`` (measured), ``remove_blocks`` or ``macs_reduction``,
     with ``method`` (default: layermerge with a speed-up, else slp), or to ``target``; ``repair`` (True or
     RepairOptions) fits linear maps at the cuts; ``heal_data`` heals the result (``heal_steps``, ``min_agreement``
-    or ``healing``). Writes ``output`` and its plan, verified."""
+    or ``healing``); ``ray`` runs scoring, the latency table and healing on a Ray cluster. Writes ``output`` and
+    its plan, verified."""
     _refuse_both(target, "TargetOptions", speedup=speedup, method=method, remove_blocks=remove_blocks,
                  macs_reduction=macs_reduction)
     if target is None:
@@ -79,17 +86,19 @@ def prune(model: PathLike, data: DataOptions | PathLike | None = None, speedup: 
     return api.prune(model, target, output_options(output), data_options(data, samples), scoring or ScoringOptions(),
                      latency_options(latency, backend, latency_batch), healing,
                      None if heal_data is None else data_options(heal_data),
-                     RepairOptions() if repair is True else (repair or None))
+                     RepairOptions() if repair is True else (repair or None), ray_options(ray))
 
 
 def heal(model: PathLike, teacher: PathLike, data: DataOptions | PathLike, *, output: OutputOptions | PathLike,
          steps: int | None = None, min_agreement: float | None = None, samples: int | None = None,
-         healing: HealingOptions | None = None, provider: str = "auto") -> HealResult:
+         healing: HealingOptions | None = None, provider: str = "auto",
+         ray: RayOptions | str | None = None) -> HealResult:
     """``onnxprune heal``: train the pruned ``model`` back towards ``teacher`` (its original) on ``data``
-    (``steps``, ``min_agreement``, or ``healing``; needs torch)."""
+    (``steps``, ``min_agreement``, or ``healing``; needs torch); ``ray``: on Ray Train workers."""
     _refuse_both(healing, "HealingOptions", steps=steps, min_agreement=min_agreement)
     healing = healing or HealingOptions(steps=steps, min_agreement=min_agreement)
-    return api.heal(model, teacher, output_options(output), data_options(data, samples), healing, provider)
+    return api.heal(model, teacher, output_options(output), data_options(data, samples), healing, provider,
+                    ray_options(ray))
 
 
 def repair_model(model: PathLike, teacher: PathLike, data: DataOptions | PathLike, *,
@@ -119,9 +128,9 @@ def evaluate_model(model: PathLike, data: DataOptions | PathLike | None = None, 
 
 
 def score(model: PathLike, data: DataOptions | PathLike | None = None, *, samples: int | None = None,
-          scoring: ScoringOptions | None = None) -> ScoreResult:
-    """``onnxprune score``: the SLP score of every removable residual block."""
-    return api.score(model, data_options(data, samples), scoring or ScoringOptions())
+          scoring: ScoringOptions | None = None, ray: RayOptions | str | None = None) -> ScoreResult:
+    """``onnxprune score``: the SLP score of every removable residual block (``ray``: one Ray task per block)."""
+    return api.score(model, data_options(data, samples), scoring or ScoringOptions(), ray_options(ray))
 
 
 def apply(model: PathLike, plan: PathLike, output: PathLike) -> ApplyResult:
@@ -137,9 +146,10 @@ def bench(model: PathLike, other: PathLike | None = None, *, backend: str | None
 
 def latency_table(model: PathLike, output: PathLike, *, backend: str | None = None, batch: int | None = None,
                   rounds: int | None = None, latency: LatencyOptions | None = None,
-                  input_shape: tuple[int, ...] | None = None) -> LatencyResult:
-    """``onnxprune latency``: the LayerMerge latency table of ``model``, written to ``output``."""
-    return api.latency(model, output, latency_options(latency, backend, batch, rounds), input_shape)
+                  input_shape: tuple[int, ...] | None = None, ray: RayOptions | str | None = None) -> LatencyResult:
+    """``onnxprune latency``: the LayerMerge latency table of ``model``, written to ``output`` (``ray``: rows timed
+    on Ray actors)."""
+    return api.latency(model, output, latency_options(latency, backend, batch, rounds), input_shape, ray_options(ray))
 
 
 def demo(out_dir: PathLike = "out/demo", **keywords: Any) -> DemoResult:

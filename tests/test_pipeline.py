@@ -13,7 +13,7 @@ import onnxprune
 from onnxprune import api, pipeline
 from onnxprune.cli import JSON_SCHEMA_VERSION, main
 from onnxprune.errors import OnnxPruneError
-from onnxprune.options import (DataOptions, HealingOptions, LatencyOptions, OutputOptions, RepairOptions,
+from onnxprune.options import (DataOptions, HealingOptions, LatencyOptions, OutputOptions, RayOptions, RepairOptions,
                                ScoringOptions, TargetOptions)
 from onnxprune.results import BenchResult, PruneResult
 from onnxprune.verify import Verification
@@ -34,24 +34,26 @@ def test_keywords_build_the_option_objects_of_the_cli(calls):
     onnxprune.prune("m.onnx", data="calib.npz", speedup=1.5, output="out.onnx", samples=64)
     assert calls["prune"] == ("m.onnx", TargetOptions(method="layermerge", speedup=1.5), OutputOptions("out.onnx"),
                               DataOptions("calib.npz", samples=64), ScoringOptions(), LatencyOptions(), None, None,
-                              None)
+                              None, None)
     calls.clear()
     onnxprune.prune("m.onnx", remove_blocks=2, output="o.onnx", repair=True, heal_data=Path("d.npz"), heal_steps=9,
                     backend="ort-cpu", latency_batch=8)
-    _, target, _, data, _, latency, healing, heal_data, repair = calls["prune"]
+    _, target, _, data, _, latency, healing, heal_data, repair, ray = calls["prune"]
     assert target == TargetOptions(method="slp", remove_blocks=2) and data == DataOptions(None)
     assert latency == LatencyOptions(batch=8) and healing == HealingOptions(steps=9)
-    assert heal_data == DataOptions("d.npz") and repair == RepairOptions()
+    assert heal_data == DataOptions("d.npz") and repair == RepairOptions() and ray is None
 
 
 def test_option_objects_are_taken_as_they_are(calls):
     target, output, data = TargetOptions(method="sglp", remove_blocks=1), OutputOptions("o.onnx", plot=True), \
         DataOptions("d.npz", batch=8)
-    onnxprune.prune("m.onnx", data, target=target, output=output, repair=RepairOptions(ridge=0.1))
-    assert calls["prune"][1:4] == (target, output, data) and calls["prune"][-1] == RepairOptions(ridge=0.1)
-    onnxprune.heal("p.onnx", "m.onnx", "d.npz", output="h.onnx", healing=HealingOptions(steps=3, lr=1e-3))
+    onnxprune.prune("m.onnx", data, target=target, output=output, repair=RepairOptions(ridge=0.1), ray="auto")
+    assert calls["prune"][1:4] == (target, output, data)
+    assert calls["prune"][-2:] == (RepairOptions(ridge=0.1), RayOptions("auto"))
+    onnxprune.heal("p.onnx", "m.onnx", "d.npz", output="h.onnx", healing=HealingOptions(steps=3, lr=1e-3),
+                   ray=RayOptions("10.0.0.1:6379", workers=4))
     assert calls["heal"] == ("p.onnx", "m.onnx", OutputOptions("h.onnx"), DataOptions("d.npz"),
-                             HealingOptions(steps=3, lr=1e-3), "auto")
+                             HealingOptions(steps=3, lr=1e-3), "auto", RayOptions("10.0.0.1:6379", workers=4))
     onnxprune.bench("a.onnx", "b.onnx", rounds=5)
     assert calls["bench"] == ("a.onnx", "b.onnx", LatencyOptions(rounds=5))
     onnxprune.evaluate_model("m.onnx", "t.npz", reference=Path("r.onnx"), samples=10)

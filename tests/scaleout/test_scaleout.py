@@ -189,6 +189,20 @@ def test_scores_on_ray_are_those_of_one_process(local_ray):
     assert on_ray.provider == alone.provider == "cpu"
 
 
+def test_the_keyword_api_takes_a_cluster_address(local_ray, tmp_path, monkeypatch):
+    """``onnxprune.score(..., ray="auto")``: the pipeline API reaches the same Ray path as ``--ray``."""
+    import onnxprune
+    from onnxprune.scaleout import cluster
+
+    onnx.save(small_net(), tmp_path / "net.onnx")
+    seen, connect = [], cluster.connect
+    monkeypatch.setattr(cluster, "connect", lambda options: seen.append(options) or connect(options))
+    on_ray = onnxprune.score(tmp_path / "net.onnx", "random", samples=24, ray="auto")
+    alone = onnxprune.score(tmp_path / "net.onnx", "random", samples=24)
+    assert seen == [RayOptions("auto")]
+    assert [b.score for b in on_ray.blocks] == pytest.approx([b.score for b in alone.blocks], rel=0, abs=SAME)
+
+
 def test_slp_and_layermerge_plans_are_the_same_with_ray(local_ray, monkeypatch):
     from onnxprune import speedup
     from onnxprune.latency.backends import get_backend
