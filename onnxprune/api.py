@@ -184,22 +184,14 @@ def prune(model_path: str | os.PathLike[str], target: TargetOptions, output: Out
         raise OnnxPruneError("--repair needs real calibration data (--data): a map fitted on random inputs "
                              "repairs nothing")
     with on_cluster(ray):
-        return _prune_repair_heal(model, dataset, target, output, data, scoring, latency, healing, heal_data, repair,
-                                  ray)
-
-
-def _prune_repair_heal(model, dataset, target: TargetOptions, output: OutputOptions, data: DataOptions,
-                       scoring: ScoringOptions, latency: LatencyOptions, healing: HealingOptions | None,
-                       heal_data: DataOptions | None, repair: RepairOptions | None,
-                       ray: RayOptions | None) -> PruneResult:
-    result = _prune_and_write(model, dataset, target, output, data, scoring, latency, repair)
-    if repair is not None:
-        _repair_written(model, dataset, repair, scoring.provider, target, latency, output, result)
-    if heal_data is None:
-        return PruneResult.from_dict(result)
-    healing = healing or HealingOptions()
-    healed, stages = heal_and_measure(load_model(output.model), model, _dataset(model, heal_data), healing,
-                                      scoring.provider, ray)
+        result = _prune_and_write(model, dataset, target, output, data, scoring, latency, repair)
+        if repair is not None:
+            _repair_written(model, dataset, repair, scoring.provider, target, latency, output, result)
+        if heal_data is None:
+            return PruneResult.from_dict(result)
+        healing = healing or HealingOptions()
+        healed, stages = heal_and_measure(load_model(output.model), model, _dataset(model, heal_data), healing,
+                                          scoring.provider, ray)
     plan = load_plan(result["plan"])
     plan.healing = healed["record"]
     save_model(healed["model"], output.model)

@@ -10,6 +10,7 @@ flag that the chosen pruning method would ignore.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, fields
 
 from onnxprune.errors import OnnxPruneError
@@ -214,7 +215,6 @@ class GateTrainingOptions:
             raise OnnxPruneError(f"--device is cpu or cuda, not {self.device!r}")
 
 
-
 @dataclass(frozen=True)
 class RayOptions:
     """Scale-out on a Ray cluster (``--ray`` and its group; docs/scale-out.md): importance rows as Ray tasks, latency
@@ -234,6 +234,14 @@ class RayOptions:
             raise OnnxPruneError("--ray takes auto, local or a cluster's address (HOST:PORT, ray://HOST:PORT)")
         if self.resource is not None and not self.resource.strip():
             raise OnnxPruneError("--ray-resource needs the name of a custom resource")
+
+
+def connected_to_ray() -> bool:
+    """Whether this runs inside ``onnxprune.scaleout.cluster.connect`` (``--ray``), where scoring and latency rows go
+    to Ray. That module is imported only when a run asks for Ray, so a run without it never imports Ray to find out."""
+    cluster = sys.modules.get("onnxprune.scaleout.cluster")
+    return cluster is not None and cluster.current() is not None
+
 
 # flag -> (the option object's attribute, the methods it applies to)
 _METHOD_FLAGS = {

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from onnxprune.graph.normalize import to_graph, to_model
 from onnxprune.graph.ops import ACTIVATION_ATTRS
 from onnxprune.latency.backends import Backend, median_time, overhead_model
 from onnxprune.latency.measure import random_feeds, time_in_rounds
+from onnxprune.options import connected_to_ray
 from onnxprune.planning.candidates import FittedMap, Option
 
 # 3: rows carry their conv's groups and their activation's attributes; 2: rows are their own work, shares of
@@ -390,8 +390,7 @@ def time_groups(model: onnx.ModelProto, backend: Backend, groups: list[list[str]
                 batch: int, rounds: int, warmup: int) -> GroupTimes:
     """Time each group of keys (``build(key)`` makes its row, a group at a time) beside the whole model, in this
     process or, inside ``onnxprune.scaleout.cluster.connect``, on Ray actors (scaleout.latency)."""
-    ray_cluster = sys.modules.get("onnxprune.scaleout.cluster")  # imported only when a run asks for Ray
-    if ray_cluster is not None and ray_cluster.current() is not None:
+    if connected_to_ray():
         from onnxprune.scaleout.latency import time_groups_on_ray
 
         return time_groups_on_ray(model, backend, groups, build, batch, rounds, warmup)

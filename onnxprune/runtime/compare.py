@@ -38,7 +38,6 @@ import gc
 import math
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -52,6 +51,7 @@ from onnxprune import progress
 from onnxprune.data.sources import Dataset
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.io import weight_bytes
+from onnxprune.options import connected_to_ray
 from onnxprune.runtime.capture import (activation_bytes_per_sample, attention_mask_input, bytes_per_sample, feature_rows,
                                        row_width, tensor_width, with_outputs)
 from onnxprune.runtime.session import create_session
@@ -317,7 +317,7 @@ def cka_with_original(original: onnx.ModelProto, copies: list[Copy], data: Datas
     ``default_memory_budget()``); ``spill_dir``: where the temporary folder goes (default: the system's)."""
     if not copies:
         return [], create_session(original, provider).provider
-    if _on_ray():  # --ray: one Ray task per copy (docs/scale-out.md)
+    if connected_to_ray():  # --ray: one Ray task per copy (docs/scale-out.md)
         from onnxprune.scaleout.scoring import cka_on_ray
 
         return cka_on_ray(original, copies, data, provider, batch, unbiased, memory_budget, spill_dir)
@@ -360,13 +360,6 @@ def cka_with_original(original: onnx.ModelProto, copies: list[Copy], data: Datas
                 _release()
             store.close()
     return values, used
-
-
-def _on_ray() -> bool:
-    """Whether this runs inside ``onnxprune.scaleout.cluster.connect``. That module is imported only when a run asks
-    for Ray, so a run without ``--ray`` never imports it (nor ray) to find out."""
-    cluster = sys.modules.get("onnxprune.scaleout.cluster")
-    return cluster is not None and cluster.current() is not None
 
 
 def token_mask(original: onnx.ModelProto, data: Dataset) -> str | None:

@@ -13,7 +13,6 @@ from onnx import numpy_helper
 pytest.importorskip("ray.train")
 pytest.importorskip("torch")
 
-import ray  # noqa: E402
 
 from onnxprune.data.sources import Dataset  # noqa: E402
 from onnxprune.errors import OnnxPruneError  # noqa: E402
