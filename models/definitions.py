@@ -8,6 +8,10 @@
   Making the 24-channel stage stride 1 as well (the other common CIFAR layout) costs 3.2x the
   training time on 2 CPU cores (0.58 against 0.18 s per batch of 128 at width 0.5), too much for
   the 90-minute training budget.
+- ViT: Dosovitskiy et al. 2021 ("An Image is Worth 16x16 Words"), shrunk for 32x32 inputs and a one-hour CPU
+  budget: 4x4 patches (64 tokens), width 128, 6 pre-LayerNorm encoder layers of 4 heads with a 256-wide MLP,
+  learned position embeddings, mean of the tokens into the classifier (no class token). Attention is written
+  out (Linear, MatMul, Softmax) so that both torch exporters give plain ONNX operators.
 
 These definitions are only needed to train and export; onnxprune itself never imports them.
 """
@@ -138,4 +142,58 @@ def mobilenetv2(width: float = 0.5, num_classes: int = 10) -> CifarMobileNetV2:
     return CifarMobileNetV2(width, num_classes)
 
 
-MODELS = {"resnet20": resnet20, "resnet56": resnet56, "mobilenetv2": mobilenetv2}
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN: x + attention(LN(x)), then x + MLP(LN(x)): two residual blocks."""
+
+    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class CifarViT(nn.Module):
+    def __init__(self, patch: int = 4, dim: int = 128, depth: int = 6, heads: int = 4, mlp: int = 256,
+                 num_classes: int = 10) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.zeros(1, (32 // patch) ** 2, dim))
+        self.layers = nn.Sequential(*[EncoderLayer(dim, heads, mlp) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.layers(x)).mean(dim=1))
+
+
+def vit(num_classes: int = 10) -> CifarViT:
+    return CifarViT(num_classes=num_classes)
+
+
+MODELS = {"resnet20": resnet20, "resnet56": resnet56, "mobilenetv2": mobilenetv2, "vit": vit}
+# Trained with AdamW (transformers do not train well with SGD); the CNNs with SGD + Nesterov momentum.
+OPTIMIZERS = {"vit": "adamw"}

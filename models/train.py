@@ -42,7 +42,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from models.definitions import MODELS  # noqa: E402
+from models.definitions import MODELS, OPTIMIZERS  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MEAN = [0.4914, 0.4822, 0.4465]
@@ -262,7 +262,10 @@ def fresh_record(model_name: str, seed: int) -> dict:
             "seed": seed, "optimizer": optimizer_note(), "history": []}
 
 
-def optimizer_note(wd: float = 5e-4) -> dict:
+def optimizer_note(wd: float = 5e-4, name: str = "sgd") -> dict:
+    if name == "adamw":
+        return {"name": "adamw", "betas": [0.9, 0.999], "weight_decay": wd, "no_decay": "biases and norms",
+                "state": "not kept (moments restart from zero in each run)"}
     return {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": wd, "no_decay": "biases and BN",
             "state": "not kept (momentum restarts from zero in each run)"}
 
@@ -344,11 +347,14 @@ def use_bf16(choice: str, device: torch.device) -> bool:
     return cpu_supports_bf16()
 
 
-def make_optimizer(model: nn.Module, lr: float, wd: float) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, lr: float, wd: float, name: str = "sgd") -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum (the CNNs) or AdamW (the ViT); no weight decay on biases and norms."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
-                           lr=lr, momentum=0.9, nesterov=True)
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
 
 
 def make_step(forward: Callable, opt: torch.optim.Optimizer, device: torch.device, bf16: bool) -> Callable:
@@ -472,9 +478,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--log-dir", type=Path, help="folder of <model>.log (default: <out>/logs)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--batch", type=int, help="default 128 on cpu, 512 on cuda")
-    p.add_argument("--lr", type=float, help="peak lr of a new cycle (default 0.1 x sqrt(batch / 128))")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], help="default: adamw for the ViT, sgd for the CNNs")
+    p.add_argument("--lr", type=float, help="peak lr of a new cycle (default 0.1 x sqrt(batch / 128) with sgd, "
+                   "1e-3 x sqrt(batch / 128) with adamw)")
     p.add_argument("--warmup", type=float, help="warm-up epochs of a new cycle (default 1 at batch 128, else 2)")
-    p.add_argument("--wd", type=float, default=5e-4)
+    p.add_argument("--wd", type=float, help="weight decay (default 5e-4 with sgd, 0.05 with adamw)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
@@ -501,7 +509,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     batch = args.batch or (512 if device.type == "cuda" else 128)
-    lr = args.lr or 0.1 * math.sqrt(batch / 128)
+    optimizer = args.optimizer or OPTIMIZERS.get(args.model, "sgd")
+    wd = args.wd if args.wd is not None else (0.05 if optimizer == "adamw" else 5e-4)
+    lr = args.lr or (1e-3 if optimizer == "adamw" else 0.1) * math.sqrt(batch / 128)
     warmup = args.warmup if args.warmup is not None else (1.0 if batch <= 128 else 2.0)
     compile_mode = args.compile if args.compile != "auto" else ("graphs" if device.type == "cuda" else "off")
     if compile_mode == "graphs" and device.type != "cuda":
@@ -522,6 +532,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model = MODELS[args.model]()
     metadata = default_metadata()
     init = args.init or ROOT / "models" / f"{args.model}.onnx"
+    if not args.from_scratch and not init.exists():
+        sys.exit(f"{init} does not exist: train it --from-scratch first, or name the model to start from with --init")
     if args.from_scratch:
         record = fresh_record(args.model, args.seed)
     else:
@@ -542,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model = model.to(memory_format=torch.channels_last)
     x_train_t, y_train_t = torch.from_numpy(x_train).to(device), torch.from_numpy(y_train).to(device)
     x_test_t, y_test_t = torch.from_numpy(x_test).to(device), torch.from_numpy(y_test).to(device)
-    opt = make_optimizer(model, cycle["lr"], args.wd)
+    opt = make_optimizer(model, cycle["lr"], wd, optimizer)
 
     log_dir = args.log_dir or args.out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -580,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         minutes = round((time.time() - started) / 60, 2)
         entry.update(to=record["epochs"], minutes=minutes, test_acc=acc, compile=compile_mode)
         out = dict(record, cycle=dict(cycle), history=record["history"] + [dict(entry)],
-                   optimizer=optimizer_note(args.wd), seed=args.seed)
+                   optimizer=optimizer_note(wd, optimizer), seed=args.seed)
         export(model, args.out / f"{args.model}.onnx", {**metadata, TRAINING_KEY: json.dumps(out)})
         return out
 
