@@ -30,8 +30,9 @@ from onnxprune.options import (DataOptions, GateTrainingOptions, HealingOptions,
 from onnxprune.plan import Plan, apply_plan, fingerprint, load_plan, save_plan
 from onnxprune.results import (ApplyResult, BenchResult, DemoResult, EvalResult, HealResult, LatencyResult, PruneResult,
                                RepairResult, ScoreResult, TrainPruneResult)
-from onnxprune.planning.blocks import search_space
+from onnxprune.planning.blocks import replace_options, search_space
 from onnxprune.planning.candidates import conv_l1_norms
+from onnxprune.repair.blocks import block_cuts
 from onnxprune.repair.linear import reference_of, repair as repair_model, with_placeholder_maps
 from onnxprune.runtime.capture import feature_tensor as find_feature_tensor
 from onnxprune.runtime.compare import memory_budget
@@ -569,22 +570,32 @@ def _brief(record: dict) -> dict:
 
 def latency(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
             latency: LatencyOptions = LatencyOptions(), input_shape: tuple[int, ...] | None = None,
-            ray: RayOptions | None = None) -> LatencyResult:
+            ray: RayOptions | None = None, repair: RepairOptions | None = None) -> LatencyResult:
     """Build the LayerMerge latency table of a model on ``latency.backend`` and write it to ``out_path``; a
     model with symbolic sizes after the batch is timed at ``input_shape`` (what ``prune --input-shape`` takes).
-    With ``ray``, the rows are timed on Ray actors (docs/scale-out.md); the table says which timed which."""
+    With ``ray``, the rows are timed on Ray actors (docs/scale-out.md); the table says which timed which. With
+    ``repair``, the table also has the rows of the fitted maps that may replace removed blocks (``prune --repair``
+    leaves a block's map option out when its table lacks that row); a map's row depends on its shape only, so no
+    data is needed."""
     model = load_model(model_path)
     if input_shape is not None:
         model = specialise_inputs(model, {model_inputs(model)[0].name: input_shape})
     structure = analyze_model(model)
     batch = latency_batch(model, latency)
+    baseline = normalized(model)
     options = search_space(structure, conv_l1_norms(to_graph(model)))
+    notes: list[str] = []
+    if repair is not None:
+        cuts, notes = block_cuts(baseline, [o.remove_block for o in options if o.remove_block], repair.fold)
+        options = options + replace_options(options, {join: cut.fitted_map for join, cut in cuts.items()})
     with on_cluster(ray):
-        table = build_table(model, structure, options, _table_backend(latency, ray), batch, fingerprint(model),
+        table = build_table(baseline, structure, options, _table_backend(latency, ray), batch, fingerprint(model),
                             rounds=latency.rounds or 20)
     table.save(out_path)
+    map_rows = sum(key.startswith("map ") for key in table.rows)
     result = {"output": str(out_path), "rows": len(table.rows), "options": len(options), "whole_s": table.whole_s,
-              "fixed_s": table.fixed_s, **table.backend, "batch": batch, "rounds": table.rounds, "notes": table.notes}
+              "fixed_s": table.fixed_s, **table.backend, "batch": batch, "rounds": table.rounds,
+              "notes": notes + table.notes, **({"map_rows": map_rows} if repair is not None else {})}
     if table.timed_on:
         result["timed_on"] = sorted(set(table.timed_on.values()))
     return LatencyResult.from_dict(result)

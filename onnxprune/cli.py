@@ -322,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", type=_ints, metavar="C,H,W", help="for a model whose input sizes after the "
                    "batch are symbolic: the sizes to time it at (give prune the same, or data of that size)")
     p.add_argument("-o", "--output", required=True, help="where to write the table (.json)")
+    g = p.add_argument_group("repair", "rows for prune --repair linear")
+    g.add_argument("--repair", choices=["linear"], default=None, help="linear: also time the fitted map that may "
+                   "replace each removable block (a 1x1 conv or a MatMul at the block's cut, by its shape alone: no "
+                   "data needed); without them, prune --repair with this table removes blocks without maps")
+    g.add_argument("--repair-no-fold", dest="repair_no_fold", action="store_true",
+                   help="time every map as its own node, as prune --repair-no-fold places them")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_ray_arguments(p, "the rows are timed on --ray-workers Ray actors, each beside the whole model, and the table "
                       "records which actor timed which row", resource=True,
@@ -766,7 +772,11 @@ def _latency(args: argparse.Namespace) -> int:
     from onnxprune import api
     from onnxprune.report.text import latency_text
 
-    result = api.latency(args.model, args.output, latency_options(args), args.input_shape, ray_options(args)).to_dict()
+    if args.repair_no_fold and not args.repair:
+        raise OnnxPruneError("--repair-no-fold needs --repair linear")
+    repair = RepairOptions(fold=not args.repair_no_fold) if args.repair else None
+    result = api.latency(args.model, args.output, latency_options(args), args.input_shape, ray_options(args),
+                         repair).to_dict()
     print_json(result) if args.json else print(latency_text(result))
     return 0
 

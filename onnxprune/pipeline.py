@@ -146,10 +146,12 @@ def bench(model: PathLike, other: PathLike | None = None, *, backend: str | None
 
 def latency_table(model: PathLike, output: PathLike, *, backend: str | None = None, batch: int | None = None,
                   rounds: int | None = None, latency: LatencyOptions | None = None,
-                  input_shape: tuple[int, ...] | None = None, ray: RayOptions | str | None = None) -> LatencyResult:
+                  input_shape: tuple[int, ...] | None = None, ray: RayOptions | str | None = None,
+                  repair: RepairOptions | bool | None = None) -> LatencyResult:
     """``onnxprune latency``: the LayerMerge latency table of ``model``, written to ``output`` (``ray``: rows timed
-    on Ray actors)."""
-    return api.latency(model, output, latency_options(latency, backend, batch, rounds), input_shape, ray_options(ray))
+    on Ray actors; ``repair``: with the rows of the fitted maps ``prune(repair=...)`` may put in removed blocks)."""
+    return api.latency(model, output, latency_options(latency, backend, batch, rounds), input_shape, ray_options(ray),
+                       RepairOptions() if repair is True else (repair or None))
 
 
 def demo(out_dir: PathLike = "out/demo", **keywords: Any) -> DemoResult:

@@ -109,3 +109,34 @@ def test_prune_layermerge_with_repair_puts_maps_only_where_the_plan_says(tmp_pat
     plain, _ = apply_plan(model, plan)  # the plan replays; the maps come with repair alone
     assert len(written.graph.node) == len(plain.graph.node) + sum(
         m["placed"].startswith("inserted") for m in result["repair"]["maps"])
+
+
+@pytest.mark.parametrize("repair_rows", [True, False])
+def test_latency_verb_times_map_rows_that_prune_repair_then_uses(tmp_path, capsys, repair_rows):
+    """``latency --repair linear`` writes a row for every map that may replace a block (here unfolded, so each has
+    one); ``prune --repair linear --latency-table`` with it keeps the map options, without them it says why not."""
+    model = linear_and_empty_blocks()
+    path, data, table_path = tmp_path / "net.onnx", tmp_path / "calib.npz", tmp_path / "table.json"
+    onnx.save(model, path)
+    np.savez(data, x=calibration(model, 32).inputs["input"])
+    code = main(["latency", str(path), "--batch", "2", "--rounds", "3", "--threads", "1", "-o", str(table_path),
+                 "--json", "--quiet"] + (["--repair", "linear", "--repair-no-fold"] if repair_rows else []))
+    written = json.loads(capsys.readouterr().out)
+    assert code == 0
+    s = analyze_model(model)
+    cuts, _ = block_cuts(normalized(model), [b.join for b in s.residual_blocks], fold=False)
+    map_options = blocks.replace_options(blocks.search_space(s, conv_l1_norms(to_graph(model))),
+                                         {j: c.fitted_map for j, c in cuts.items()})
+    map_rows = {row_signature(o, s, 2) for o in map_options}
+    table = json.loads(table_path.read_text())
+    if repair_rows:
+        assert written["map_rows"] == len(map_rows) >= 1 and map_rows <= set(table["rows"])
+    else:
+        assert "map_rows" not in written and not map_rows & set(table["rows"])
+    code = main(["prune", str(path), "--method", "layermerge", "--speedup", "1.1", "--data", str(data),
+                 "--repair", "linear", "--repair-no-fold", "--latency-table", str(table_path), "--latency-batch", "2",
+                 "--rounds", "3", "--threads", "1", "-o", str(tmp_path / "fast.onnx"), "--json", "--quiet"])
+    result = json.loads(capsys.readouterr().out)
+    assert code in (0, 4)
+    left_out = [n for n in result["notes"] if "measured without repair" in n]
+    assert len(left_out) == (0 if repair_rows else len(map_options))

@@ -171,6 +171,9 @@ def latency_text(result: dict) -> str:
     lines = [f"{result['rows']} distinct rows for {result['options']} options on {result['backend']} "
              f"({result['device']}), batch {result['batch']}: whole model {1e3 * result['whole_s']:.3f} ms, "
              f"fixed part {1e3 * result['fixed_s']:.3f} ms"]
+    if "map_rows" in result:
+        lines.append(f"{result['map_rows']} of the rows are fitted maps that may replace a removed block "
+                     "(maps folded into their neighbour have no row)")
     lines += [f"note: {note}" for note in result.get("notes", [])]
     lines.append(f"wrote {result['output']}")
     return "\n".join(lines)
