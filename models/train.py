@@ -212,6 +212,40 @@ def load_onnx_weights(model: nn.Module, proto) -> None:
 
 
 @torch.no_grad()
+def load_plain_weights(model: nn.Module, proto) -> None:
+    """Load the weights of a model without BatchNorm (the ViT) from its export: a Linear's weight (stored transposed
+    behind a MatMul, or a Gemm) and bias (the Add after the MatMul) are found through the nodes named after its
+    module; any other parameter by its name (or an Identity node of that name, where the exporter shared equal
+    initializers)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for node in proto.graph.node:  # equal initializers are shared: the others' names are Identity nodes of one
+        if node.op_type == "Identity" and node.input[0] in inits:
+            inits[node.output[0]] = inits[node.input[0]]
+    by_module = {}
+    for node in proto.graph.node:
+        weights = [i for i in node.input if i in inits]
+        if node.op_type in ("MatMul", "Gemm") and node.input[1] in inits:
+            transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
+            weight = inits[node.input[1]]
+            by_module[module_path(node.name) + ".weight"] = weight if transposed else weight.T
+            if node.op_type == "Gemm" and len(node.input) > 2:
+                by_module[module_path(node.name) + ".bias"] = inits[node.input[2]]
+        elif node.op_type == "Add" and len(weights) == 1 and module_path(node.name) + ".weight" in by_module:
+            by_module[module_path(node.name) + ".bias"] = inits[weights[0]]
+    for name, tensor in model.state_dict().items():
+        value = by_module.get(name, inits.get(name))
+        if value is None or tuple(value.shape) != tuple(tensor.shape):
+            raise ValueError(f"{name}: not in the ONNX model with shape {tuple(tensor.shape)}")
+        tensor.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+@torch.no_grad()
 def recalibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     """Re-split every conv + BN pair without changing the eval-mode function: the folded convolution W'x + b' is
     measured on ``batches`` (mean mu, std sigma per channel), then the convolution becomes W'/sigma (unit-variance
@@ -538,11 +572,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         record = fresh_record(args.model, args.seed)
     else:
         proto = onnx.load(str(init))
-        load_onnx_weights(model, proto)
         record = read_record(proto, args.model)
         metadata.update({e.key: e.value for e in proto.metadata_props if e.key != TRAINING_KEY})
-        calib = torch.from_numpy(x_train[: args.calib_images])
-        recalibrate(model, (to_input(calib[i : i + 256], False) for i in range(0, len(calib), 256)))
+        if has_batchnorm(model):
+            load_onnx_weights(model, proto)
+            calib = torch.from_numpy(x_train[: args.calib_images])
+            recalibrate(model, (to_input(calib[i : i + 256], False) for i in range(0, len(calib), 256)))
+        else:
+            load_plain_weights(model, proto)
     cycle, new_cycle = plan_cycle(record, args.cycle, lr, warmup, batch)
     fit_to_time = new_cycle and args.time_budget is not None and args.epochs is None
     if fit_to_time:

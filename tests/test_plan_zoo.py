@@ -38,8 +38,7 @@ def weight_bytes(model):
                if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 1)
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-@pytest.mark.parametrize("name", sorted(zoo.EXPECTED))
+@pytest.mark.parametrize(("name", "exporter"), zoo.name_exporter_params())
 def test_remove_all_removable_blocks_at_once(exported, name, exporter, tmp_path):
     model = load_model(exported(name, exporter))
     s = analyze_model(model)

@@ -84,3 +84,32 @@ def test_a_resumed_run_records_its_epochs_and_keeps_the_other_metadata(tmp_path)
     second = _resume(tmp_path / "resnet20.onnx", tmp_path)  # continues the unfinished cycle to its end
     assert second["epochs"] == 32 and second["cycle"]["done"] == second["cycle"]["length"] == 2
     assert len(second["history"]) == len(first["history"]) + 1
+
+
+def test_a_vit_export_loads_back_into_its_definition(tmp_path):
+    """The ViT has no BatchNorm: its weights come back by name, the Linear weights through their MatMul nodes."""
+    torch.manual_seed(0)
+    trained = definitions.vit()
+    path = tmp_path / "vit.onnx"
+    train.export(trained, path, train.default_metadata())
+    loaded = definitions.vit()
+    train.load_plain_weights(loaded, onnx.load(str(path)))
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(_logits(loaded, x), run(str(path), {"input": x})[0], atol=1e-4)
+
+
+def test_the_shipped_vit_resumes_and_has_twelve_removable_blocks():
+    from onnxprune.graph.analysis import analyze_model
+    from onnxprune.graph.io import load_model
+
+    path = ROOT / "models" / "vit.onnx"
+    blocks = analyze_model(load_model(str(path))).residual_blocks
+    assert len(blocks) == 12 and all(b.removable and b.shortcut == "identity" for b in blocks)
+    model = definitions.vit()
+    train.load_plain_weights(model, onnx.load(str(path)))
+    x = np.random.default_rng(1).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(_logits(model, x), run(str(path), {"input": x})[0], atol=1e-4)
+    record = train.read_record(onnx.load(str(path)), "vit")
+    assert record["optimizer"]["name"] == "adamw" and record["cycle"]["done"] == record["cycle"]["length"]

@@ -831,6 +831,19 @@ SMALL_KW: dict[str, dict] = {
     "vit_b_16": {"image_size": 32, "hidden_dim": 64, "mlp_dim": 128, "num_heads": 4},
 }
 
+# Their dynamo exports (dynamic batch) add no graph pattern the default run's others lack (resnet18 stands for the
+# plain ResNets, the TorchScript export for MobileNetV3) and cost some 15 s each: analysed and pruned with -m slow.
+DYNAMO_SLOW = frozenset({"resnet34", "resnet50", "mobilenet_v3_small"})
+
+
+def name_exporter_params(exporters: tuple[str, ...] = ("torchscript", "dynamo")) -> list:
+    """(name, exporter) pytest params for every architecture, those of DYNAMO_SLOW with dynamo marked slow."""
+    import pytest
+
+    return [pytest.param(n, e, marks=pytest.mark.slow) if e == "dynamo" and n in DYNAMO_SLOW else pytest.param(n, e)
+            for n in sorted(EXPECTED) for e in exporters]
+
+
 INPUT_SIZE: dict[str, int] = {
     **{name: 64 for name in BUILDERS if name != "vit_b_16"},
     "vit_b_16": 32,

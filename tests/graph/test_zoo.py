@@ -34,8 +34,7 @@ def check_structure(path, name):
     return s
 
 
-@pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("name", sorted(zoo.EXPECTED))
+@pytest.mark.parametrize(("name", "exporter"), zoo.name_exporter_params())
 def test_block_counts_match_the_architecture(exported, name, exporter):
     check_structure(exported(name, exporter), name)
 
