@@ -11,6 +11,7 @@ measured speed-up.
 2. At the speed-up train-prune measured: SLP + healing and LayerMerge + healing (``api.prune`` with
    ``heal_data`` = the same training images, ``--heal-steps`` steps, labels used like train-prune's), test accuracy
    and time of each.
+``--baselines-at X [--methods layermerge]``: step 2 alone, at X (a train-prune speed-up measured before).
 Every model is evaluated on the 10,000 test images (``--test-samples`` for a subset). The CIFAR-10 tarballs are
 decoded once into ``~/.cache/onnxprune`` (benchmarks/bench_heal.py's split_file). A smoke run:
 ``--model resnet20 --train-data models/cifar10_calib512.npz --steps 4 --heal-steps 2 --test-samples 256
@@ -43,6 +44,26 @@ def accuracy(model: str, test: DataOptions) -> float:
     return api.evaluate(model, test).to_dict()["accuracy"]
 
 
+def train_prune_row(args: argparse.Namespace, original: str, train: DataOptions, test: DataOptions, tmp: Path,
+                    rows: list) -> float:
+    """Step 1: train-prune, its row appended to ``rows``; the speed-up the baselines prune to."""
+    out = tmp / "train_prune.onnx"
+    t = time.perf_counter()
+    result = api.train_prune(original, OutputOptions(str(out)), train,
+                             GateTrainingOptions(steps=args.steps, block_cost=args.block_cost,
+                                                 theta_lr=args.theta_lr, speedup=args.speedup, holdout=0.02,
+                                                 from_scratch=args.from_scratch,
+                                                 patience=min(20, max(1, args.steps // 4))),
+                             latency=LATENCY).to_dict()
+    seconds = time.perf_counter() - t
+    measured = api.bench(original, str(out), LATENCY).to_dict()["speedup"]
+    rows.append({"method": "train-prune", "removed": len(result["removed_blocks"]), "speedup": measured,
+                 "accuracy": accuracy(str(out), test), "seconds": seconds,
+                 "original": accuracy(original, test), "pruned_at": result["pruned_at"]})
+    print(json.dumps(rows[-1]), flush=True)
+    return max(measured, 1.01)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet56")
@@ -56,6 +77,9 @@ def main() -> None:
     p.add_argument("--test-samples", type=int, default=None)
     p.add_argument("--from-scratch", action="store_true", help="train-prune from re-initialised weights; the "
                    "prune-then-heal rows, which start from the trained model, are left out")
+    p.add_argument("--baselines-at", type=float, default=None, help="skip train-prune: the prune-then-heal rows "
+                   "alone, at this speed-up (one train-prune measured before)")
+    p.add_argument("--methods", default="slp,layermerge", help="the prune-then-heal rows")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -64,22 +88,11 @@ def main() -> None:
     test = DataOptions(split_file("test"), samples=args.test_samples, batch=250)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-train-prune-") as tmp:
-        out = Path(tmp) / "train_prune.onnx"
-        t = time.perf_counter()
-        result = api.train_prune(original, OutputOptions(str(out)), train,
-                                 GateTrainingOptions(steps=args.steps, block_cost=args.block_cost,
-                                                     theta_lr=args.theta_lr, speedup=args.speedup, holdout=0.02,
-                                                     from_scratch=args.from_scratch,
-                                                     patience=min(20, max(1, args.steps // 4))),
-                                 latency=LATENCY).to_dict()
-        seconds = time.perf_counter() - t
-        measured = api.bench(original, str(out), LATENCY).to_dict()["speedup"]
-        rows.append({"method": "train-prune", "removed": len(result["removed_blocks"]), "speedup": measured,
-                     "accuracy": accuracy(str(out), test), "seconds": seconds,
-                     "original": accuracy(original, test), "pruned_at": result["pruned_at"]})
-        print(json.dumps(rows[-1]), flush=True)
-        target = max(measured, 1.01)
-        for method in () if args.from_scratch else ("slp", "layermerge"):
+        if args.baselines_at is None:
+            target = train_prune_row(args, original, train, test, Path(tmp), rows)
+        else:
+            target = args.baselines_at
+        for method in () if args.from_scratch else args.methods.split(","):
             path = Path(tmp) / f"{method}.onnx"
             t = time.perf_counter()
             try:

@@ -156,20 +156,57 @@ def fingerprint(model: onnx.ModelProto) -> str:
     return "sha256:" + h.hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class PreparedModel:
+    """A model read once for many plans (LayerMerge applies one per option): its normalized graph and its structure.
+    ``apply_prepared`` rewrites a copy of the graph, so the model is imported, normalized and analysed once."""
+
+    model: onnx.ModelProto
+    graph: gs.Graph
+    structure: Structure
+
+
+def prepare(model: onnx.ModelProto) -> PreparedModel:
+    graph = to_graph(model)
+    return PreparedModel(model, graph, analyze_graph(graph, model))
+
+
 def apply_plan(model: onnx.ModelProto, plan: Plan) -> tuple[onnx.ModelProto, dict]:
     """The rewritten model and a summary of what changed. Raises PlanError before any change is kept."""
+    _check_plan(model, plan)
+    if plan.empty:
+        return _unchanged(model)
+    return _rewrite(to_graph(model), model, plan, None)
+
+
+def apply_prepared(prepared: PreparedModel, plan: Plan) -> tuple[onnx.ModelProto, dict]:
+    """``apply_plan(prepared.model, plan)``, on a copy of the prepared graph."""
+    _check_plan(prepared.model, plan)
+    if plan.empty:
+        return _unchanged(prepared.model)
+    return _rewrite(prepared.graph.copy(), prepared.model, plan, prepared.structure)
+
+
+def _check_plan(model: onnx.ModelProto, plan: Plan) -> None:
     if plan.fingerprint is not None and plan.fingerprint != fingerprint(model):
         raise PlanError("the plan was made for another model (or an older version of this one): fingerprints differ")
     if stray := [join for join in plan.repair_blocks or [] if join not in plan.remove_blocks]:
         raise PlanError(f"repair_blocks names {stray}, which the plan does not remove (only a removed block is "
                         "replaced by a fitted map)")
-    if plan.empty:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy, {"removed_blocks": [], "replaced_with_shortcut": [], "dropped_activations": [], "dropped_convs": [],
-                      "merged": [], "changes_function": False}
-    graph = to_graph(model)
-    structure = analyze_graph(graph, model)
+
+
+def _unchanged(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy, {"removed_blocks": [], "replaced_with_shortcut": [], "dropped_activations": [], "dropped_convs": [],
+                  "merged": [], "changes_function": False}
+
+
+def _rewrite(graph: gs.Graph, model: onnx.ModelProto, plan: Plan,
+             structure: Structure | None) -> tuple[onnx.ModelProto, dict]:
+    """Rewrite ``graph`` (normalized ``model``, owned by the caller; ``structure``: its analysis, None to analyse)."""
+    if structure is None:
+        structure = analyze_graph(graph, model)
     _validate(plan, structure)
     try:
         summary = _apply(graph, plan, structure)

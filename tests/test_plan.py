@@ -7,7 +7,10 @@ from hypothesis import given, settings, strategies as st
 
 from onnxprune.graph.analysis import analyze_model
 from onnxprune.graph.io import infer_shapes
-from onnxprune.plan import Plan, PlanError, apply_plan, fingerprint
+from onnxprune.graph.normalize import to_graph
+from onnxprune.plan import Plan, PlanError, apply_plan, apply_prepared, fingerprint, prepare
+from onnxprune.planning.blocks import search_space
+from onnxprune.planning.candidates import conv_l1_norms, options_plan
 from onnxprune.verify import random_feeds, verify
 from tests.builders import GraphBuilder, residual_block
 from tests.conftest import run
@@ -182,3 +185,24 @@ def test_verification_of_a_model_over_the_protobuf_limit_runs_from_disk(monkeypa
     v = verify(model, out)
     assert v.passed and v.checker == "ok" and v.provider == "cpu"
     assert v.finite and v.outputs[0].max_abs > 0  # run from disk, the pruned model still computes (another function)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), blocks=st.integers(1, 3), data=st.data())
+def test_a_prepared_model_rewrites_exactly_as_apply_plan_one_plan_after_another(seed, blocks, data):
+    """LayerMerge applies every option to one prepared model (imported and analysed once, rewritten on a copy): the
+    result equals apply_plan's byte for byte, whatever the plans before it did to their copies."""
+    model = resnet(seed, blocks)
+    options = [o for o in search_space(analyze_model(model), conv_l1_norms(to_graph(model))) if not o.original]
+    chosen = data.draw(st.lists(st.sampled_from(options), min_size=1, max_size=6))
+    prepared = prepare(model)
+    for option in chosen:
+        plan = Plan(**options_plan([option]))
+        try:
+            expected = apply_plan(model, plan)
+        except PlanError as exc:
+            with pytest.raises(PlanError, match=str(exc)[:40]):
+                apply_prepared(prepared, plan)
+            continue
+        got = apply_prepared(prepared, plan)
+        assert got[0].SerializeToString() == expected[0].SerializeToString() and got[1] == expected[1]

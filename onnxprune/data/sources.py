@@ -138,6 +138,8 @@ def _load(spec, model, samples, seed, preprocess, labels, default_random_samples
     path = Path(spec)
     if not path.exists():
         raise OnnxPruneError(f"no such data: {path} (give a .npy/.npz file, an image folder, a tar of images, or 'random')")
+    if _is_text(path):
+        raise OnnxPruneError(text_refusal(path, inputs))
     prep = _preprocess(model, preprocess)
     names = class_names(model)
     pick = _Subset(samples, seed)
@@ -337,6 +339,29 @@ def _check_labels(y: np.ndarray | None, n: int, source: str) -> np.ndarray:
 
 
 ImageFile = tuple[str, Callable[[], bytes], str | None]  # (name, read its bytes, its folder or None)
+
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv")
+
+
+def _is_text(path: Path) -> bool:
+    """A text file, or a folder of text files and no images."""
+    if path.is_file():
+        return path.suffix.lower() in TEXT_SUFFIXES
+    files = [p.suffix.lower() for p in path.rglob("*") if p.is_file()]
+    return any(f in TEXT_SUFFIXES for f in files) and not any(f in IMAGE_SUFFIXES for f in files)
+
+
+def text_refusal(path: Path, inputs: list[ModelInput]) -> str:
+    """What to give instead of text: onnxprune tokenizes nothing (an exported graph carries no tokenizer, and which
+    one a model was trained with is not in the file), so the token arrays, one per graph input, in an .npz."""
+    described = ", ".join(f"{i.name} ({i.dtype.name}, shape {['N' if d is None else d for d in i.shape]})"
+                          for i in inputs)
+    names = ", ".join(f"{i.name}=..." for i in inputs)
+    return (f"{path}: text, which onnxprune cannot feed to this model: the ONNX file carries no tokenizer. Tokenize "
+            f"the lines with the tokenizer the model was trained with and give an .npz with one array per input: "
+            f"{described}; for example np.savez('calib.npz', {names}) from a Hugging Face tokenizer's "
+            f"tok(lines, padding='max_length', truncation=True, max_length=L, return_tensors='np')")
 
 
 def _folder_images(root: Path) -> list[ImageFile]:

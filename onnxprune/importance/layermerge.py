@@ -28,7 +28,7 @@ from onnxprune.data.sources import Dataset
 from onnxprune.graph.analysis import Structure
 from onnxprune.graph.io import infer_shapes
 from onnxprune.graph.normalize import to_graph, to_model
-from onnxprune.plan import Plan, PlanError, apply_plan
+from onnxprune.plan import Plan, PlanError, apply_prepared, prepare
 from onnxprune.planning.candidates import Option, options_plan
 from onnxprune.repair.cuts import Cut
 from onnxprune.repair.fit import AffineMap
@@ -70,6 +70,7 @@ def row_copies(model: onnx.ModelProto, structure: Structure, options: list[Optio
     if scope not in ("global", "local"):
         raise ValueError(f"scope must be global or local, not {scope!r}")
     base = to_model(to_graph(model), model)  # normalized: tensor names as the analysis has them
+    prepared = prepare(base)  # imported and analysed once, rewritten on a copy per option
     conv_io = {n.name: (n.input[0], n.output[0]) for n in base.graph.node if n.op_type == "Conv"}
     kept, copies, refused = [], [], []
     for option in options:
@@ -80,7 +81,7 @@ def row_copies(model: onnx.ModelProto, structure: Structure, options: list[Optio
             refused.append((option, f"no map was fitted for block {option.remove_block}"))
             continue
         try:
-            modified, _ = apply_plan(base, Plan(**options_plan([option])))
+            modified, _ = apply_prepared(prepared, Plan(**options_plan([option])))
         except PlanError as exc:
             refused.append((option, str(exc)))
             continue

@@ -21,7 +21,7 @@ from onnxprune.data.sources import Dataset
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import ResidualBlock, Structure, analyze_model
 from onnxprune.graph.io import infer_shapes
-from onnxprune.plan import Plan, apply_plan, fingerprint
+from onnxprune.plan import Plan, apply_plan, apply_prepared, fingerprint, prepare
 from onnxprune.runtime.capture import suffix_model, with_outputs
 from onnxprune.runtime.compare import Copy, cka_with_original, share_weights
 
@@ -68,7 +68,8 @@ def score_blocks(model: onnx.ModelProto, data: Dataset, blocks: list[ResidualBlo
             copies.append(share_weights(Copy(suffix, {b.output: b.input, **{t: t for t in side}}, feature, feature),
                                         model))
     else:
-        copies = [share_weights(Copy(with_outputs(apply_plan(model, Plan(remove_blocks=[b.join]))[0], [feature]),
+        prepared = prepare(model)
+        copies = [share_weights(Copy(with_outputs(apply_prepared(prepared, Plan(remove_blocks=[b.join]))[0], [feature]),
                                      {name: name for name in data.inputs}, feature, feature), model) for b in blocks]
     similarity, provider_used = cka_with_original(model, copies, data, provider, batch, unbiased, memory_budget)
     scores = [BlockScore(b.join, float(1.0 - value), b.macs, b.params) for b, value in zip(blocks, similarity)]

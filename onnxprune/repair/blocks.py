@@ -20,7 +20,7 @@ import onnx
 from onnxprune.data.sources import Dataset
 from onnxprune.graph.io import infer_shapes
 from onnxprune.options import RepairOptions
-from onnxprune.plan import Plan, PlanError, apply_plan
+from onnxprune.plan import Plan, PlanError, apply_prepared, prepare
 from onnxprune.planning.candidates import FittedMap
 from onnxprune.repair.cuts import Cut, find_cuts
 from onnxprune.repair.fit import AffineMap
@@ -42,10 +42,11 @@ def block_cuts(base: onnx.ModelProto, joins: Collection[str], fold: bool = True)
     """join -> its BlockCut for every block of ``joins`` that can be replaced by a map, and notes on those that
     cannot (why). ``base``: the normalized original (``speedup.normalized``); ``fold``: RepairOptions.fold."""
     reference = infer_shapes(_copy(base))
+    prepared = prepare(base)
     found, notes = {}, []
     for join in dict.fromkeys(joins):
         try:
-            removed, _ = apply_plan(base, Plan(remove_blocks=[join]))
+            removed, _ = apply_prepared(prepared, Plan(remove_blocks=[join]))
         except PlanError as exc:
             notes.append(f"block {join}: no map option: {exc}")
             continue

@@ -296,3 +296,24 @@ def test_a_damaged_archive_is_refused_in_one_line(tmp_path, damage):
         path.write_bytes(bytes(data))
     with pytest.raises(OnnxPruneError):
         load_data(path, colour_model())
+
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_text_is_refused_with_what_to_give_instead(tmp_path, as_folder):
+    """No tokenizer travels in an ONNX file: lines of text get an error naming the token arrays to give."""
+    ids = helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["N", 8])
+    mask = helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["N", 8])
+    out = helper.make_tensor_value_info("hidden", onnx.TensorProto.FLOAT, ["N", 8])
+    graph = helper.make_graph([helper.make_node("Mul", ["input_ids", "attention_mask"], ["m"]),
+                               helper.make_node("Cast", ["m"], ["hidden"], to=onnx.TensorProto.FLOAT)],
+                              "tokens", [ids, mask], [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    text = tmp_path / "lines.txt"
+    if as_folder:
+        (tmp_path / "corpus").mkdir()
+        text = tmp_path / "corpus"
+        (text / "a.txt").write_text("a sentence\nanother one\n")
+    else:
+        text.write_text("a sentence\nanother one\n")
+    with pytest.raises(OnnxPruneError, match=r"no tokenizer.*input_ids \(int64, shape \['N', 8\]\).*attention_mask"):
+        load_data(text, model)
