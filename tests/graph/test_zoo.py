@@ -19,10 +19,10 @@ ACTIVATIONS = {
 }
 
 
-def check_structure(path, name):
+def check_structure(path, name, small=True):
     s = analyze_model(load_model(path))
     blocks = s.residual_blocks
-    expected_blocks, expected_projections = zoo.EXPECTED[name]
+    expected_blocks, expected_projections = (zoo.EXPECTED_SMALL if small else zoo.EXPECTED)[name]
     shortcuts = collections.Counter(b.shortcut for b in blocks)
     assert len(blocks) == expected_blocks, [b.join for b in blocks]
     assert shortcuts["projection"] == expected_projections, shortcuts
@@ -53,4 +53,4 @@ def test_both_exporters_give_the_same_chain(exported, name):
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("name", sorted(zoo.EXPECTED))
 def test_full_size_block_counts(exported, name, exporter):
-    check_structure(exported(name, exporter, small=False), name)
+    check_structure(exported(name, exporter, small=False), name, small=False)
