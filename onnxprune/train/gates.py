@@ -224,6 +224,39 @@ def reinitialise(module: GraphModule) -> int:
     return count
 
 
+def zero_branch_ends(module: GraphModule, gates: list[Gate]) -> int:
+    """Zero the last weighted layer of every gated branch (its Conv, Gemm or MatMul, the bias Add after it, or a
+    BatchNormalization's scale and shift): zero-init residual (Goyal et al. 2017). Each block then starts as the
+    identity, and a gate's first gradients, E[L | on] - E[L | off], measure what the branch learns rather than the
+    noise a random branch adds (which closes every gate at once). Returns how many branches were zeroed."""
+    parameters = module.onnx_parameters()
+    producer = {o: node for node in module._plan for o in node.outputs if o}
+    count = 0
+    with torch.no_grad():
+        for gate in gates:
+            node = producer.get(gate.branch)
+            while node is not None and node.op == "Add":  # a bias added after a MatMul
+                bias = [i for i in node.inputs if i in parameters]
+                data = [i for i in node.inputs if i not in parameters]
+                if len(bias) != 1 or len(data) != 1:
+                    node = None
+                    break
+                parameters[bias[0]].zero_()
+                node = producer.get(data[0])
+            if node is None:
+                continue
+            if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                zeroed = [i for i in node.inputs[1:] if i in parameters]
+            elif node.op == "BatchNormalization":
+                zeroed = [i for i in node.inputs[1:3] if i in parameters]
+            else:
+                continue
+            for name in zeroed:
+                parameters[name].zero_()
+            count += bool(zeroed)
+    return count
+
+
 def train_prune(model: onnx.ModelProto, data: Dataset, options: GateTrainingOptions = GateTrainingOptions(),
                 teacher_model: onnx.ModelProto | None = None, provider: str = "auto",
                 measure: Callable[[list[str]], float] | None = None) -> GateRunResult:
@@ -249,7 +282,8 @@ def train_prune(model: onnx.ModelProto, data: Dataset, options: GateTrainingOpti
     module = GraphModule(model, [output])
     gated = GatedModule(module, blocks, options.theta_init)
     if options.from_scratch:
-        log.info(f"train-prune: {reinitialise(module)} conv/linear layers re-initialised")
+        log.info(f"train-prune: {reinitialise(module)} conv/linear layers re-initialised, the last layer of "
+                 f"{zero_branch_ends(module, gated.gates)} of {len(gated.gates)} gated branches at zero")
     labels = data.labels
     check_labels(labels, model)
     use_teacher = labels is None or teacher_model is not None

@@ -16,7 +16,8 @@ from onnxprune.graph.io import load_model  # noqa: E402
 from onnxprune.options import GateTrainingOptions  # noqa: E402
 from onnxprune.plan import Plan, apply_plan  # noqa: E402
 from onnxprune.train.bridge import GraphModule  # noqa: E402
-from onnxprune.train.gates import GatedModule, gate_gradient, gateable_blocks, train_prune  # noqa: E402
+from onnxprune.train.gates import (GatedModule, gate_gradient, gateable_blocks, reinitialise, train_prune,  # noqa: E402
+                                   zero_branch_ends)
 from tests.builders import GraphBuilder  # noqa: E402
 
 D = 8
@@ -155,3 +156,27 @@ def test_bypass_skips_the_branch() -> None:
     assert module.active_nodes == before - 3  # MatMul, Relu, MatMul gone; the join hands on its input
     expected = GraphModule(apply_plan(model, Plan(remove_blocks=["join0"]))[0])(x)[0]
     assert torch.allclose(module(x)[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_from_scratch_branches_start_at_zero_so_every_block_starts_as_the_identity(kind) -> None:
+    """After re-initialising, zero_branch_ends zeroes each gated branch's last layer (MatMul; Conv + BatchNorm):
+    the network computes what it computes with every block bypassed."""
+    from tests.builders import residual_block
+
+    if kind == "mlp":
+        model, x = residual_mlp(["useful", "useful", "useful"]), torch.ones(3, D)
+    else:
+        g = GraphBuilder(("N", 3, 8, 8), seed=2)
+        h = g.relu(g.conv(g.input, 8))
+        for _ in range(2):
+            h = residual_block(g, h)
+        model, x = load_model_proto(g.build([h])), torch.randn(2, 3, 8, 8)
+    gates = GatedModule(GraphModule(model), gateable_blocks(model)).gates  # where the branches end
+    module = GraphModule(model)  # run ungated
+    reinitialise(module)
+    assert zero_branch_ends(module, gates) == len(gates)
+    out = module({"input": x})[0]
+    assert out.abs().max() > 0
+    module.bypass({gate.join: gate.shortcut for gate in gates})
+    assert torch.allclose(out, module({"input": x})[0], atol=1e-6)
