@@ -213,10 +213,9 @@ def load_onnx_weights(model: nn.Module, proto) -> None:
 
 @torch.no_grad()
 def load_plain_weights(model: nn.Module, proto) -> None:
-    """Load the weights of a model without BatchNorm (the ViT) from its export: a Linear's weight (stored transposed
-    behind a MatMul, or a Gemm) and bias (the Add after the MatMul) are found through the nodes named after its
-    module; any other parameter by its name (or an Identity node of that name, where the exporter shared equal
-    initializers)."""
+    """Load the weights of a model without BatchNorm (the ViT) from its export: a Linear's weight, stored transposed
+    behind a MatMul (or a Gemm), through the node named after its module; any other parameter by its name, or by the
+    Identity node of that name where the exporter shared equal initializers."""
     from onnx import numpy_helper
 
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
@@ -225,15 +224,10 @@ def load_plain_weights(model: nn.Module, proto) -> None:
             inits[node.output[0]] = inits[node.input[0]]
     by_module = {}
     for node in proto.graph.node:
-        weights = [i for i in node.input if i in inits]
         if node.op_type in ("MatMul", "Gemm") and node.input[1] in inits:
             transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
             weight = inits[node.input[1]]
             by_module[module_path(node.name) + ".weight"] = weight if transposed else weight.T
-            if node.op_type == "Gemm" and len(node.input) > 2:
-                by_module[module_path(node.name) + ".bias"] = inits[node.input[2]]
-        elif node.op_type == "Add" and len(weights) == 1 and module_path(node.name) + ".weight" in by_module:
-            by_module[module_path(node.name) + ".bias"] = inits[weights[0]]
     for name, tensor in model.state_dict().items():
         value = by_module.get(name, inits.get(name))
         if value is None or tuple(value.shape) != tuple(tensor.shape):

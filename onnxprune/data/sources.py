@@ -138,13 +138,16 @@ def _load(spec, model, samples, seed, preprocess, labels, default_random_samples
     path = Path(spec)
     if not path.exists():
         raise OnnxPruneError(f"no such data: {path} (give a .npy/.npz file, an image folder, a tar of images, or 'random')")
-    if _is_text(path):
+    if path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
         raise OnnxPruneError(text_refusal(path, inputs))
     prep = _preprocess(model, preprocess)
     names = class_names(model)
     pick = _Subset(samples, seed)
     if path.is_dir():
-        images, y = _decode(_folder_images(path), prep, names, pick)
+        files = _folder_images(path)
+        if not files and any(p.suffix.lower() in TEXT_SUFFIXES for p in path.rglob("*")):
+            raise OnnxPruneError(text_refusal(path, inputs))
+        images, y = _decode(files, prep, names, pick)
         dataset = _from_array(images, y, inputs, prep, f"image folder {path}", pick)
     elif path.suffix == ".npy":
         dataset = _from_array(pick(_load_npy(path)), None, inputs, prep, f"array {path}", pick)
@@ -341,15 +344,7 @@ def _check_labels(y: np.ndarray | None, n: int, source: str) -> np.ndarray:
 ImageFile = tuple[str, Callable[[], bytes], str | None]  # (name, read its bytes, its folder or None)
 
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv")
-
-
-def _is_text(path: Path) -> bool:
-    """A text file, or a folder of text files and no images."""
-    if path.is_file():
-        return path.suffix.lower() in TEXT_SUFFIXES
-    files = [p.suffix.lower() for p in path.rglob("*") if p.is_file()]
-    return any(f in TEXT_SUFFIXES for f in files) and not any(f in IMAGE_SUFFIXES for f in files)
+TEXT_SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv")  # text: refused with what to give (a folder: if it has no images)
 
 
 def text_refusal(path: Path, inputs: list[ModelInput]) -> str:
