@@ -102,7 +102,7 @@ def run(name: str, blocks: int, samples: int, seeds: int, rounds: int, heal_step
     rows.append(lm_row)
     print(json.dumps(lm_row), flush=True)
     t = time.perf_counter()
-    slp = prune_slp(model, data, feature_tensor(model), remove_blocks=blocks)
+    slp = prune_slp(model, data, feature_tensor(model), TargetOptions(remove_blocks=blocks))
     add("slp", slp.plan.remove_blocks, time.perf_counter() - t)
     t = time.perf_counter()
     norms = l1_norms(model, candidates)

@@ -27,6 +27,7 @@ from onnxprune.graph.analysis import analyze_model  # noqa: E402
 from onnxprune.graph.io import infer_shapes, load_model  # noqa: E402
 from onnxprune.importance.baselines import l1_norms, random_order  # noqa: E402
 from onnxprune.importance.slp import prune_slp, removal_candidates, score_blocks, take_in_order  # noqa: E402
+from onnxprune.options import ScoringOptions, TargetOptions  # noqa: E402
 from onnxprune.plan import Plan, apply_plan  # noqa: E402
 from onnxprune.runtime.capture import feature_tensor  # noqa: E402
 from onnxprune.runtime.session import create_session  # noqa: E402
@@ -63,8 +64,9 @@ def main() -> None:
     rows: dict[str, list[str]] = {}
 
     t0 = time.perf_counter()
-    iterative = prune_slp(model, calib, feature, remove_blocks=k_max, min_blocks_per_stage=args.min_blocks_per_stage,
-                          provider="cpu").plan.remove_blocks
+    iterative = prune_slp(model, calib, feature, TargetOptions(remove_blocks=k_max,
+                                                           min_blocks_per_stage=args.min_blocks_per_stage),
+                          ScoringOptions(provider="cpu")).plan.remove_blocks
     print(f"SLP iterative: {time.perf_counter() - t0:.1f} s for {k_max} removals", flush=True)
     candidates = removal_candidates(structure, 0)
     one_shot_scores = score_blocks(model, calib, candidates, feature, "cpu").scores

@@ -218,10 +218,7 @@ def _prune_and_write(model, dataset, target: TargetOptions, output: OutputOption
         result = prune_sglp(model, dataset, remove_blocks=target.remove_blocks, segments=target.segments,
                             provider=scoring.provider, batch=data.batch)
     else:
-        result = prune_slp(model, dataset, feature, remove_blocks=target.remove_blocks,
-                           macs_reduction=target.macs_reduction, min_blocks_per_stage=target.min_blocks,
-                           one_shot=target.one_shot, provider=scoring.provider, batch=data.batch,
-                           memory_budget=scoring.memory_budget)
+        result = prune_slp(model, dataset, feature, target, scoring, data.batch)
     pruned, _ = apply_plan(model, result.plan)
     feeds = next(dataset.batches(min(data.batch, 16))).feeds
     verification = verify(model, pruned, feeds=feeds)

@@ -35,7 +35,7 @@ from onnxprune.planning import dp
 from onnxprune.planning import blocks
 from onnxprune.planning.blocks import search_space
 from onnxprune.planning.candidates import Option, conv_l1_norms, options_plan
-from onnxprune.options import RepairOptions, ScoringOptions
+from onnxprune.options import RepairOptions, ScoringOptions, TargetOptions
 from onnxprune.progress import progress
 from onnxprune.repair.blocks import block_cuts, fit_block_maps
 from onnxprune.repair.linear import reference_of, with_placeholder_maps
@@ -324,8 +324,8 @@ def slp_to_speedup(model: onnx.ModelProto, data: Dataset, feature: str, target: 
         return speedup >= target
 
     clock = time.perf_counter()
-    result = prune_slp(model, data, feature, min_blocks_per_stage=min_blocks_per_stage, provider=provider,
-                       batch=data_batch, until=fast_enough)
+    result = prune_slp(model, data, feature, TargetOptions(min_blocks_per_stage=min_blocks_per_stage),
+                       ScoringOptions(provider=provider), data_batch, until=fast_enough)
     pruned, verification = _applied_and_verified(model, result.plan, data)
     speedup = measured.get("speedup", 1.0)
     return SpeedupResult(pruned, result.plan, target, speedup, measured.get("original", 0.0),

@@ -21,6 +21,7 @@ from onnxprune.data.sources import Dataset
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import ResidualBlock, Structure, analyze_model
 from onnxprune.graph.io import infer_shapes
+from onnxprune.options import ScoringOptions, TargetOptions
 from onnxprune.plan import Plan, apply_plan, apply_prepared, fingerprint, prepare
 from onnxprune.runtime.capture import suffix_model, with_outputs
 from onnxprune.runtime.compare import Copy, cka_with_original, share_weights
@@ -86,19 +87,20 @@ class SLPResult:
     message: str = ""
 
 
-def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, remove_blocks: int | None = None,
-              macs_reduction: float | None = None, min_blocks_per_stage: int = 1, one_shot: bool = False,
-              provider: str = "auto", batch: int = 64,
-              until: Callable[[onnx.ModelProto], bool] | None = None, memory_budget: int | None = None) -> SLPResult:
-    """Remove the lowest-scoring block, re-score on the pruned network, repeat until ``remove_blocks``
-    blocks are gone, ``macs_reduction`` of the MACs, or ``until(pruned model)`` holds (a measured
-    speed-up, say); ``one_shot`` ranks once and removes in that order."""
+def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, target: TargetOptions,
+              scoring: ScoringOptions = ScoringOptions(), batch: int = 64,
+              until: Callable[[onnx.ModelProto], bool] | None = None) -> SLPResult:
+    """Remove the lowest-scoring block, re-score on the pruned network, repeat until ``target.remove_blocks``
+    blocks are gone, ``target.macs_reduction`` of the MACs, or ``until(pruned model)`` holds (a measured
+    speed-up, say); every stage keeps ``target.min_blocks`` blocks, and ``target.one_shot`` ranks once and removes
+    in that order. Scored with ``scoring.provider`` within ``scoring.memory_budget``, ``batch`` samples a run."""
+    remove_blocks, macs_reduction, one_shot = target.remove_blocks, target.macs_reduction, target.one_shot
     if sum(x is not None for x in (remove_blocks, macs_reduction, until)) != 1:
         raise OnnxPruneError("give exactly one stop criterion: --remove-blocks N, --macs-reduction F or --speedup X")
     if macs_reduction is not None and not 0 < macs_reduction < 1:
         raise OnnxPruneError(f"--macs-reduction is a fraction between 0 and 1, not {macs_reduction}")
     original_macs = analyze_model(model).macs
-    current, removed, history, provider_used = model, [], [], provider
+    current, removed, history, provider_used = model, [], [], scoring.provider
     ranking: list[BlockScore] | None = None
     first_scores: list[dict] = []  # the first round's score of every candidate (what a report draws)
 
@@ -115,11 +117,12 @@ def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, remove_blocks
             met = True
             break
         structure = analyze_model(current)
-        candidates = removal_candidates(structure, min_blocks_per_stage)
+        candidates = removal_candidates(structure, target.min_blocks)
         if not candidates:
             break
         if ranking is None or not one_shot:
-            run = score_blocks(current, data, candidates, feature, provider, batch, memory_budget=memory_budget)
+            run = score_blocks(current, data, candidates, feature, scoring.provider, batch,
+                               memory_budget=scoring.memory_budget)
             provider_used = run.provider
             ranking = sorted(run.scores, key=lambda s: s.score)
             first_scores = first_scores or [{"join": s.join, "score": s.score} for s in run.scores]
@@ -138,7 +141,7 @@ def prune_slp(model: onnx.ModelProto, data: Dataset, feature: str, remove_blocks
                 predicted={"macs_before": original_macs, "macs_after": analyze_model(current).macs,
                            "history": history, "scores": first_scores})
     message = "" if met else (f"stopped after {len(removed)} blocks: no removable block is left whose stage keeps "
-                              f"{min_blocks_per_stage} block(s)")
+                              f"{target.min_blocks} block(s)")
     return SLPResult(current, plan, history, provider_used, met, message)
 
 

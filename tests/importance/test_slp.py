@@ -9,11 +9,14 @@ from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import analyze_model
 from onnxprune.graph.io import infer_shapes, load_model
 from onnxprune.importance.slp import prune_slp, removal_candidates, score_blocks
+from onnxprune.options import ScoringOptions, TargetOptions
 from onnxprune.plan import apply_plan
 from onnxprune.runtime.capture import feature_tensor
 from onnxprune.verify import random_feeds, verify
 from tests.builders import GraphBuilder, residual_block
 from tests.conftest import run
+
+CPU = ScoringOptions(provider="cpu")
 
 
 def classifier(seed=0, tiny_block=None, blocks=4):
@@ -59,7 +62,7 @@ def test_a_block_that_does_nothing_scores_lowest_and_goes_first():
     run = score_blocks(model, data, removal_candidates(s, 0), feature_tensor(model), "cpu")
     lowest = min(run.scores, key=lambda b: b.score)
     assert lowest.join == s.residual_blocks[2].join and lowest.score < 1e-4
-    result = prune_slp(model, data, feature_tensor(model), remove_blocks=1, provider="cpu")
+    result = prune_slp(model, data, feature_tensor(model), TargetOptions(remove_blocks=1), CPU)
     assert result.plan.remove_blocks == [s.residual_blocks[2].join]
 
 
@@ -68,7 +71,7 @@ def test_iterative_pruning_meets_the_target_and_verifies(one_shot, caplog):
     model = classifier(seed=3)
     data = load_data("random", model, samples=32)
     with caplog.at_level(logging.INFO, logger="onnxprune"):
-        result = prune_slp(model, data, feature_tensor(model), remove_blocks=3, provider="cpu", one_shot=one_shot)
+        result = prune_slp(model, data, feature_tensor(model), TargetOptions(remove_blocks=3, one_shot=one_shot), CPU)
     assert len(result.plan.remove_blocks) == 3 and result.target_met
     assert sum("slp: removed" in r.getMessage() for r in caplog.records) == 3
     replay, _ = apply_plan(model, result.plan)  # the plan replays on the original model
@@ -83,13 +86,13 @@ def test_iterative_pruning_meets_the_target_and_verifies(one_shot, caplog):
 def test_macs_reduction_and_min_blocks_per_stage():
     model = classifier(seed=4)
     data = load_data("random", model, samples=16)
-    result = prune_slp(model, data, feature_tensor(model), macs_reduction=0.2, provider="cpu")
+    result = prune_slp(model, data, feature_tensor(model), TargetOptions(macs_reduction=0.2), CPU)
     assert result.history[-1]["macs_reduction"] >= 0.2 and result.target_met
     # stage of 4 identity blocks + stem-shaped stage; K = 4 leaves nothing removable there
-    capped = prune_slp(model, data, feature_tensor(model), remove_blocks=10, min_blocks_per_stage=4, provider="cpu")
+    capped = prune_slp(model, data, feature_tensor(model), TargetOptions(remove_blocks=10, min_blocks_per_stage=4), CPU)
     assert not capped.target_met and "stage" in capped.message
     with pytest.raises(OnnxPruneError, match="exactly one stop criterion"):
-        prune_slp(model, data, feature_tensor(model), provider="cpu")
+        prune_slp(model, data, feature_tensor(model), TargetOptions(), CPU)
 
 
 def test_scoring_a_dynamo_vit_with_shape_side_inputs(exported):
@@ -135,7 +138,7 @@ def test_a_measured_stop_criterion_is_asked_once_per_removal():
         calls.append(len(analyze_model(current).residual_blocks))
         return len(calls) == 2  # "fast enough" after the second removal
 
-    result = prune_slp(model, data, feature_tensor(model), provider="cpu", until=until)
+    result = prune_slp(model, data, feature_tensor(model), TargetOptions(), CPU, until=until)
     assert len(result.plan.remove_blocks) == 2 and result.target_met
     assert len(calls) == 2  # no second look after the loop: the answer that stopped it is the one reported
 
@@ -155,7 +158,7 @@ def test_scoring_and_pruning_an_encoder_from_token_arrays(exported_encoder, tmp_
     slow = score_blocks(model, data, blocks, feature_tensor(model), "cpu", batch=10, suffix_only=False)
     np.testing.assert_allclose([x.score for x in fast.scores], [x.score for x in slow.scores], atol=1e-6)
     assert all(0 < x.score < 1 for x in fast.scores)
-    result = prune_slp(model, data, feature_tensor(model), remove_blocks=2, provider="cpu")
+    result = prune_slp(model, data, feature_tensor(model), TargetOptions(remove_blocks=2), CPU)
     assert len(result.plan.remove_blocks) == 2 and result.target_met
     index = {b.join: b.index for b in blocks}
     skip: dict[int, tuple[str, ...]] = {}

@@ -29,7 +29,7 @@ from onnxprune.graph.io import infer_shapes
 from onnxprune.graph.normalize import to_graph
 from onnxprune.importance.slp import prune_slp, removal_candidates, score_blocks
 from onnxprune.latency.table import build_table, load_table
-from onnxprune.options import RayOptions
+from onnxprune.options import RayOptions, ScoringOptions, TargetOptions
 from onnxprune.plan import fingerprint
 from onnxprune.planning.blocks import search_space
 from onnxprune.planning.candidates import conv_l1_norms
@@ -220,7 +220,7 @@ def test_slp_and_layermerge_plans_are_the_same_with_ray(local_ray, monkeypatch):
 
     def plans() -> tuple[dict, list[float]]:
         """(the SLP and LayerMerge plans, the scores behind them)."""
-        slp = prune_slp(model, data, feature, remove_blocks=2, provider="cpu", batch=8)
+        slp = prune_slp(model, data, feature, TargetOptions(remove_blocks=2), ScoringOptions(provider="cpu"), 8)
         how = speedup.Measurement(get_backend("ort-cpu"), 2)
         merged = speedup.layermerge_to_speedup(model, data, feature, 1.3, how, data_batch=8, table=table).plan
         chosen = {"slp": slp.plan.remove_blocks,
