@@ -1,14 +1,17 @@
 """Healing after pruning (issue "Healing"): test accuracy of the reference models unpruned, pruned, and healed.
 
     python benchmarks/bench_heal.py [--models resnet56,mobilenetv2] [--methods layermerge,slp]
-                                    [--speedups 1.5,2.0] [--steps 1000] [--full-epochs 0] [--json OUT.json]
+                                    [--speedups 1.5,2.0] [--steps 1000] [--full-epochs 0] [--repair]
+                                    [--json OUT.json]
 
 For each model, method and target speed-up: ``api.prune`` to the measured speed-up on ort-cpu (latency batch 32,
 scoring on the 512 shipped calibration images), then ``api.heal`` without labels on those 512 images (10% of them
 held back to pick the checkpoint; ``--steps`` steps of 64, crop + flip), and with ``--full-epochs E`` also on the
 50,000 CIFAR-10 training images without labels for E epochs. Every model is evaluated on all 10,000 test images
 (``onnxprune eval``'s code path); wall time of each stage. The CIFAR-10 tarballs are decoded once into
-``~/.cache/onnxprune`` (models/train.py's cache).
+``~/.cache/onnxprune`` (models/train.py's cache). ``--repair``: prune with ``repair=RepairOptions()`` (a fitted
+linear map in every cut, the DP's map options included; docs/algorithms.md section 8), so healing starts from the
+repaired model; the "pruned" column is then the repaired model's accuracy.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from models.train import load_split  # noqa: E402
 from onnxprune import api  # noqa: E402
-from onnxprune.options import DataOptions, HealingOptions, LatencyOptions, OutputOptions, TargetOptions  # noqa: E402
+from onnxprune.options import (DataOptions, HealingOptions, LatencyOptions, OutputOptions, RepairOptions,  # noqa: E402
+                               TargetOptions)
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10"
 CACHE = Path.home() / ".cache" / "onnxprune"
@@ -46,14 +50,16 @@ def accuracy(model: str, test: str) -> float:
     return api.evaluate(model, DataOptions(test, batch=250)).to_dict()["accuracy"]
 
 
-def run(name: str, method: str, speedup: float, steps: int, full_epochs: float, folder: Path, test: str) -> dict:
+def run(name: str, method: str, speedup: float, steps: int, full_epochs: float, folder: Path, test: str,
+        repair: bool = False) -> dict:
     original = str(ROOT / "models" / f"{name}.onnx")
     calib = str(ROOT / "models" / "cifar10_calib512.npz")
-    row: dict = {"model": name, "method": method, "target": speedup}
+    row: dict = {"model": name, "method": method, "target": speedup, "repair": repair}
     pruned = folder / f"{name}_{method}_{speedup}.onnx"
     t = time.perf_counter()
     result = api.prune(original, TargetOptions(method=method, speedup=speedup), OutputOptions(str(pruned)),
-                       DataOptions(calib), latency=LatencyOptions(batch=32)).to_dict()
+                       DataOptions(calib), latency=LatencyOptions(batch=32),
+                       repair=RepairOptions() if repair else None).to_dict()
     row.update(prune_s=time.perf_counter() - t, measured=result["measured_speedup"], met=result["target_met"],
                removed=len(result["removed_blocks"]), merged=len(result.get("merged", [])))
     row["original"] = accuracy(original, test)
@@ -83,6 +89,7 @@ def main() -> None:
     p.add_argument("--speedups", default="1.5,2.0")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--full-epochs", type=float, default=0)
+    p.add_argument("--repair", action="store_true", help="prune with fitted linear maps in the cuts, then heal")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -93,7 +100,8 @@ def main() -> None:
             for method in args.methods.split(","):
                 for speedup in map(float, args.speedups.split(",")):
                     try:
-                        rows.append(run(name, method, speedup, args.steps, args.full_epochs, Path(tmp), test))
+                        rows.append(run(name, method, speedup, args.steps, args.full_epochs, Path(tmp), test,
+                                        args.repair))
                     except Exception as exc:  # a refusal is a result too
                         rows.append({"model": name, "method": method, "target": speedup, "error": str(exc)})
                         print(json.dumps(rows[-1]), flush=True)
