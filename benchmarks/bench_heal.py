@@ -6,8 +6,8 @@
 
 For each model, method and target speed-up: ``api.prune`` to the measured speed-up on ort-cpu (latency batch 32,
 scoring on the 512 shipped calibration images), then ``api.heal`` without labels on those 512 images (10% of them
-held back to pick the checkpoint; ``--steps`` steps of 64, crop + flip), and with ``--full-epochs E`` also on the
-50,000 CIFAR-10 training images without labels for E epochs. Every model is evaluated on all 10,000 test images
+held back to pick the checkpoint; ``--steps`` steps of 64, crop + flip; ``--steps 0``: not), and with
+``--full-epochs E`` also on the 50,000 CIFAR-10 training images without labels for E epochs (2% held back). Every model is evaluated on all 10,000 test images
 (``onnxprune eval``'s code path); wall time of each stage. The CIFAR-10 tarballs are decoded once into
 ``~/.cache/onnxprune`` (models/train.py's cache). ``--repair``: prune with ``repair=RepairOptions()`` (a fitted
 linear map in every cut, the DP's map options included; docs/algorithms.md section 8), so healing starts from the
@@ -64,13 +64,14 @@ def run(name: str, method: str, speedup: float, steps: int, full_epochs: float, 
                removed=len(result["removed_blocks"]), merged=len(result.get("merged", [])))
     row["original"] = accuracy(original, test)
     row["pruned"] = accuracy(str(pruned), test)
-    healed = folder / f"{name}_{method}_{speedup}_healed512.onnx"
-    t = time.perf_counter()
-    h = api.heal(str(pruned), original, OutputOptions(str(healed)), DataOptions(calib),
-                 HealingOptions(steps=steps, use_labels=False)).to_dict()
-    row.update(heal512_s=time.perf_counter() - t, heal512=accuracy(str(healed), test),
-               heal512_held_back=[h["after_pruning"]["agreement"], h["after_healing"]["agreement"]],
-               heal512_best_step=h["healing"]["best_step"])
+    if steps:
+        healed = folder / f"{name}_{method}_{speedup}_healed512.onnx"
+        t = time.perf_counter()
+        h = api.heal(str(pruned), original, OutputOptions(str(healed)), DataOptions(calib),
+                     HealingOptions(steps=steps, use_labels=False)).to_dict()
+        row.update(heal512_s=time.perf_counter() - t, heal512=accuracy(str(healed), test),
+                   heal512_held_back=[h["after_pruning"]["agreement"], h["after_healing"]["agreement"]],
+                   heal512_best_step=h["healing"]["best_step"])
     if full_epochs:
         healed = folder / f"{name}_{method}_{speedup}_healed50k.onnx"
         t = time.perf_counter()
@@ -82,12 +83,20 @@ def run(name: str, method: str, speedup: float, steps: int, full_epochs: float, 
     return row
 
 
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet56,mobilenetv2")
     p.add_argument("--methods", default="layermerge,slp")
     p.add_argument("--speedups", default="1.5,2.0")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=1000, help="healing steps on the 512 images (0: none)")
     p.add_argument("--full-epochs", type=float, default=0)
     p.add_argument("--repair", action="store_true", help="prune with fitted linear maps in the cuts, then heal")
     p.add_argument("--json", default=None)
@@ -108,14 +117,15 @@ def main() -> None:
                     if args.json:
                         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     print("| model | method | target | measured | removed / merged | original | pruned | healed, 512 imgs | "
-          "prune s | heal s |")
+          "prune s | heal s | healed, 50k imgs | heal s |")
     for r in rows:
         if "error" in r:
             print(f"| {r['model']} | {r['method']} | {r['target']} | failed: {r['error'][:80]} |")
             continue
         print(f"| {r['model']} | {r['method']} | {r['target']}x | {r['measured']:.2f}x | {r['removed']} / {r['merged']} | "
-              f"{100 * r['original']:.2f}% | {100 * r['pruned']:.2f}% | {100 * r['heal512']:.2f}% | "
-              f"{r['prune_s']:.0f} | {r['heal512_s']:.0f} |")
+              f"{100 * r['original']:.2f}% | {100 * r['pruned']:.2f}% | {percent(r.get('heal512'))} | "
+              f"{r['prune_s']:.0f} | {seconds(r.get('heal512_s'))} | {percent(r.get('heal50k'))} | "
+              f"{seconds(r.get('heal50k_s'))} |")
 
 
 if __name__ == "__main__":
