@@ -4,14 +4,16 @@ measured speed-up.
     python benchmarks/bench_train_prune.py [--model resnet56] [--steps 2000] [--speedup X] [--block-cost C]
                                            [--heal-steps 2000] [--train-samples N] [--test-samples N] [--json OUT]
 
-1. ``api.train_prune`` on the trained model from the CIFAR-10 training split (50,000 images, labels: cross-entropy),
-   ``--steps`` steps of 64 (``--speedup`` stops pruning at a measured speed-up on ort-cpu, latency batch 32;
-   ``--from-scratch``: from re-initialised weights, and step 2 is left out);
+1. ``api.train_prune`` on the trained model from the CIFAR-10 training split (50,000 images, labels: cross-entropy;
+   ``--teacher``: plus KL to the original's logits), ``--steps`` steps of 64 (``--speedup`` stops pruning at a
+   measured speed-up on ort-cpu, latency batch 32; ``--from-scratch``: from re-initialised weights, and step 2 is
+   left out);
    blocks pruned, test accuracy, training time, measured speed-up against the normalized original.
 2. At the speed-up train-prune measured: SLP + healing and LayerMerge + healing (``api.prune`` with
-   ``heal_data`` = the same training images, ``--heal-steps`` steps, labels used like train-prune's), test accuracy
-   and time of each.
-``--baselines-at X [--methods layermerge]``: step 2 alone, at X (a train-prune speed-up measured before).
+   ``heal_data`` = the same training images, ``--heal-steps`` steps; healing's loss: feature MSE and KL to the
+   original, plus cross-entropy on the labels), test accuracy and time of each.
+``--baselines-at X [--methods layermerge]``: step 2 alone, at X (a train-prune speed-up measured before);
+``--methods ''``: step 1 alone.
 Every model is evaluated on the 10,000 test images (``--test-samples`` for a subset). The CIFAR-10 tarballs are
 decoded once into ``~/.cache/onnxprune`` (benchmarks/bench_heal.py's split_file). A smoke run:
 ``--model resnet20 --train-data models/cifar10_calib512.npz --steps 4 --heal-steps 2 --test-samples 256
@@ -54,12 +56,14 @@ def train_prune_row(args: argparse.Namespace, original: str, train: DataOptions,
                                                  theta_lr=args.theta_lr, speedup=args.speedup, holdout=0.02,
                                                  from_scratch=args.from_scratch,
                                                  patience=min(20, max(1, args.steps // 4))),
-                             latency=LATENCY).to_dict()
+                             teacher_path=original if args.teacher else None, latency=LATENCY).to_dict()
     seconds = time.perf_counter() - t
+    thetas = json.loads(Path(result["thetas"]).read_text())
     measured = api.bench(original, str(out), LATENCY).to_dict()["speedup"]
     rows.append({"method": "train-prune", "removed": len(result["removed_blocks"]), "speedup": measured,
                  "accuracy": accuracy(str(out), test), "seconds": seconds,
-                 "original": accuracy(original, test), "pruned_at": result["pruned_at"]})
+                 "original": accuracy(original, test), "pruned_at": result["pruned_at"],
+                 "final_theta": dict(zip(thetas["blocks"], (thetas["evaluations"] or [{"theta": []}])[-1]["theta"]))})
     print(json.dumps(rows[-1]), flush=True)
     return max(measured, 1.01)
 
@@ -75,6 +79,8 @@ def main() -> None:
     p.add_argument("--train-samples", type=int, default=None)
     p.add_argument("--train-data", default=None, help="default: the 50,000-image CIFAR-10 training split")
     p.add_argument("--test-samples", type=int, default=None)
+    p.add_argument("--teacher", action="store_true", help="train-prune distils from the original beside the labels "
+                   "(cross-entropy + KL, the loss the prune-then-heal rows' healing uses)")
     p.add_argument("--from-scratch", action="store_true", help="train-prune from re-initialised weights; the "
                    "prune-then-heal rows, which start from the trained model, are left out")
     p.add_argument("--baselines-at", type=float, default=None, help="skip train-prune: the prune-then-heal rows "
@@ -92,7 +98,7 @@ def main() -> None:
             target = train_prune_row(args, original, train, test, Path(tmp), rows)
         else:
             target = args.baselines_at
-        for method in () if args.from_scratch else args.methods.split(","):
+        for method in () if args.from_scratch else [m for m in args.methods.split(",") if m]:
             path = Path(tmp) / f"{method}.onnx"
             t = time.perf_counter()
             try:
