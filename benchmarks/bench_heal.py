@@ -7,8 +7,8 @@
 For each model, method and target speed-up: ``api.prune`` to the measured speed-up on ort-cpu (latency batch 32,
 scoring on the 512 shipped calibration images), then ``api.heal`` without labels on those 512 images (10% of them
 held back to pick the checkpoint; ``--steps`` steps of 64, crop + flip; ``--steps 0``: not), and with
-``--full-epochs E`` also on the 50,000 CIFAR-10 training images without labels for E epochs (2% held back). Every model is evaluated on all 10,000 test images
-(``onnxprune eval``'s code path); wall time of each stage. The CIFAR-10 tarballs are decoded once into
+``--full-epochs E`` also on the 50,000 CIFAR-10 training images without labels for E epochs (2% held back).
+Every model is evaluated on all 10,000 test images (``onnxprune eval``'s code path); wall time of each stage. The CIFAR-10 tarballs are decoded once into
 ``~/.cache/onnxprune`` (models/train.py's cache). ``--repair``: prune with ``repair=RepairOptions()`` (a fitted
 linear map in every cut, the DP's map options included; docs/algorithms.md section 8), so healing starts from the
 repaired model; the "pruned" column is then the repaired model's accuracy.
