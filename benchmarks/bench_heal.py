@@ -2,7 +2,7 @@
 
     python benchmarks/bench_heal.py [--models resnet56,mobilenetv2] [--methods layermerge,slp]
                                     [--speedups 1.5,2.0] [--steps 1000] [--full-epochs 0] [--repair]
-                                    [--json OUT.json]
+                                    [--match-blocks] [--keep DIR] [--json OUT.json]
 
 For each model, method and target speed-up: ``api.prune`` to the measured speed-up on ort-cpu (latency batch 32,
 scoring on the 512 shipped calibration images), then ``api.heal`` without labels on those 512 images (10% of them
@@ -11,7 +11,10 @@ held back to pick the checkpoint; ``--steps`` steps of 64, crop + flip; ``--step
 Every model is evaluated on all 10,000 test images (``onnxprune eval``'s code path); wall time of each stage. The CIFAR-10 tarballs are decoded once into
 ``~/.cache/onnxprune`` (models/train.py's cache). ``--repair``: prune with ``repair=RepairOptions()`` (a fitted
 linear map in every cut, the DP's map options included; docs/algorithms.md section 8), so healing starts from the
-repaired model; the "pruned" column is then the repaired model's accuracy.
+repaired model; the "pruned" column is then the repaired model's accuracy. ``--match-blocks``: heal with
+``HealingOptions(match_blocks=True)`` (every residual block output the pruned model keeps is matched too).
+``--keep DIR``: the pruned and healed models are kept in DIR, and a pruned model found there (with the
+``.prune.json`` its run wrote) is reused instead of pruned again, so that healing recipes compare on one plan.
 """
 
 from __future__ import annotations
@@ -50,33 +53,46 @@ def accuracy(model: str, test: str) -> float:
     return api.evaluate(model, DataOptions(test, batch=250)).to_dict()["accuracy"]
 
 
+def prune(name: str, method: str, speedup: float, repair: bool, folder: Path) -> tuple[Path, dict]:
+    """The pruned model's path and its prune figures; reused from ``folder`` when an earlier run left them."""
+    pruned = folder / f"{name}_{method}_{speedup}{'_repaired' if repair else ''}.onnx"
+    record = pruned.with_suffix(".prune.json")
+    if pruned.exists() and record.exists():
+        return pruned, {**json.loads(record.read_text()), "reused": str(pruned)}
+    t = time.perf_counter()
+    result = api.prune(str(ROOT / "models" / f"{name}.onnx"), TargetOptions(method=method, speedup=speedup),
+                       OutputOptions(str(pruned)), DataOptions(str(ROOT / "models" / "cifar10_calib512.npz")),
+                       latency=LatencyOptions(batch=32), repair=RepairOptions() if repair else None).to_dict()
+    figures = dict(prune_s=time.perf_counter() - t, measured=result["measured_speedup"], met=result["target_met"],
+                   removed=len(result["removed_blocks"]), merged=len(result.get("merged", [])))
+    record.write_text(json.dumps(figures) + "\n")
+    return pruned, figures
+
+
 def run(name: str, method: str, speedup: float, steps: int, full_epochs: float, folder: Path, test: str,
-        repair: bool = False) -> dict:
+        repair: bool = False, match_blocks: bool = False) -> dict:
     original = str(ROOT / "models" / f"{name}.onnx")
     calib = str(ROOT / "models" / "cifar10_calib512.npz")
-    row: dict = {"model": name, "method": method, "target": speedup, "repair": repair}
-    pruned = folder / f"{name}_{method}_{speedup}.onnx"
-    t = time.perf_counter()
-    result = api.prune(original, TargetOptions(method=method, speedup=speedup), OutputOptions(str(pruned)),
-                       DataOptions(calib), latency=LatencyOptions(batch=32),
-                       repair=RepairOptions() if repair else None).to_dict()
-    row.update(prune_s=time.perf_counter() - t, measured=result["measured_speedup"], met=result["target_met"],
-               removed=len(result["removed_blocks"]), merged=len(result.get("merged", [])))
+    row: dict = {"model": name, "method": method, "target": speedup, "repair": repair, "match_blocks": match_blocks}
+    pruned, figures = prune(name, method, speedup, repair, folder)
+    row.update(figures)
     row["original"] = accuracy(original, test)
     row["pruned"] = accuracy(str(pruned), test)
+    tag = "_blocks" if match_blocks else ""
     if steps:
-        healed = folder / f"{name}_{method}_{speedup}_healed512.onnx"
+        healed = folder / f"{pruned.stem}_healed512{tag}.onnx"
         t = time.perf_counter()
         h = api.heal(str(pruned), original, OutputOptions(str(healed)), DataOptions(calib),
-                     HealingOptions(steps=steps, use_labels=False)).to_dict()
+                     HealingOptions(steps=steps, use_labels=False, match_blocks=match_blocks)).to_dict()
         row.update(heal512_s=time.perf_counter() - t, heal512=accuracy(str(healed), test),
                    heal512_held_back=[h["after_pruning"]["agreement"], h["after_healing"]["agreement"]],
                    heal512_best_step=h["healing"]["best_step"])
     if full_epochs:
-        healed = folder / f"{name}_{method}_{speedup}_healed50k.onnx"
+        healed = folder / f"{pruned.stem}_healed50k{tag}.onnx"
         t = time.perf_counter()
         h = api.heal(str(pruned), original, OutputOptions(str(healed)), DataOptions(split_file("train")),
-                     HealingOptions(epochs=full_epochs, use_labels=False, holdout=0.02)).to_dict()
+                     HealingOptions(epochs=full_epochs, use_labels=False, holdout=0.02,
+                                    match_blocks=match_blocks)).to_dict()
         row.update(heal50k_s=time.perf_counter() - t, heal50k=accuracy(str(healed), test),
                    heal50k_epochs=h["healing"]["epochs"], heal50k_best_step=h["healing"]["best_step"])
     print(json.dumps(row), flush=True)
@@ -99,18 +115,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1000, help="healing steps on the 512 images (0: none)")
     p.add_argument("--full-epochs", type=float, default=0)
     p.add_argument("--repair", action="store_true", help="prune with fitted linear maps in the cuts, then heal")
+    p.add_argument("--match-blocks", action="store_true", help="heal with every kept residual block output matched")
+    p.add_argument("--keep", default=None, help="keep the models in this folder, and reuse pruned models found there")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     test = split_file("test")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-heal-") as tmp:
+        folder = Path(args.keep or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         for name in args.models.split(","):
             for method in args.methods.split(","):
                 for speedup in map(float, args.speedups.split(",")):
                     try:
-                        rows.append(run(name, method, speedup, args.steps, args.full_epochs, Path(tmp), test,
-                                        args.repair))
+                        rows.append(run(name, method, speedup, args.steps, args.full_epochs, folder, test,
+                                        args.repair, args.match_blocks))
                     except Exception as exc:  # a refusal is a result too
                         rows.append({"model": name, "method": method, "target": speedup, "error": str(exc)})
                         print(json.dumps(rows[-1]), flush=True)

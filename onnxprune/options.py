@@ -103,8 +103,8 @@ class HealingOptions:
     """How a pruned model is healed against its original (``heal``, ``prune --heal-data``; docs/algorithms.md,
     section "Healing"). The loss is label-free by default: the mean squared error at the feature map before
     global pooling, relative to the teacher's mean square there, plus the KL divergence of the logits at
-    ``temperature`` (times its square); cross-entropy joins when the data has labels, unless ``use_labels`` is
-    False."""
+    ``temperature`` (times its square), and with ``match_blocks`` the relative MSE at every residual block output
+    the pruned model keeps; cross-entropy joins when the data has labels, unless ``use_labels`` is False."""
 
     steps: int | None = None  # optimiser steps; None: ``epochs`` over the training part, else DEFAULT_STEPS
     epochs: float | None = None  # passes over the training part of the data (excludes ``steps``)
@@ -122,6 +122,8 @@ class HealingOptions:
     evaluations: int = 10  # held-back measurements over the run (the best one is kept)
     device: str = "cpu"  # torch device: cpu or cuda
     feature_tensor: str | None = None  # None: the input of the global pooling before the classifier
+    match_blocks: bool = False  # also match the residual block outputs the pruned model keeps (hints)
+    block_weight: float = 1.0  # weight of the block outputs' mean relative MSE
     seed: int = 0
     min_agreement: float | None = None  # the target: held-back agreement with the original after healing
 

@@ -83,7 +83,7 @@ def heal_on_ray(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, 
         raise OnnxPruneError(f"healing on Ray needs at least one worker, not {workers}")
     if not ray.is_initialized():
         raise OnnxPruneError("healing on Ray needs a connection to a Ray cluster first (ray.init, or --ray)")
-    outputs_s, outputs_t = _heal_outputs(student_model, teacher_model, options.feature_tensor)
+    outputs_s, outputs_t = _heal_outputs(student_model, teacher_model, options)
     student = GraphModule(student_model, outputs_s)  # refuses what it cannot train before anything is shipped
     teacher = create_session(with_outputs(teacher_model, outputs_t), provider)
     setup = prepare(teacher_model, teacher, data, options, outputs_s, outputs_t)

@@ -7,7 +7,12 @@ feature map before global pooling, plus knowledge distillation on the logits (Hi
 
     loss = feature_weight * mean((s_f - t_f)^2) / mean(t_f^2)          (relative MSE at the feature map)
          + logit_weight * T^2 * KL(softmax(t_z / T) || softmax(s_z / T))
+         [+ block_weight * mean over b of mean((s_b - t_b)^2) / mean(t_b^2), with match_blocks]
          [+ cross-entropy(s_z, labels), with use_labels]
+
+With ``match_blocks``, the outputs b of the original's residual blocks that the pruned model still computes
+(under the same name and shape) are matched too, as hints (FitNets, Romero et al., ICLR 2015): a pruning keeps
+the names of what it leaves, and a repair map names its output after the original's tensor it stands for.
 
 AdamW (exported graphs have BatchNorm folded into the convs, which makes plain SGD at PRACTISE's rate diverge)
 with a linear warm-up and cosine decay. The teacher sees the same augmented batch as the student. A held-back
@@ -21,7 +26,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +36,7 @@ import torch.nn.functional as F
 
 from onnxprune.data.sources import Dataset
 from onnxprune.errors import OnnxPruneError, UnavailableBackend
+from onnxprune.graph.analysis import analyze_model
 from onnxprune.options import HealingOptions
 from onnxprune.progress import progress
 from onnxprune.runtime.capture import pooled_feature, with_outputs
@@ -123,14 +129,16 @@ def step_count(options, train_samples: int, batch: int) -> int:
 
 def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], feature_scale: float,
                       options: HealingOptions, labels: torch.Tensor | None = None,
-                      logit_scale: float | None = None) -> torch.Tensor:
-    """The healing loss (module docstring) of ``[logits, feature]`` outputs; the feature term is left out when
-    the feature is the logits themselves (a single output), the logit term is a relative MSE for an output
-    that is not (batch, classes): relative to ``logit_scale``, the teacher's mean square there (None: this
-    batch's; a worker of a distributed run passes the whole batch's, so that its slice's loss averages with the
-    others' to the loss of the whole batch). Outputs of different shapes (a damaged pruned model) are refused."""
-    for s, t, what in zip(student, teacher, ("output", "feature map")):
+                      logit_scale: float | None = None, block_scales: Sequence[float] = ()) -> torch.Tensor:
+    """The healing loss (module docstring) of ``[logits, feature, *block outputs]``; the feature term is left
+    out when the feature is the logits themselves (a single output), the logit term is a relative MSE for an
+    output that is not (batch, classes): relative to ``logit_scale``, the teacher's mean square there (None:
+    this batch's; a worker of a distributed run passes the whole batch's, so that its slice's loss averages
+    with the others' to the loss of the whole batch). Block outputs are relative to ``block_scales``, the
+    teacher's mean squares there. Outputs of different shapes (a damaged pruned model) are refused."""
+    for k, (s, t) in enumerate(zip(student, teacher)):
         if s.shape != t.shape:
+            what = ("output", "feature map")[k] if k < 2 else "residual block output"
             raise OnnxPruneError(f"the pruned model's {what} has shape {list(s.shape)} where the original's has "
                                  f"{list(t.shape)}: healing matches the two, so they must be alike")
     s_logits, t_logits = student[0], teacher[0]
@@ -144,6 +152,9 @@ def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], 
     loss = options.logit_weight * kd
     if len(student) > 1:
         loss = loss + options.feature_weight * F.mse_loss(student[1], teacher[1]) / feature_scale
+    if len(student) > 2:
+        hints = [F.mse_loss(s, t) / scale for s, t, scale in zip(student[2:], teacher[2:], block_scales)]
+        loss = loss + options.block_weight * torch.stack(hints).mean()
     if labels is not None:
         loss = loss + F.cross_entropy(s_logits, labels)
     return loss
@@ -168,7 +179,7 @@ class HealSetup:
     change (on the held-back part; on the whole data set when the inputs are never augmented). ``heal`` makes it
     in-process; Ray healing (onnxprune.scaleout.heal) makes it on the driver and ships it to its workers."""
 
-    outputs_s: list[str]  # the student's [first output, feature map]
+    outputs_s: list[str]  # the student's [first output, feature map, *matched block outputs]
     outputs_t: list[str]  # the teacher's
     split: Split
     batch: int  # samples per step (the whole batch, over all workers)
@@ -219,7 +230,8 @@ def prepare(teacher_model: onnx.ModelProto, teacher, data: Dataset, options: Hea
     channels_last = image_axes(data.inputs[input_names[0]]) == (2, 3)  # NCHW images: channels-last convs train faster
     held = data.subset(split.held_back)
     held_teacher = _teacher_outputs(teacher, held, batch, outputs_t[:1])[0]
-    cached = None if axes is not None else _teacher_outputs(teacher, data, batch, outputs_t)  # same inputs every time
+    # the same inputs every time: the teacher's outputs once (not the block outputs: too many to keep)
+    cached = None if axes is not None or len(outputs_t) > 2 else _teacher_outputs(teacher, data, batch, outputs_t)
     steps = step_count(options, len(split.train), batch)
     return HealSetup(outputs_s, outputs_t, split, batch, steps, labels, input_names, axes, blend, channels_last,
                      held, held_teacher, cached)
@@ -246,7 +258,7 @@ class HealLoop:
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=options.lr, weight_decay=options.weight_decay)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: schedule(s, setup.steps))
         self.every = max(1, setup.steps // max(1, options.evaluations))
-        self.feature_scale: float | None = None
+        self.scales: list[float] | None = None  # the teacher's mean squares at the feature map and block outputs
         self.losses: list[float] = []  # the whole batch's loss at each step
         self.step_seconds: list[float] = []  # wall time of each step (drawing the batch to the optimiser step)
         self.history: list[dict] = []
@@ -274,12 +286,12 @@ class HealLoop:
         rows, feeds = setup.draw(data, rng)
         rows, feeds = rows[part], {k: v[part] for k, v in feeds.items()}
         targets = [torch.from_numpy(np.ascontiguousarray(t)).to(device) for t in setup.targets(teacher, rows, feeds)]
-        if self.feature_scale is None:
-            self.feature_scale = max(self.mean(float(targets[-1].float().square().mean())), 1e-12)
+        if self.scales is None:
+            self.scales = [max(self.mean(float(t.float().square().mean())), 1e-12) for t in targets[1:]] or [1.0]
         logit_scale = None if targets[0].ndim == 2 else self.mean(float(targets[0].float().square().mean()))
         y = torch.from_numpy(setup.labels[rows]).to(device) if setup.labels is not None else None
         out = self.forward({k: _tensor(v, device, setup.layout) for k, v in feeds.items()})
-        loss = distillation_loss(out, targets, self.feature_scale, self.options, y, logit_scale)
+        loss = distillation_loss(out, targets, self.scales[0], self.options, y, logit_scale, self.scales[1:])
         value = self.mean(loss.item())
         if not math.isfinite(value):
             raise HealingDiverged(f"healing diverged at step {step} (loss {value}); try a lower --heal-lr")
@@ -324,14 +336,14 @@ class HealLoop:
     def state_dict(self) -> dict:
         """Everything a resumed run needs to go on as if never stopped (with the caller's step and rng state)."""
         return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "lr_schedule": self.lr_schedule.state_dict(), "feature_scale": self.feature_scale,
+                "lr_schedule": self.lr_schedule.state_dict(), "scales": self.scales,
                 "losses": self.losses, "step_seconds": self.step_seconds, "history": self.history, "best": self.best}
 
     def load_state_dict(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
-        self.feature_scale, self.losses = state["feature_scale"], state["losses"]
+        self.scales, self.losses = state["scales"], state["losses"]
         self.step_seconds = state["step_seconds"]
         self.history, self.best = state["history"], state["best"]
 
@@ -354,6 +366,7 @@ def heal_result(student_model: onnx.ModelProto, student: GraphModule, setup: Hea
               "weight_decay": options.weight_decay, "temperature": options.temperature,
               "feature_tensor": setup.outputs_s[1] if len(setup.outputs_s) > 1 else None,
               "teacher_feature_tensor": setup.outputs_t[1] if len(setup.outputs_t) > 1 else None,
+              "matched_block_outputs": setup.outputs_s[2:],
               "labels": labels is not None, "augment": setup.axes is not None,
               "mixup": setup.blend, "device": device,
               "train_samples": int(len(split.train)), "held_back_samples": int(len(split.held_back)),
@@ -378,7 +391,7 @@ def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: D
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
 
-    outputs_s, outputs_t = _heal_outputs(student_model, teacher_model, options.feature_tensor)
+    outputs_s, outputs_t = _heal_outputs(student_model, teacher_model, options)
     student = GraphModule(student_model, outputs_s).to(device)
     teacher = create_session(with_outputs(teacher_model, outputs_t), provider)
     setup = prepare(teacher_model, teacher, data, options, outputs_s, outputs_t)
@@ -396,9 +409,11 @@ def heal(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto, data: D
                        loop.step_seconds)
 
 
-def _heal_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto, feature: str | None) -> tuple[list[str], list[str]]:
-    """[first output, feature map] of the student and of the teacher (the feature left out where it is the
-    first output itself)."""
+def _heal_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto,
+                  options: HealingOptions) -> tuple[list[str], list[str]]:
+    """[first output, feature map, *matched block outputs] of the student and of the teacher (the feature left
+    out where it is the first output itself; block outputs only with ``options.match_blocks``)."""
+    feature = options.feature_tensor
     if feature is not None:
         for model, who in ((student, "pruned model"), (teacher, "original")):
             if feature not in {t for n in model.graph.node for t in n.output}:
@@ -410,7 +425,31 @@ def _heal_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto, feature: s
         pairs.append([first] if chosen == first else [first, chosen])
     if len(pairs[0]) != len(pairs[1]):
         pairs = [[p[0]] for p in pairs]
+    if options.match_blocks and len(pairs[0]) == 2:
+        blocks = kept_block_outputs(student, teacher, exclude=set(pairs[0]) | set(pairs[1]))
+        pairs = [p + blocks for p in pairs]
     return pairs[0], pairs[1]
+
+
+def kept_block_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto, exclude: set[str] = frozenset()) -> list[str]:
+    """The outputs of ``teacher``'s residual blocks that ``student`` computes under the same name and with the same
+    shape, in the teacher's order: what a pruning left (it keeps names) or a repair map stands for (it takes the
+    name of the original's tensor it approximates)."""
+    shapes_s, shapes_t = _shapes(student), _shapes(teacher)
+    names = [b.output for b in analyze_model(teacher).residual_blocks]
+    return [n for n in names if n not in exclude and n in shapes_s and shapes_s[n] == shapes_t.get(n)]
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Every node output's inferred shape (fixed dims as ints, symbolic ones by name); unknown shapes left out."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    produced = {t for n in model.graph.node for t in n.output}
+    shapes = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if info.name in produced and info.type.tensor_type.HasField("shape"):
+            shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param
+                                      for d in info.type.tensor_type.shape.dim)
+    return shapes
 
 
 def _teacher_outputs(teacher, data: Dataset, batch: int, names: list[str]) -> list[np.ndarray]:

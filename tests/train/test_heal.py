@@ -20,7 +20,8 @@ from onnxprune.plan import Plan, apply_plan, load_plan, save_plan
 from onnxprune.runtime.capture import pooled_feature, with_outputs
 from onnxprune.runtime.session import create_session
 from onnxprune.train.bridge import GraphModule
-from onnxprune.train.heal import augment, distillation_loss, heal, image_axes, mixup, schedule, split_data
+from onnxprune.train.heal import (augment, distillation_loss, heal, image_axes, kept_block_outputs, mixup, schedule,
+                                  split_data)
 
 ROOT = Path(__file__).resolve().parents[2]
 RESNET20 = ROOT / "models" / "resnet20.onnx"
@@ -117,6 +118,33 @@ def test_heal_keeps_the_graph_and_does_not_lose_agreement(pruned_pair):
     if record["best_step"]:
         changed = [a.name for a, b in zip(healed.graph.initializer, pruned.graph.initializer) if a != b]
         assert changed
+
+
+def test_kept_block_outputs_are_the_blocks_the_pruning_left(pruned_pair):
+    original, pruned, _, _ = pruned_pair
+    blocks = analyze_model(original).residual_blocks
+    gone = [b.output for b in blocks if b.removable][:3]  # the fixture removed the first three removable blocks
+    kept = kept_block_outputs(pruned, original)
+    assert kept == [b.output for b in blocks if b.output not in gone] and len(kept) == len(blocks) - 3
+    assert kept_block_outputs(original, original) == [b.output for b in blocks]
+
+
+def test_heal_with_block_outputs_matched_lowers_their_error(pruned_pair):
+    original, pruned, _, _ = pruned_pair
+    data = load_data(str(CALIB), original, samples=96)
+    options = HealingOptions(steps=30, batch=32, evaluations=3, use_labels=False, match_blocks=True, mixup=False)
+    result = heal(pruned, original, data, options, "cpu")
+    matched = result.record["matched_block_outputs"]
+    assert matched == kept_block_outputs(pruned, original)
+    onnx.checker.check_model(result.model, full_check=True)
+
+    def block_error(model):  # relative MSE at the matched block outputs, on the held-back samples
+        x = data.inputs["input"][result.split.held_back]
+        got = create_session(with_outputs(model, matched), "cpu").run({"input": x}, matched)
+        want = create_session(with_outputs(original, matched), "cpu").run({"input": x}, matched)
+        return np.mean([np.mean((g - w) ** 2) / np.mean(w ** 2) for g, w in zip(got, want)])
+
+    assert result.record["best_step"] > 0 and block_error(result.model) < 0.8 * block_error(pruned)
 
 
 def test_heal_verb_writes_the_model_and_its_plan(pruned_pair, tmp_path, capsys):
