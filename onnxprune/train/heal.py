@@ -26,7 +26,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -431,7 +431,8 @@ def _heal_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto,
     return pairs[0], pairs[1]
 
 
-def kept_block_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto, exclude: set[str] = frozenset()) -> list[str]:
+def kept_block_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto,
+                       exclude: Collection[str] = ()) -> list[str]:
     """The outputs of ``teacher``'s residual blocks that ``student`` computes under the same name and with the same
     shape, in the teacher's order: what a pruning left (it keeps names) or a repair map stands for (it takes the
     name of the original's tensor it approximates)."""
