@@ -2,7 +2,7 @@
 
     python benchmarks/bench_heal.py [--models resnet56,mobilenetv2] [--methods layermerge,slp]
                                     [--speedups 1.5,2.0] [--steps 1000] [--full-epochs 0] [--repair]
-                                    [--match-blocks] [--keep DIR] [--json OUT.json]
+                                    [--match-blocks] [--ema D] [--keep DIR] [--json OUT.json]
 
 For each model, method and target speed-up: ``api.prune`` to the measured speed-up on ort-cpu (latency batch 32,
 scoring on the 512 shipped calibration images), then ``api.heal`` without labels on those 512 images (10% of them
@@ -12,7 +12,8 @@ Every model is evaluated on all 10,000 test images (``onnxprune eval``'s code pa
 ``~/.cache/onnxprune`` (models/train.py's cache). ``--repair``: prune with ``repair=RepairOptions()`` (a fitted
 linear map in every cut, the DP's map options included; docs/algorithms.md section 8), so healing starts from the
 repaired model; the "pruned" column is then the repaired model's accuracy. ``--match-blocks``: heal with
-``HealingOptions(match_blocks=True)`` (every residual block output the pruned model keeps is matched too).
+``HealingOptions(match_blocks=True)`` (every residual block output the pruned model keeps is matched too);
+``--ema D``: ``HealingOptions(ema=D)`` (a moving average of the weights is evaluated and kept).
 ``--keep DIR``: the pruned and healed models are kept in DIR, and a pruned model found there (with the
 ``.prune.json`` its run wrote) is reused instead of pruned again, so that healing recipes compare on one plan.
 """
@@ -70,20 +71,21 @@ def prune(name: str, method: str, speedup: float, repair: bool, folder: Path) ->
 
 
 def run(name: str, method: str, speedup: float, steps: int, full_epochs: float, folder: Path, test: str,
-        repair: bool = False, match_blocks: bool = False) -> dict:
+        repair: bool = False, match_blocks: bool = False, ema: float | None = None) -> dict:
     original = str(ROOT / "models" / f"{name}.onnx")
     calib = str(ROOT / "models" / "cifar10_calib512.npz")
-    row: dict = {"model": name, "method": method, "target": speedup, "repair": repair, "match_blocks": match_blocks}
+    row: dict = {"model": name, "method": method, "target": speedup, "repair": repair, "match_blocks": match_blocks,
+                 "ema": ema}
     pruned, figures = prune(name, method, speedup, repair, folder)
     row.update(figures)
     row["original"] = accuracy(original, test)
     row["pruned"] = accuracy(str(pruned), test)
-    tag = "_blocks" if match_blocks else ""
+    tag = ("_blocks" if match_blocks else "") + (f"_ema{ema}" if ema else "")
     if steps:
         healed = folder / f"{pruned.stem}_healed512{tag}.onnx"
         t = time.perf_counter()
         h = api.heal(str(pruned), original, OutputOptions(str(healed)), DataOptions(calib),
-                     HealingOptions(steps=steps, use_labels=False, match_blocks=match_blocks)).to_dict()
+                     HealingOptions(steps=steps, use_labels=False, match_blocks=match_blocks, ema=ema)).to_dict()
         row.update(heal512_s=time.perf_counter() - t, heal512=accuracy(str(healed), test),
                    heal512_held_back=[h["after_pruning"]["agreement"], h["after_healing"]["agreement"]],
                    heal512_best_step=h["healing"]["best_step"])
@@ -92,7 +94,7 @@ def run(name: str, method: str, speedup: float, steps: int, full_epochs: float, 
         t = time.perf_counter()
         h = api.heal(str(pruned), original, OutputOptions(str(healed)), DataOptions(split_file("train")),
                      HealingOptions(epochs=full_epochs, use_labels=False, holdout=0.02,
-                                    match_blocks=match_blocks)).to_dict()
+                                    match_blocks=match_blocks, ema=ema)).to_dict()
         row.update(heal50k_s=time.perf_counter() - t, heal50k=accuracy(str(healed), test),
                    heal50k_epochs=h["healing"]["epochs"], heal50k_best_step=h["healing"]["best_step"])
     print(json.dumps(row), flush=True)
@@ -116,6 +118,7 @@ def main() -> None:
     p.add_argument("--full-epochs", type=float, default=0)
     p.add_argument("--repair", action="store_true", help="prune with fitted linear maps in the cuts, then heal")
     p.add_argument("--match-blocks", action="store_true", help="heal with every kept residual block output matched")
+    p.add_argument("--ema", type=float, default=None, help="heal keeping a moving average of the weights (decay)")
     p.add_argument("--keep", default=None, help="keep the models in this folder, and reuse pruned models found there")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -130,7 +133,7 @@ def main() -> None:
                 for speedup in map(float, args.speedups.split(",")):
                     try:
                         rows.append(run(name, method, speedup, args.steps, args.full_epochs, folder, test,
-                                        args.repair, args.match_blocks))
+                                        args.repair, args.match_blocks, args.ema))
                     except Exception as exc:  # a refusal is a result too
                         rows.append({"model": name, "method": method, "target": speedup, "error": str(exc)})
                         print(json.dumps(rows[-1]), flush=True)

@@ -510,6 +510,9 @@ def add_healing_arguments(g: argparse._ArgumentGroup, prefix: str) -> None:
                    help="do not blend augmented images in pairs (mixup helps long runs; benchmarks/RESULTS.md)")
     g.add_argument("--device", dest="heal_device", choices=["cpu", "cuda"], default="cpu",
                    help="torch device for healing (default cpu)")
+    g.add_argument(f"{prefix}ema", dest="heal_ema", type=float, default=None, metavar="D",
+                   help="evaluate and keep a moving average of the weights, decaying by D a step (e.g. 0.995), "
+                   "instead of the weights themselves")
     g.add_argument(f"{prefix}match-blocks", dest="heal_match_blocks", action="store_true",
                    help="also match the output of every residual block the pruned model keeps, not only the "
                    "feature map before pooling (hints; the original then runs on every batch)")
@@ -521,7 +524,7 @@ def add_healing_arguments(g: argparse._ArgumentGroup, prefix: str) -> None:
 def healing_options(args: argparse.Namespace) -> HealingOptions:
     return HealingOptions(steps=args.heal_steps, epochs=args.heal_epochs, lr=args.heal_lr, batch=args.heal_batch,
                           holdout=args.heal_holdout, use_labels=not args.label_free, augment=args.heal_augment,
-                          mixup=args.heal_mixup, match_blocks=args.heal_match_blocks,
+                          mixup=args.heal_mixup, match_blocks=args.heal_match_blocks, ema=args.heal_ema,
                           device=args.heal_device, min_agreement=args.min_agreement,
                           feature_tensor=getattr(args, "feature_tensor", None) if args.verb == "heal" else None)
 

@@ -124,6 +124,7 @@ class HealingOptions:
     feature_tensor: str | None = None  # None: the input of the global pooling before the classifier
     match_blocks: bool = False  # also match the residual block outputs the pruned model keeps (hints)
     block_weight: float = 1.0  # weight of the block outputs' mean relative MSE
+    ema: float | None = None  # decay of a moving average of the weights, evaluated and kept instead of them
     seed: int = 0
     min_agreement: float | None = None  # the target: held-back agreement with the original after healing
 
@@ -140,6 +141,8 @@ class HealingOptions:
             raise OnnxPruneError(f"--device is cpu or cuda, not {self.device!r}")
         if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
             raise OnnxPruneError(f"--min-agreement is a share between 0 and 1, not {self.min_agreement}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise OnnxPruneError(f"the weights' moving average decays by a factor between 0 and 1, not {self.ema}")
         if self.lr <= 0 or self.batch < 1 or self.temperature <= 0:
             raise OnnxPruneError("the learning rate, batch and temperature of healing must be positive")
 

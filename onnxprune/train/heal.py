@@ -15,13 +15,16 @@ With ``match_blocks``, the outputs b of the original's residual blocks that the 
 the names of what it leaves, and a repair map names its output after the original's tensor it stands for.
 
 AdamW (exported graphs have BatchNorm folded into the convs, which makes plain SGD at PRACTISE's rate diverge)
-with a linear warm-up and cosine decay. The teacher sees the same augmented batch as the student. A held-back
+with a linear warm-up and cosine decay; with ``ema``, an exponential moving average of the weights (Polyak &
+Juditsky 1992; as in model-EMA training recipes) is what is evaluated and kept. The teacher sees the same
+augmented batch as the student. A held-back
 share of the data measures agreement with the teacher (top-1 match) before and during healing; the best
 checkpoint, the unhealed model included, is the one kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -259,6 +262,9 @@ class HealLoop:
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: schedule(s, setup.steps))
         self.every = max(1, setup.steps // max(1, options.evaluations))
         self.scales: list[float] | None = None  # the teacher's mean squares at the feature map and block outputs
+        # the moving average of the weights (``options.ema``), and how many steps it has taken in
+        self.average: dict[str, torch.Tensor] | None = None
+        self.averaged_steps = 0
         self.losses: list[float] = []  # the whole batch's loss at each step
         self.step_seconds: list[float] = []  # wall time of each step (drawing the batch to the optimiser step)
         self.history: list[dict] = []
@@ -267,14 +273,47 @@ class HealLoop:
         self.last_line = time.perf_counter()
 
     def evaluate(self) -> tuple[float, float]:
-        """(top-1 agreement, KL) with the teacher on the held-back samples, now."""
-        return _held_back(self.student, self.setup.held, self.setup.held_teacher, self.setup.batch, self.device,
-                          self.setup.layout)
+        """(top-1 agreement, KL) with the teacher on the held-back samples, now (of the averaged weights, with
+        ``ema``)."""
+        with self.weights_to_keep():
+            return _held_back(self.student, self.setup.held, self.setup.held_teacher, self.setup.batch, self.device,
+                              self.setup.layout)
+
+    @contextlib.contextmanager
+    def weights_to_keep(self):
+        """The student holds, inside the block, the weights that are evaluated and kept: its own, or with ``ema``
+        their moving average (its own weights come back after)."""
+        if self.average is None:
+            yield
+            return
+        own = copy.deepcopy(self.student.state_dict())
+        self.student.load_state_dict(self.average)
+        try:
+            yield
+        finally:
+            self.student.load_state_dict(own)
+
+    def update_average(self) -> None:
+        """One step of the moving average, its decay ramped up over the first steps, min(ema, (1 + n) / (10 + n)),
+        so that the unhealed weights fade out fast."""
+        if self.options.ema is None:
+            return
+        weights = self.student.state_dict()
+        if self.average is None:
+            self.average = {k: v.detach().clone() for k, v in weights.items()}
+        self.averaged_steps += 1
+        decay = min(self.options.ema, (1 + self.averaged_steps) / (10 + self.averaged_steps))
+        with torch.no_grad():
+            for k, v in weights.items():
+                if v.is_floating_point():
+                    self.average[k].lerp_(v, 1 - decay)
 
     def begin(self) -> tuple[float, float]:
         """Evaluate the unhealed student: step 0 of the history and the first best checkpoint."""
         agreement0, kl0 = self.evaluate()
         self.best = {"step": 0, "agreement": agreement0, "kl": kl0, "state": copy.deepcopy(self.student.state_dict())}
+        if self.options.ema is not None:
+            self.average = copy.deepcopy(self.best["state"])
         self.history = [{"step": 0, "agreement": agreement0, "kl": kl0}]
         self.student.train()
         return agreement0, kl0
@@ -299,6 +338,7 @@ class HealLoop:
         loss.backward()
         self.optimizer.step()
         self.lr_schedule.step()
+        self.update_average()
         self.losses.append(value)
         self.step_seconds.append(time.perf_counter() - began)
 
@@ -320,8 +360,9 @@ class HealLoop:
         loss = float(np.mean(self.losses[-self.every:]))
         self.history.append({"step": step, "agreement": agreement, "kl": kl, "loss": loss})
         if kl < self.best["kl"]:
-            self.best = {"step": step, "agreement": agreement, "kl": kl,
-                         "state": copy.deepcopy(self.student.state_dict())}
+            with self.weights_to_keep():
+                self.best = {"step": step, "agreement": agreement, "kl": kl,
+                             "state": copy.deepcopy(self.student.state_dict())}
         log.info(f"heal: step {step}/{self.setup.steps}  loss {loss:.4f}  held-back agreement "
                  f"{100 * agreement:.1f}%, KL {kl:.4f} (kept: step {self.best['step']})  "
                  f"{time.perf_counter() - self.started:.0f} s")
@@ -337,7 +378,8 @@ class HealLoop:
         """Everything a resumed run needs to go on as if never stopped (with the caller's step and rng state)."""
         return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "lr_schedule": self.lr_schedule.state_dict(), "scales": self.scales,
-                "losses": self.losses, "step_seconds": self.step_seconds, "history": self.history, "best": self.best}
+                "losses": self.losses, "step_seconds": self.step_seconds, "history": self.history, "best": self.best,
+                "average": self.average, "averaged_steps": self.averaged_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
@@ -346,6 +388,7 @@ class HealLoop:
         self.scales, self.losses = state["scales"], state["losses"]
         self.step_seconds = state["step_seconds"]
         self.history, self.best = state["history"], state["best"]
+        self.average, self.averaged_steps = state["average"], state["averaged_steps"]
 
 
 def heal_result(student_model: onnx.ModelProto, student: GraphModule, setup: HealSetup, options: HealingOptions,
@@ -363,7 +406,7 @@ def heal_result(student_model: onnx.ModelProto, student: GraphModule, setup: Hea
     record = {"method": "distillation from the original (PRACTISE-style feature MSE + logit KL)"
                         + (" + cross-entropy" if labels is not None else ""),
               "steps": steps, "epochs": steps * batch / len(split.train), "batch": batch, "lr": options.lr,
-              "weight_decay": options.weight_decay, "temperature": options.temperature,
+              "weight_decay": options.weight_decay, "temperature": options.temperature, "ema": options.ema,
               "feature_tensor": setup.outputs_s[1] if len(setup.outputs_s) > 1 else None,
               "teacher_feature_tensor": setup.outputs_t[1] if len(setup.outputs_t) > 1 else None,
               "matched_block_outputs": setup.outputs_s[2:],

@@ -147,18 +147,43 @@ def test_heal_with_block_outputs_matched_lowers_their_error(pruned_pair):
     assert result.record["best_step"] > 0 and block_error(result.model) < 0.8 * block_error(pruned)
 
 
+def test_the_moving_average_of_the_weights_follows_its_decay():
+    from types import SimpleNamespace
+
+    from onnxprune.train.heal import HealLoop
+
+    net = torch.nn.Linear(3, 2)
+    loop = HealLoop(net, SimpleNamespace(steps=10), HealingOptions(ema=0.5), torch.device("cpu"))
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    loop.average = {k: v.clone() for k, v in start.items()}
+    expected = {k: v.clone() for k, v in start.items()}
+    for n in range(1, 4):
+        with torch.no_grad():
+            net.weight.add_(1.0)
+        loop.update_average()
+        decay = min(0.5, (1 + n) / (10 + n))
+        expected = {k: decay * expected[k] + (1 - decay) * v for k, v in net.state_dict().items()}
+    assert all(torch.allclose(loop.average[k], expected[k]) for k in expected)
+    own = {k: v.clone() for k, v in net.state_dict().items()}
+    with loop.weights_to_keep():  # the average stands in for the weights, which come back after
+        assert torch.allclose(net.weight, expected["weight"])
+    assert torch.equal(net.weight, own["weight"])
+    with pytest.raises(Exception, match="moving average"):
+        HealingOptions(ema=1.0)
+
+
 def test_heal_verb_writes_the_model_and_its_plan(pruned_pair, tmp_path, capsys):
     _, pruned, pruned_path, plan_path = pruned_pair
     out = tmp_path / "healed.onnx"
     code = main(["heal", str(pruned_path), "--teacher", str(RESNET20), "--data", str(CALIB), "--samples", "128",
-                 "--steps", "12", "--heal-batch", "16", "--label-free", "-o", str(out), "--json"])
+                 "--steps", "12", "--heal-batch", "16", "--label-free", "--ema", "0.9", "-o", str(out), "--json"])
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and out.exists() and result["verification"]["passed"]
     assert result["before_pruning"]["agreement"] == 1.0 and "accuracy" in result["after_healing"]
     assert result["held_back_samples"] == 13 and result["healing"]["steps"] == 12
     plan = load_plan(tmp_path / "healed.plan.json")
     assert plan.remove_blocks == load_plan(plan_path).remove_blocks  # the pruned model's plan, carried over
-    assert plan.healing["steps"] == 12 and len(plan.healing["history"]) >= 2
+    assert plan.healing["steps"] == 12 and len(plan.healing["history"]) >= 2 and plan.healing["ema"] == 0.9
     # --min-agreement above what the model reaches: written, status 4
     code = main(["heal", str(pruned_path), "--teacher", str(RESNET20), "--data", str(CALIB), "--samples", "64",
                  "--steps", "2", "--heal-batch", "16", "--min-agreement", "1.0", "--holdout", "0.5",
