@@ -17,9 +17,8 @@ the names of what it leaves, and a repair map names its output after the origina
 AdamW (exported graphs have BatchNorm folded into the convs, which makes plain SGD at PRACTISE's rate diverge)
 with a linear warm-up and cosine decay; with ``ema``, an exponential moving average of the weights (Polyak &
 Juditsky 1992; as in model-EMA training recipes) is what is evaluated and kept. The teacher sees the same
-augmented batch as the student. A held-back
-share of the data measures agreement with the teacher (top-1 match) before and during healing; the best
-checkpoint, the unhealed model included, is the one kept.
+augmented batch as the student. A held-back share of the data measures agreement with the teacher (top-1 match)
+before and during healing; the best checkpoint, the unhealed model included, is the one kept.
 """
 
 from __future__ import annotations
@@ -299,8 +298,6 @@ class HealLoop:
         if self.options.ema is None:
             return
         weights = self.student.state_dict()
-        if self.average is None:
-            self.average = {k: v.detach().clone() for k, v in weights.items()}
         self.averaged_steps += 1
         decay = min(self.options.ema, (1 + self.averaged_steps) / (10 + self.averaged_steps))
         with torch.no_grad():
