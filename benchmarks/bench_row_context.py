@@ -6,9 +6,9 @@ Takes one of ``bench_latency_table.py``'s seeded random plans (``--plan K``, the
 the normalized model and, for every latency row of the plan (``latency.table.row_model``), times the row's own
 work (onnxruntime's profiler, layout conversions left out) two ways, 25 runs each, medians: alone, run after run
 (warm caches: what ``build_table`` measures), and right after a run of the whole original model (the caches as the
-network leaves them). Then profiles the pruned model itself: the kernel time of each node in situ, and the sum. It
-shows where a table built from rows alone mispredicts a plan whose rows differ from the original's in how much
-memory they touch (merged convs with large kernels on small feature maps).
+network leaves them). Then profiles the pruned model itself: the kernel time of each node in situ, and the sum.
+It tests whether rows timed alone with warm caches misjudge what they cost in the network; benchmarks/RESULTS.md
+has what it found.
 """
 
 from __future__ import annotations
