@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from onnxprune.api import agreement_target
 from onnxprune.cli import EXIT_TARGET_MISSED, main
 from onnxprune.data.sources import load_data
+from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import analyze_model
 from onnxprune.graph.io import load_model
 from onnxprune.options import HealingOptions
@@ -20,8 +22,8 @@ from onnxprune.plan import Plan, apply_plan, load_plan, save_plan
 from onnxprune.runtime.capture import pooled_feature, with_outputs
 from onnxprune.runtime.session import create_session
 from onnxprune.train.bridge import GraphModule
-from onnxprune.train.heal import (augment, distillation_loss, heal, image_axes, kept_block_outputs, mixup, schedule,
-                                  split_data)
+from onnxprune.train.heal import (HealLoop, augment, distillation_loss, heal, image_axes, kept_block_outputs, mixup,
+                                  schedule, split_data)
 
 ROOT = Path(__file__).resolve().parents[2]
 RESNET20 = ROOT / "models" / "resnet20.onnx"
@@ -148,10 +150,6 @@ def test_heal_with_block_outputs_matched_lowers_their_error(pruned_pair):
 
 
 def test_the_moving_average_of_the_weights_follows_its_decay():
-    from types import SimpleNamespace
-
-    from onnxprune.train.heal import HealLoop
-
     net = torch.nn.Linear(3, 2)
     loop = HealLoop(net, SimpleNamespace(steps=10), HealingOptions(ema=0.5), torch.device("cpu"))
     start = {k: v.clone() for k, v in net.state_dict().items()}
@@ -168,7 +166,7 @@ def test_the_moving_average_of_the_weights_follows_its_decay():
     with loop.weights_to_keep():  # the average stands in for the weights, which come back after
         assert torch.allclose(net.weight, expected["weight"])
     assert torch.equal(net.weight, own["weight"])
-    with pytest.raises(Exception, match="moving average"):
+    with pytest.raises(OnnxPruneError, match="moving average"):
         HealingOptions(ema=1.0)
 
 
