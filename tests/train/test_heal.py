@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from onnxprune.api import agreement_target
-from onnxprune.cli import EXIT_TARGET_MISSED, main
+from onnxprune.cli import EXIT_TARGET_MISSED, healing_options, main, parse_args
 from onnxprune.data.sources import load_data
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import analyze_model
@@ -252,3 +252,15 @@ def test_labels_outside_the_models_classes_and_outputs_of_other_shapes_are_refus
     with pytest.raises(OnnxPruneError, match="feature map has shape"):
         distillation_loss([torch.zeros(2, 10), torch.zeros(2, 4, 3, 3)], [torch.zeros(2, 10), torch.zeros(2, 4, 2, 2)],
                           1.0, HealingOptions())
+
+
+def test_healing_flags_reach_the_options():
+    heal_args = parse_args(["heal", "p.onnx", "--teacher", "m.onnx", "--data", "d.npz", "-o", "h.onnx",
+                            "--match-blocks", "--ema", "0.99"])
+    assert healing_options(heal_args) == HealingOptions(match_blocks=True, ema=0.99)
+    prune_args = parse_args(["prune", "m.onnx", "--data", "d.npz", "--speedup", "1.5", "-o", "p.onnx",
+                             "--heal-data", "d.npz", "--heal-match-blocks", "--heal-ema", "0.995"])
+    options = healing_options(prune_args)
+    assert options.match_blocks and options.ema == 0.995
+    assert not healing_options(parse_args(["heal", "p.onnx", "--teacher", "m.onnx", "--data", "d.npz",
+                                           "-o", "h.onnx"])).match_blocks
