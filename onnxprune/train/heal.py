@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from onnxprune.data.sources import Dataset
 from onnxprune.errors import OnnxPruneError, UnavailableBackend
 from onnxprune.graph.analysis import analyze_model
+from onnxprune.graph.io import infer_shapes
 from onnxprune.options import HealingOptions
 from onnxprune.progress import progress
 from onnxprune.runtime.capture import pooled_feature, with_outputs
@@ -483,7 +484,9 @@ def kept_block_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto,
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     """Every node output's inferred shape (fixed dims as ints, symbolic ones by name); unknown shapes left out."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = onnx.ModelProto()
+    inferred.CopyFrom(model)
+    infer_shapes(inferred)  # the project's shape inference (graph/io.py), on a copy: it fills value_info in place
     produced = {t for n in model.graph.node for t in n.output}
     shapes = {}
     for info in list(inferred.graph.value_info) + list(inferred.graph.output):
