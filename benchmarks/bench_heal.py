@@ -2,7 +2,7 @@
 
     python benchmarks/bench_heal.py [--models resnet56,mobilenetv2] [--methods layermerge,slp]
                                     [--speedups 1.5,2.0] [--steps 1000] [--full-epochs 0] [--repair]
-                                    [--match-blocks] [--ema D] [--keep DIR] [--json OUT.json]
+                                    [--match-blocks] [--ema D] [--lr LR] [--keep DIR] [--json OUT.json]
 
 For each model, method and target speed-up: ``api.prune`` to the measured speed-up on ort-cpu (latency batch 32,
 scoring on the 512 shipped calibration images), then ``api.heal`` without labels on those 512 images (10% of them
@@ -13,7 +13,8 @@ Every model is evaluated on all 10,000 test images (``onnxprune eval``'s code pa
 linear map in every cut, the DP's map options included; docs/algorithms.md section 8), so healing starts from the
 repaired model; the "pruned" column is then the repaired model's accuracy. ``--match-blocks``: heal with
 ``HealingOptions(match_blocks=True)`` (every residual block output the pruned model keeps is matched too);
-``--ema D``: ``HealingOptions(ema=D)`` (a moving average of the weights is evaluated and kept).
+``--ema D``: ``HealingOptions(ema=D)`` (a moving average of the weights is evaluated and kept); ``--lr LR``:
+``HealingOptions(lr=LR)`` (AdamW's peak learning rate). Each of the three tags the healed model's file name.
 ``--keep DIR``: the pruned and healed models are kept in DIR, and a pruned model found there (with the
 ``.prune.json`` its run wrote) is reused instead of pruned again, so that healing recipes compare on one plan.
 """
@@ -70,22 +71,29 @@ def prune(name: str, method: str, speedup: float, repair: bool, folder: Path) ->
     return pruned, figures
 
 
+def recipe_tag(recipe: dict) -> str:
+    """The healed model's file-name suffix for a recipe (the HealingOptions fields set on the command line)."""
+    names = {"match_blocks": lambda v: "_blocks", "ema": lambda v: f"_ema{v}", "lr": lambda v: f"_lr{v:g}"}
+    return "".join(names[key](value) for key, value in recipe.items() if value)
+
+
 def run(name: str, method: str, speedup: float, steps: int, full_epochs: float, folder: Path, test: str,
-        repair: bool = False, match_blocks: bool = False, ema: float | None = None) -> dict:
+        repair: bool = False, recipe: dict | None = None) -> dict:
+    """One row: prune (or reuse), then heal with ``recipe`` (HealingOptions overrides) on 512 and 50,000 images."""
+    recipe = {key: value for key, value in (recipe or {}).items() if value}
     original = str(ROOT / "models" / f"{name}.onnx")
     calib = str(ROOT / "models" / "cifar10_calib512.npz")
-    row: dict = {"model": name, "method": method, "target": speedup, "repair": repair, "match_blocks": match_blocks,
-                 "ema": ema}
+    row: dict = {"model": name, "method": method, "target": speedup, "repair": repair, **recipe}
     pruned, figures = prune(name, method, speedup, repair, folder)
     row.update(figures)
     row["original"] = accuracy(original, test)
     row["pruned"] = accuracy(str(pruned), test)
-    tag = ("_blocks" if match_blocks else "") + (f"_ema{ema}" if ema else "")
+    tag = recipe_tag(recipe)
     if steps:
         healed = folder / f"{pruned.stem}_healed512{tag}.onnx"
         t = time.perf_counter()
         h = api.heal(str(pruned), original, OutputOptions(str(healed)), DataOptions(calib),
-                     HealingOptions(steps=steps, use_labels=False, match_blocks=match_blocks, ema=ema)).to_dict()
+                     HealingOptions(steps=steps, use_labels=False, **recipe)).to_dict()
         row.update(heal512_s=time.perf_counter() - t, heal512=accuracy(str(healed), test),
                    heal512_held_back=[h["after_pruning"]["agreement"], h["after_healing"]["agreement"]],
                    heal512_best_step=h["healing"]["best_step"])
@@ -93,8 +101,7 @@ def run(name: str, method: str, speedup: float, steps: int, full_epochs: float, 
         healed = folder / f"{pruned.stem}_healed50k{tag}.onnx"
         t = time.perf_counter()
         h = api.heal(str(pruned), original, OutputOptions(str(healed)), DataOptions(split_file("train")),
-                     HealingOptions(epochs=full_epochs, use_labels=False, holdout=0.02,
-                                    match_blocks=match_blocks, ema=ema)).to_dict()
+                     HealingOptions(epochs=full_epochs, use_labels=False, holdout=0.02, **recipe)).to_dict()
         row.update(heal50k_s=time.perf_counter() - t, heal50k=accuracy(str(healed), test),
                    heal50k_epochs=h["healing"]["epochs"], heal50k_best_step=h["healing"]["best_step"])
     print(json.dumps(row), flush=True)
@@ -119,6 +126,7 @@ def main() -> None:
     p.add_argument("--repair", action="store_true", help="prune with fitted linear maps in the cuts, then heal")
     p.add_argument("--match-blocks", action="store_true", help="heal with every kept residual block output matched")
     p.add_argument("--ema", type=float, default=None, help="heal keeping a moving average of the weights (decay)")
+    p.add_argument("--lr", type=float, default=None, help="heal with this peak learning rate (default: HealingOptions')")
     p.add_argument("--keep", default=None, help="keep the models in this folder, and reuse pruned models found there")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -133,7 +141,7 @@ def main() -> None:
                 for speedup in map(float, args.speedups.split(",")):
                     try:
                         rows.append(run(name, method, speedup, args.steps, args.full_epochs, folder, test,
-                                        args.repair, args.match_blocks, args.ema))
+                                        args.repair, dict(match_blocks=args.match_blocks, ema=args.ema, lr=args.lr)))
                     except Exception as exc:  # a refusal is a result too
                         rows.append({"model": name, "method": method, "target": speedup, "error": str(exc)})
                         print(json.dumps(rows[-1]), flush=True)
