@@ -1,6 +1,6 @@
 """Latency rows timed alone against the same convs inside the network (issue "every real export prunes", item 7).
 
-    python benchmarks/bench_row_context.py [--case mobilenetv2] [--batch 32] [--plan 8]
+    python benchmarks/bench_row_context.py [--case mobilenetv2] [--batch 32] [--plan 8] [--side-by-side]
 
 Takes one of ``bench_latency_table.py``'s seeded random plans (``--plan K``, the same K as there), applies it to
 the normalized model and, for every latency row of the plan (``latency.table.row_model``), times the row's own
@@ -9,6 +9,12 @@ work (onnxruntime's profiler, layout conversions left out) two ways, 25 runs eac
 network leaves them). Then profiles the pruned model itself: the kernel time of each node in situ, and the sum.
 It tests whether rows timed alone with warm caches misjudge what they cost in the network; benchmarks/RESULTS.md
 has what it found.
+
+``--side-by-side``: instead, the original and the pruned model profiled in turns (A B, B A, ... as
+``measure.compare`` times them), per node, beside the latency table ``prune`` would build. The pruned model's nodes
+are split into those the original has too (same name, same parameter bytes) and the new ones, and each part is
+given as a share of the original's kernel time, in situ and as the table predicts it: it tells whether a
+misprediction lies in the new rows or in what the unchanged nodes cost in the new network.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,11 +76,85 @@ def row_alone(model, backend, batch: int, before=None) -> float:
     return statistics.median(clock.seconds()[SKIP:])
 
 
+def profiled_in_turns(models, backend, batch: int, rounds: int = 40) -> list[list[dict]]:
+    """Per model, per round, {(node, parameter bytes): kernel seconds}; the models profiled in turns, the order
+    alternating between rounds (layout conversions left out)."""
+    sessions = [create_session(m, "cpu", threads=backend.threads, profile=tempfile.mktemp()).session for m in models]
+    feeds = [random_feeds(m, batch) for m in models]
+    for session, feed in zip(sessions, feeds):
+        for _ in range(SKIP):
+            session.run(None, feed)
+    for r in range(rounds):
+        for k in (range(len(models)) if r % 2 == 0 else reversed(range(len(models)))):
+            sessions[k].run(None, feeds[k])
+    result = []
+    for session in sessions:
+        path = session.end_profiling()
+        events = json.loads(Path(path).read_text())
+        os.remove(path)
+        runs: list[dict] = []
+        counts: dict = collections.Counter()
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["args"]["op_name"] not in LAYOUT_OPS:
+                key = (e["name"].removesuffix("_kernel_time"), int(e["args"].get("parameter_size", 0)))
+                k = counts[key]
+                counts[key] += 1
+                while len(runs) <= k:
+                    runs.append({})
+                runs[k][key] = e["dur"] * 1e-6
+        result.append(runs[SKIP:])
+    return result
+
+
+def side_by_side(model, pruned, chosen, structure, options, batch: int) -> None:
+    """The pruned model against the original, per node, in situ and as the latency table predicts (module doc)."""
+    from onnxprune.latency.table import build_table
+    cpu = get_backend("ort-cpu")
+    table = build_table(model, structure, options, cpu, batch, "diagnosis")
+    rows_s = table.whole_s - table.fixed_s
+    predicted = table.whole_s / table.predict(chosen, structure)
+    changed = [o for o in chosen if not o.original]
+    new_rows = sum(table.option_latency(o, structure) for o in changed)
+    measured = compare([model, pruned], cpu, batch).speedups[1]
+    original_runs, pruned_runs = profiled_in_turns([model, pruned], cpu, batch)
+    kernel_ratio = statistics.median(sum(o.values()) / sum(p.values()) for o, p in zip(original_runs, pruned_runs))
+    in_original = {key: statistics.median(run[key] for run in original_runs) for key in original_runs[0]}
+    in_pruned = {key: statistics.median(run[key] for run in pruned_runs) for key in pruned_runs[0]}
+    total = sum(in_original.values())
+    same = [key for key in in_pruned if key in in_original]
+    new = [key for key in in_pruned if key not in in_original]
+    print(f"measured speed-up {measured:.3f}x (unprofiled), {kernel_ratio:.3f}x in kernel time (profiled, in turns); "
+          f"the table predicts {predicted:.3f}x (fixed part {table.fixed_s / table.whole_s:.1%} of the whole)")
+    print("| part of the pruned model | nodes | in situ, share of the original's kernels | table, share of the "
+          "original's rows |")
+    print("| --- | --- | --- | --- |")
+    kept_rows = table.predict(chosen, structure) - table.fixed_s - new_rows
+    print(f"| unchanged nodes | {len(same)} | {sum(in_pruned[k] for k in same) / total:.3f} (the same nodes in the "
+          f"original: {sum(in_original[k] for k in same) / total:.3f}) | {kept_rows / rows_s:.3f} |")
+    print(f"| new nodes (merges, prunings) | {len(new)} | {sum(in_pruned[k] for k in new) / total:.3f} | "
+          f"{new_rows / rows_s:.3f} |")
+    print("\n| new row | table (us) | in situ (us) | node in situ |\n| --- | --- | --- | --- |")
+    by_size = {key[1]: key for key in new}  # a row finds its node by its parameters' size
+    for o in changed:
+        signature = row_signature(o, structure, batch)
+        if signature is None:
+            continue
+        size = 4 * sum(int(np.prod(t.dims)) for t in row_model(o, structure, batch).graph.initializer
+                       if t.name in ("w", "b"))  # the profile counts bytes
+        key = by_size.get(size)
+        situ = f"{1e6 * in_pruned[key]:.0f} | {key[0]}" if key else "- | (no new node with these parameters)"
+        print(f"| {signature} | {1e6 * table.rows[signature]:.0f} | {situ} |")
+    print("\nthe unchanged nodes that moved most (us, in the original -> in the pruned model):")
+    for key in sorted(same, key=lambda k: -abs(in_pruned[k] - in_original[k]))[:8]:
+        print(f"  {1e6 * in_original[key]:8.0f} -> {1e6 * in_pruned[key]:8.0f}  {key[0]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", default="mobilenetv2")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--plan", type=int, default=8)
+    p.add_argument("--side-by-side", action="store_true", help="profile the original and the pruned model in turns")
     args = p.parse_args()
     original = load_model(model_of(args.case, Path(tempfile.mkdtemp())))
     structure = analyze_model(original)
@@ -80,6 +162,9 @@ def main() -> None:
     options, _ = accepted(model, blocks.search_space(structure, conv_l1_norms(to_graph(model))))
     kind, chosen = random_plans(options, blocks.positions(structure, options), args.plan + 1)[args.plan]
     pruned, _ = apply_plan(model, Plan(**options_plan([o for o in chosen if not o.original])))
+    if args.side_by_side:
+        print(f"{args.case} batch {args.batch} plan {args.plan} ({kind})", flush=True)
+        return side_by_side(model, pruned, chosen, structure, options, args.batch)
     cpu = get_backend("ort-cpu")
     whole = cpu.runner(model, random_feeds(model, args.batch))
     print(f"{args.case} batch {args.batch} plan {args.plan} ({kind}); measured speed-up "
