@@ -1,6 +1,6 @@
 """Latency rows timed alone against the same convs inside the network (issue "every real export prunes", item 7).
 
-    python benchmarks/bench_row_context.py [--case mobilenetv2] [--batch 32] [--plan 8] [--side-by-side]
+    python benchmarks/bench_row_context.py [--case mobilenetv2] [--batch 32] [--plan 8] [--side-by-side | --side-branch]
 
 Takes one of ``bench_latency_table.py``'s seeded random plans (``--plan K``, the same K as there), applies it to
 the normalized model and, for every latency row of the plan (``latency.table.row_model``), times the row's own
@@ -15,12 +15,18 @@ has what it found.
 are split into those the original has too (same name, same parameter bytes) and the new ones, and each part is
 given as a share of the original's kernel time, in situ and as the table predicts it: it tells whether a
 misprediction lies in the new rows or in what the unchanged nodes cost in the new network.
+
+``--side-branch``: each new row of the plan timed three ways in turns: alone (as the table times it), as a side
+branch of the original network (the row's conv reads the tensor it would read in the pruned model, right after it
+is made; its output an extra graph output), and in situ in the pruned model. It tests whether timing rows inside
+the original network would predict what they cost in the pruned one.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import json
 import os
 import statistics
@@ -29,6 +35,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from onnx import helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -149,12 +156,62 @@ def side_by_side(model, pruned, chosen, structure, options, batch: int) -> None:
         print(f"  {1e6 * in_original[key]:8.0f} -> {1e6 * in_pruned[key]:8.0f}  {key[0]}")
 
 
+def with_side_branch(model, option, structure, batch: int):
+    """``model`` with the row of ``option`` attached where it would run: its conv reads the input of the option's
+    first conv, its nodes follow that tensor's producer, its output ``side_y`` is an extra graph output."""
+    row = row_model(option, structure, batch)
+    joined = copy.deepcopy(model)
+    graph = joined.graph
+    source = next(n for n in graph.node if n.name == structure.convs[option.start].name).input[0]
+    rename = {"x": source}
+    for tensor in row.graph.initializer:
+        rename[tensor.name] = "side_" + tensor.name
+        graph.initializer.append(copy.deepcopy(tensor))
+        graph.initializer[-1].name = rename[tensor.name]
+    side = []
+    for k, node in enumerate(row.graph.node):
+        side.append(copy.deepcopy(node))
+        side[-1].name = f"side_node{k}"
+        side[-1].input[:] = [rename.get(x, "side_" + x) for x in node.input]
+        side[-1].output[:] = ["side_" + y for y in node.output]
+    nodes = list(graph.node)
+    after = next((k + 1 for k, n in enumerate(nodes) if source in n.output), 0)
+    graph.ClearField("node")
+    graph.node.extend(nodes[:after] + side + nodes[after:])
+    out = row.graph.output[0].type.tensor_type
+    graph.output.append(helper.make_tensor_value_info("side_y", out.elem_type, [d.dim_value for d in out.shape.dim]))
+    return joined
+
+
+def side_branch(model, pruned, chosen, structure, batch: int) -> None:
+    """Each new row alone, as a side branch of the original network, and in situ in the pruned model (module doc)."""
+    cpu = get_backend("ort-cpu")
+    new = [o for o in chosen if not o.original and o.fitted_map is None
+           and row_signature(o, structure, batch) is not None]
+    rows = [row_model(o, structure, batch) for o in new]
+    models = [pruned, *(with_side_branch(model, o, structure, batch) for o in new), *rows]
+    runs = profiled_in_turns(models, cpu, batch)
+    medians = [{key: statistics.median(run[key] for run in model_runs) for key in model_runs[0]} for model_runs in runs]
+    print("| new row | alone (us) | side branch of the original (us) | in situ (us) |\n| --- | --- | --- | --- |")
+    totals = np.zeros(3)
+    for k, (o, row) in enumerate(zip(new, rows)):
+        size = 4 * sum(int(np.prod(t.dims)) for t in row.graph.initializer if t.name in ("w", "b"))
+        situ = [seconds for key, seconds in medians[0].items() if key[1] == size]
+        times = np.array([sum(medians[1 + len(new) + k].values()),
+                          sum(seconds for key, seconds in medians[1 + k].items() if key[0].startswith("side_")),
+                          situ[0] if len(situ) == 1 else np.nan])
+        totals += times if len(situ) == 1 else 0
+        print(f"| {row_signature(o, structure, batch)} | " + " | ".join(f"{1e6 * t:.0f}" for t in times) + " |")
+    print("| the rows matched to one node in situ, summed | " + " | ".join(f"{1e6 * t:.0f}" for t in totals) + " |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", default="mobilenetv2")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--plan", type=int, default=8)
     p.add_argument("--side-by-side", action="store_true", help="profile the original and the pruned model in turns")
+    p.add_argument("--side-branch", action="store_true", help="time the new rows alone, as side branches, in situ")
     args = p.parse_args()
     original = load_model(model_of(args.case, Path(tempfile.mkdtemp())))
     structure = analyze_model(original)
@@ -165,6 +222,9 @@ def main() -> None:
     if args.side_by_side:
         print(f"{args.case} batch {args.batch} plan {args.plan} ({kind})", flush=True)
         return side_by_side(model, pruned, chosen, structure, options, args.batch)
+    if args.side_branch:
+        print(f"{args.case} batch {args.batch} plan {args.plan} ({kind})", flush=True)
+        return side_branch(model, pruned, chosen, structure, args.batch)
     cpu = get_backend("ort-cpu")
     whole = cpu.runner(model, random_feeds(model, args.batch))
     print(f"{args.case} batch {args.batch} plan {args.plan} ({kind}); measured speed-up "
