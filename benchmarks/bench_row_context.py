@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from onnx import helper
+from onnx import helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -60,18 +60,8 @@ SKIP = 5  # first runs left out of the medians
 
 def in_situ(model, backend, batch: int) -> dict[str, float]:
     """Median kernel seconds of every node of ``model`` over RUNS profiled runs (layout conversions left out)."""
-    session = create_session(model, "cpu", threads=backend.threads, profile=tempfile.mktemp()).session
-    feeds = random_feeds(model, batch)
-    for _ in range(RUNS):
-        session.run(None, feeds)
-    path = session.end_profiling()
-    events = json.loads(Path(path).read_text())
-    os.remove(path)
-    times = collections.defaultdict(list)
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["args"]["op_name"] not in LAYOUT_OPS:
-            times[e["name"].removesuffix("_kernel_time")].append(e["dur"] * 1e-6)
-    return {name: statistics.median(t[SKIP:]) for name, t in times.items()}
+    medians = node_medians(profiled_in_turns([model], backend, batch, RUNS)[0])
+    return {name: seconds for (name, _), seconds in medians.items()}
 
 
 def row_alone(model, backend, batch: int, before=None) -> float:
@@ -113,6 +103,16 @@ def profiled_in_turns(models, backend, batch: int, rounds: int = 40) -> list[lis
     return result
 
 
+def node_medians(runs: list[dict]) -> dict:
+    """{node key: median seconds} over the runs ``profiled_in_turns`` gives for one model."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def parameter_bytes(row) -> int:
+    """The bytes of a row model's weight and bias, as onnxruntime's profile counts a node's parameters."""
+    return sum(numpy_helper.to_array(t).nbytes for t in row.graph.initializer if t.name in ("w", "b"))
+
+
 def side_by_side(model, pruned, chosen, structure, options, batch: int) -> None:
     """The pruned model against the original, per node, in situ and as the latency table predicts (module doc)."""
     from onnxprune.latency.table import build_table
@@ -125,8 +125,7 @@ def side_by_side(model, pruned, chosen, structure, options, batch: int) -> None:
     measured = compare([model, pruned], cpu, batch).speedups[1]
     original_runs, pruned_runs = profiled_in_turns([model, pruned], cpu, batch)
     kernel_ratio = statistics.median(sum(o.values()) / sum(p.values()) for o, p in zip(original_runs, pruned_runs))
-    in_original = {key: statistics.median(run[key] for run in original_runs) for key in original_runs[0]}
-    in_pruned = {key: statistics.median(run[key] for run in pruned_runs) for key in pruned_runs[0]}
+    in_original, in_pruned = node_medians(original_runs), node_medians(pruned_runs)
     total = sum(in_original.values())
     same = [key for key in in_pruned if key in in_original]
     new = [key for key in in_pruned if key not in in_original]
@@ -146,9 +145,7 @@ def side_by_side(model, pruned, chosen, structure, options, batch: int) -> None:
         signature = row_signature(o, structure, batch)
         if signature is None:
             continue
-        size = 4 * sum(int(np.prod(t.dims)) for t in row_model(o, structure, batch).graph.initializer
-                       if t.name in ("w", "b"))  # the profile counts bytes
-        key = by_size.get(size)
+        key = by_size.get(parameter_bytes(row_model(o, structure, batch)))
         situ = f"{1e6 * in_pruned[key]:.0f} | {key[0]}" if key else "- | (no new node with these parameters)"
         print(f"| {signature} | {1e6 * table.rows[signature]:.0f} | {situ} |")
     print("\nthe unchanged nodes that moved most (us, in the original -> in the pruned model):")
@@ -191,12 +188,11 @@ def side_branch(model, pruned, chosen, structure, batch: int) -> None:
     rows = [row_model(o, structure, batch) for o in new]
     models = [pruned, *(with_side_branch(model, o, structure, batch) for o in new), *rows]
     runs = profiled_in_turns(models, cpu, batch)
-    medians = [{key: statistics.median(run[key] for run in model_runs) for key in model_runs[0]} for model_runs in runs]
+    medians = [node_medians(model_runs) for model_runs in runs]
     print("| new row | alone (us) | side branch of the original (us) | in situ (us) |\n| --- | --- | --- | --- |")
     totals = np.zeros(3)
     for k, (o, row) in enumerate(zip(new, rows)):
-        size = 4 * sum(int(np.prod(t.dims)) for t in row.graph.initializer if t.name in ("w", "b"))
-        situ = [seconds for key, seconds in medians[0].items() if key[1] == size]
+        situ = [seconds for key, seconds in medians[0].items() if key[1] == parameter_bytes(row)]
         times = np.array([sum(medians[1 + len(new) + k].values()),
                           sum(seconds for key, seconds in medians[1 + k].items() if key[0].startswith("side_")),
                           situ[0] if len(situ) == 1 else np.nan])
