@@ -47,7 +47,7 @@ from onnxprune.graph.io import load_model  # noqa: E402
 from onnxprune.graph.normalize import to_graph  # noqa: E402
 from onnxprune.latency.backends import LAYOUT_OPS, ProfiledClock, get_backend  # noqa: E402
 from onnxprune.latency.measure import compare, random_feeds  # noqa: E402
-from onnxprune.latency.table import row_model, row_signature  # noqa: E402
+from onnxprune.latency.table import build_table, row_model, row_signature  # noqa: E402
 from onnxprune.plan import Plan, apply_plan  # noqa: E402
 from onnxprune.planning import blocks  # noqa: E402
 from onnxprune.planning.candidates import conv_l1_norms, options_plan  # noqa: E402
@@ -115,7 +115,6 @@ def parameter_bytes(row) -> int:
 
 def side_by_side(model, pruned, chosen, structure, options, batch: int) -> None:
     """The pruned model against the original, per node, in situ and as the latency table predicts (module doc)."""
-    from onnxprune.latency.table import build_table
     cpu = get_backend("ort-cpu")
     table = build_table(model, structure, options, cpu, batch, "diagnosis")
     rows_s = table.whole_s - table.fixed_s
