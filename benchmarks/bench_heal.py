@@ -2,7 +2,8 @@
 
     python benchmarks/bench_heal.py [--models resnet56,mobilenetv2] [--methods layermerge,slp]
                                     [--speedups 1.5,2.0] [--steps 1000] [--full-epochs 0] [--repair]
-                                    [--match-blocks] [--ema D] [--lr LR] [--batch B] [--keep DIR] [--json OUT.json]
+                                    [--match-blocks] [--ema D] [--lr LR] [--batch B] [--no-mixup]
+                                    [--keep DIR] [--json OUT.json]
 
 For each model, method and target speed-up: ``api.prune`` to the measured speed-up on ort-cpu (latency batch 32,
 scoring on the 512 shipped calibration images), then ``api.heal`` without labels on those 512 images (10% of them
@@ -15,7 +16,8 @@ repaired model; the "pruned" column is then the repaired model's accuracy. ``--m
 ``HealingOptions(match_blocks=True)`` (every residual block output the pruned model keeps is matched too);
 ``--ema D``: ``HealingOptions(ema=D)`` (a moving average of the weights is evaluated and kept); ``--lr LR``:
 ``HealingOptions(lr=LR)`` (AdamW's peak learning rate); ``--batch B``: ``HealingOptions(batch=B)`` (samples per
-step; with ``--full-epochs`` the steps grow as the batch shrinks). Each of these tags the healed model's file name.
+step; with ``--full-epochs`` the steps grow as the batch shrinks); ``--no-mixup``: ``HealingOptions(mixup=False)``
+(crop + flip only). Each of these tags the healed model's file name.
 ``--keep DIR``: the pruned and healed models are kept in DIR, and a pruned model found there (with the
 ``.prune.json`` its run wrote) is reused instead of pruned again, so that healing recipes compare on one plan.
 """
@@ -75,14 +77,14 @@ def prune(name: str, method: str, speedup: float, repair: bool, folder: Path) ->
 def recipe_tag(recipe: dict) -> str:
     """The healed model's file-name suffix for a recipe (the HealingOptions fields set on the command line)."""
     names = {"match_blocks": lambda v: "_blocks", "ema": lambda v: f"_ema{v}", "lr": lambda v: f"_lr{v:g}",
-             "batch": lambda v: f"_b{v}"}
-    return "".join(names[key](value) for key, value in recipe.items() if value)
+             "batch": lambda v: f"_b{v}", "mixup": lambda v: "" if v else "_nomixup"}
+    return "".join(names[key](value) for key, value in recipe.items() if value is not None)
 
 
 def run(name: str, method: str, speedup: float, steps: int, full_epochs: float, folder: Path, test: str,
         repair: bool = False, recipe: dict | None = None) -> dict:
     """One row: prune (or reuse), then heal with ``recipe`` (HealingOptions overrides) on 512 and 50,000 images."""
-    recipe = {key: value for key, value in (recipe or {}).items() if value}
+    recipe = {key: value for key, value in (recipe or {}).items() if value is not None}
     original = str(ROOT / "models" / f"{name}.onnx")
     calib = str(ROOT / "models" / "cifar10_calib512.npz")
     row: dict = {"model": name, "method": method, "target": speedup, "repair": repair, **recipe}
@@ -126,7 +128,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1000, help="healing steps on the 512 images (0: none)")
     p.add_argument("--full-epochs", type=float, default=0)
     p.add_argument("--repair", action="store_true", help="prune with fitted linear maps in the cuts, then heal")
-    p.add_argument("--match-blocks", action="store_true", help="heal with every kept residual block output matched")
+    p.add_argument("--match-blocks", action="store_const", const=True, default=None,
+                   help="heal with every kept residual block output matched")
+    p.add_argument("--no-mixup", dest="mixup", action="store_const", const=False, default=None,
+                   help="heal on the augmented images without blending them (mixup is on by default)")
     p.add_argument("--ema", type=float, default=None, help="heal keeping a moving average of the weights (decay)")
     p.add_argument("--lr", type=float, default=None, help="heal with this peak learning rate (default: HealingOptions')")
     p.add_argument("--batch", type=int, default=None, help="heal with this many samples a step (default: HealingOptions')")
@@ -135,7 +140,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     test = split_file("test")
-    recipe = dict(match_blocks=args.match_blocks, ema=args.ema, lr=args.lr, batch=args.batch)
+    recipe = dict(match_blocks=args.match_blocks, ema=args.ema, lr=args.lr, batch=args.batch, mixup=args.mixup)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-heal-") as tmp:
         folder = Path(args.keep or tmp)
