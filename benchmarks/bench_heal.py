@@ -3,7 +3,7 @@
     python benchmarks/bench_heal.py [--models resnet56,mobilenetv2] [--methods layermerge,slp]
                                     [--speedups 1.5,2.0] [--steps 1000] [--full-epochs 0] [--repair]
                                     [--match-blocks] [--ema D] [--lr LR] [--batch B] [--no-mixup]
-                                    [--keep DIR] [--json OUT.json]
+                                    [--seed S] [--keep DIR] [--json OUT.json]
 
 For each model, method and target speed-up: ``api.prune`` to the measured speed-up on ort-cpu (latency batch 32,
 scoring on the 512 shipped calibration images), then ``api.heal`` without labels on those 512 images (10% of them
@@ -17,7 +17,7 @@ repaired model; the "pruned" column is then the repaired model's accuracy. ``--m
 ``--ema D``: ``HealingOptions(ema=D)`` (a moving average of the weights is evaluated and kept); ``--lr LR``:
 ``HealingOptions(lr=LR)`` (AdamW's peak learning rate); ``--batch B``: ``HealingOptions(batch=B)`` (samples per
 step; with ``--full-epochs`` the steps grow as the batch shrinks); ``--no-mixup``: ``HealingOptions(mixup=False)``
-(crop + flip only). Each of these tags the healed model's file name.
+(crop + flip only); ``--seed S``: ``HealingOptions(seed=S)`` (data order, augmentation, held-back split). Each of these tags the healed model's file name.
 ``--keep DIR``: the pruned and healed models are kept in DIR, and a pruned model found there (with the
 ``.prune.json`` its run wrote) is reused instead of pruned again, so that healing recipes compare on one plan.
 """
@@ -77,7 +77,8 @@ def prune(name: str, method: str, speedup: float, repair: bool, folder: Path) ->
 def recipe_tag(recipe: dict) -> str:
     """The healed model's file-name suffix for a recipe (the HealingOptions fields set on the command line)."""
     names = {"match_blocks": lambda v: "_blocks", "ema": lambda v: f"_ema{v}", "lr": lambda v: f"_lr{v:g}",
-             "batch": lambda v: f"_b{v}", "mixup": lambda v: "" if v else "_nomixup"}
+             "batch": lambda v: f"_b{v}", "mixup": lambda v: "" if v else "_nomixup",
+             "seed": lambda v: f"_seed{v}"}
     return "".join(names[key](value) for key, value in recipe.items() if value is not None)
 
 
@@ -135,12 +136,14 @@ def main() -> None:
     p.add_argument("--ema", type=float, default=None, help="heal keeping a moving average of the weights (decay)")
     p.add_argument("--lr", type=float, default=None, help="heal with this peak learning rate (default: HealingOptions')")
     p.add_argument("--batch", type=int, default=None, help="heal with this many samples a step (default: HealingOptions')")
+    p.add_argument("--seed", type=int, default=None, help="heal with this seed (default: HealingOptions')")
     p.add_argument("--keep", default=None, help="keep the models in this folder, and reuse pruned models found there")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     test = split_file("test")
-    recipe = dict(match_blocks=args.match_blocks, ema=args.ema, lr=args.lr, batch=args.batch, mixup=args.mixup)
+    recipe = dict(match_blocks=args.match_blocks, ema=args.ema, lr=args.lr, batch=args.batch, mixup=args.mixup,
+                  seed=args.seed)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-heal-") as tmp:
         folder = Path(args.keep or tmp)
