@@ -506,8 +506,12 @@ def add_healing_arguments(g: argparse._ArgumentGroup, prefix: str) -> None:
     g.add_argument("--label-free", action="store_true", help="ignore the data's labels (no cross-entropy)")
     g.add_argument("--no-augment", dest="heal_augment", action="store_false",
                    help="no random crop and flip (the original's outputs are then computed once and cached)")
-    g.add_argument("--no-mixup", dest="heal_mixup", action="store_false",
-                   help="do not blend augmented images in pairs (mixup helps long runs; benchmarks/RESULTS.md)")
+    mix = g.add_mutually_exclusive_group()
+    mix.add_argument("--mixup", dest="heal_mixup", action="store_const", const=True, default=None,
+                     help=f"blend augmented images in pairs (default: on when fewer than {d.MIXUP_BELOW:,} samples "
+                     "are trained on, where each is seen many times; off on larger data sets)")
+    mix.add_argument("--no-mixup", dest="heal_mixup", action="store_const", const=False,
+                     help="do not blend augmented images in pairs")
     g.add_argument("--device", dest="heal_device", choices=["cpu", "cuda"], default="cpu",
                    help="torch device for healing (default cpu)")
     g.add_argument(f"{prefix}ema", dest="heal_ema", type=float, default=None, metavar="D",

@@ -229,7 +229,7 @@ def prepare(teacher_model: onnx.ModelProto, teacher, data: Dataset, options: Hea
     axes = image_axes(data.inputs[input_names[0]]) if options.augment and len(input_names) == 1 else None
     if options.augment and axes is None:
         log.info("heal: note: the input is not a batch of images; no augmentation")
-    blend = axes is not None and options.mixup and labels is None  # a blend has no label of its own
+    blend = axes is not None and options.blends(len(split.train)) and labels is None  # a blend has no label
     channels_last = image_axes(data.inputs[input_names[0]]) == (2, 3)  # NCHW images: channels-last convs train faster
     held = data.subset(split.held_back)
     held_teacher = _teacher_outputs(teacher, held, batch, outputs_t[:1])[0]

@@ -23,7 +23,7 @@ from onnxprune.runtime.capture import pooled_feature, with_outputs
 from onnxprune.runtime.session import create_session
 from onnxprune.train.bridge import GraphModule
 from onnxprune.train.heal import (HealLoop, augment, distillation_loss, heal, image_axes, kept_block_outputs, mixup,
-                                  schedule, split_data)
+                                  prepare, schedule, split_data)
 
 ROOT = Path(__file__).resolve().parents[2]
 RESNET20 = ROOT / "models" / "resnet20.onnx"
@@ -79,6 +79,22 @@ def test_mixup_blends_each_sample_with_another_of_the_batch():
     low, high = batch.min(axis=0), batch.max(axis=0)
     assert np.all(mixed >= low - 1e-6) and np.all(mixed <= high + 1e-6)  # a convex blend of two samples
     assert not np.allclose(mixed, batch)
+
+
+def test_mixup_is_on_for_small_data_sets_unless_told(pruned_pair, monkeypatch):
+    original = pruned_pair[0]
+    data = load_data(str(CALIB), original, samples=64)  # 57 samples to train on
+    output = original.graph.output[0].name
+    teacher = create_session(with_outputs(original, [output]), "cpu")
+
+    def blends(**fields) -> bool:
+        options = HealingOptions(use_labels=False, **fields)
+        return prepare(original, teacher, data, options, [output], [output]).blend
+
+    assert blends() and blends(mixup=True) and not blends(mixup=False)
+    monkeypatch.setattr(HealingOptions, "MIXUP_BELOW", 57)  # now a large data set: off unless asked for
+    assert not blends() and blends(mixup=True) and not blends(mixup=False)
+    assert HealingOptions().blends(HealingOptions.MIXUP_BELOW - 1) and not HealingOptions().blends(10 ** 6)
 
 
 def test_a_heal_step_lowers_the_loss_on_a_fixed_batch(pruned_pair):
@@ -264,3 +280,8 @@ def test_healing_flags_reach_the_options():
     assert options.match_blocks and options.ema == 0.995
     assert not healing_options(parse_args(["heal", "p.onnx", "--teacher", "m.onnx", "--data", "d.npz",
                                            "-o", "h.onnx"])).match_blocks
+    heal = ["heal", "p.onnx", "--teacher", "m.onnx", "--data", "d.npz", "-o", "h.onnx"]
+    assert [healing_options(parse_args(heal + flags)).mixup for flags in ([], ["--mixup"], ["--no-mixup"])] == \
+        [None, True, False]
+    with pytest.raises(SystemExit):
+        parse_args(heal + ["--mixup", "--no-mixup"])
