@@ -1,25 +1,23 @@
 """How well a LayerMerge latency table predicts measured speed-ups on ort-cpu (issue 6).
 
     python benchmarks/bench_latency_table.py [--cases resnet56,mobilenetv2,resnet34] [--batches 1,32]
-                                             [--resnet34-batch 32] [--plans 12] [--wall] [--without-overhead]
+                                             [--resnet34-batch 32] [--plans 12] [--measures 3] [--wall]
 
 For each model and batch, the table is built as ``prune --speedup`` builds it (every option of
-``planning.blocks.search_space`` the rewrite accepts; rows as their own work, timed inside the whole model as
-side branches (``latency.side_branches``), removable blocks timed as a whole, a per-node overhead added to rows:
-``LatencyTable.node_overhead_s``), and a second time with the rows timed alone, as tables were built before.
-``--without-overhead`` adds the first table's measurements with the per-node overhead left out:
-``node_overhead_s`` = 0, the block extras and the fixed part recomputed (fixed = whole - the original rows
-without overhead), so the effect of the overhead model shows. ``--wall`` adds the earliest variant (each row
-alone by wall clock minus an identity model's run, as the GPU backends still time rows; it has no per-node
-overhead).
+``planning.blocks.search_space`` the rewrite accepts; rows as their own work, removable blocks timed as a
+whole, a per-node overhead added to rows: ``LatencyTable.node_overhead_s``). From the same measurements a
+second table leaves the per-node overhead out: ``node_overhead_s`` = 0, the block extras and the fixed part
+recomputed (fixed = whole - the original rows without overhead), so the effect of the overhead model shows.
+``--wall`` adds the earlier variant (each row alone by wall clock minus an identity model's run, as the GPU
+backends still time rows; it has no per-node overhead).
 
 Then seeded random plans (tilings of the DP positions ``planning.blocks.positions`` by block removals, conv
 prunings and merges, off-chain block removals included) are applied and measured side by side against the
 original (``latency.measure.compare``), three times with fresh sessions (``--measures``), the median kept: one
-measurement alone can be far off (a plan of MobileNetV2 read 1.40x once and 0.94-1.00x in six measurements after);
-error = predicted speed-up / measured speed-up - 1. The noise floor is
-the model measured against itself (three side-by-side measurements). As in ``prune --speedup``, the table is
-built on, and plans are measured against, the normalized original (``speedup.normalized``).
+measurement alone can be far off (a plan of MobileNetV2 read 1.40x once and 0.94-1.00x in six measurements
+after). Error = predicted speed-up / measured speed-up - 1. The noise floor is the model measured against
+itself (three side-by-side measurements). As in ``prune --speedup``, the table is built on, and plans are
+measured against, the normalized original (``speedup.normalized``).
 """
 
 from __future__ import annotations
@@ -131,9 +129,6 @@ def main() -> None:
     p.add_argument("--measures", type=int, default=3,
                    help="side-by-side measurements of each plan, fresh sessions each; the median is the measured one")
     p.add_argument("--wall", action="store_true", help="also the earlier wall-clock table")
-    p.add_argument("--rows", default="network,alone", help="the tables to build: rows timed in the network, alone")
-    p.add_argument("--without-overhead", action="store_true",
-                   help="also the first table with the per-node overhead left out")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-table-"))
     cpu = get_backend("ort-cpu")
@@ -162,21 +157,17 @@ def main() -> None:
         for batch in batches:
             case_start = time.perf_counter()
             tables = {}
-            variants = [v for v in [("rows in the network", cpu, True), ("rows alone", cpu, False)]
-                        if v[0].removeprefix("rows ").removeprefix("in the ") in args.rows.split(",")]
-            variants += [("wall", wall_backend, False)] if args.wall else []
-            for name, backend, in_network in variants:
+            variants = [("wall", wall_backend)] if args.wall else []
+            for name, backend in variants + [("own work + node overhead", cpu)]:
                 t0 = time.perf_counter()
-                table = build_table(model, structure, options, backend, batch, fingerprint(original),
-                                    in_network=in_network)
+                table = build_table(model, structure, options, backend, batch, fingerprint(original))
                 tables[name] = table
                 print(f"{case} b{batch} {name}: {len(table.rows)} rows, {len(table.blocks)} blocks in "
                       f"{time.perf_counter() - t0:.1f} s; whole {1e3 * table.whole_s:.3f} ms, node overhead "
                       f"{1e6 * table.node_overhead_s:.2f} us x {len(to_graph(model).nodes)} nodes, "
                       f"fixed {1e3 * table.fixed_s:.3f} ms; notes {table.notes}", flush=True)
-            if args.without_overhead and "rows in the network" in tables:
-                tables["in the network, no node overhead"] = without_overhead(tables["rows in the network"],
-                                                                              structure, originals)
+            tables["own work, no node overhead"] = without_overhead(tables["own work + node overhead"], structure,
+                                                                   originals)
             for name, table in tables.items():
                 rows = table.whole_s - table.fixed_s
                 print(f"{case} b{batch} {name}: original rows {rows / table.whole_s:.3f} of the whole, "

@@ -30,7 +30,6 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,60 +105,43 @@ class OwnClock:
     def seconds(self) -> list[float]:
         raise NotImplementedError
 
-    def parts(self) -> list[list[float]]:
-        """Per part of the model the clock tells apart, its own seconds for every call; one part by default."""
-        return [self.seconds()]
-
 
 _PROFILES = itertools.count()
 
 
 class ProfiledClock(OwnClock):
-    """onnxruntime CPU session with its profiler on: a run's own time is the sum of its kernels' times. With
-    ``parts`` (node-name prefixes), ``parts()`` also gives each prefix's kernels apart (latency.side_branches)."""
+    """onnxruntime CPU session with its profiler on: a run's own time is the sum of its kernels' times."""
 
-    def __init__(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int | None,
-                 parts: Sequence[str] = ()):
+    def __init__(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int | None):
         # onnxruntime adds the start time in milliseconds: clocks made within one need a name of their own
         prefix = os.path.join(tempfile.gettempdir(), f"onnxprune-profile-{os.getpid()}-{next(_PROFILES)}")
         self.session = create_session(model, "cpu", threads=threads, profile=prefix).session
         self.feeds = feeds
-        self.prefixes = list(parts)
         self.runs = 0
-        self.events: list[dict] | None = None
+        self.result: list[float] | None = None
 
     def __call__(self) -> None:
         self.session.run(None, self.feeds)
         self.runs += 1
 
-    def _profile(self) -> list[dict]:
-        if self.events is None:
+    def seconds(self) -> list[float]:
+        if self.result is None:
             path = self.session.end_profiling()
             try:
-                self.events = json.loads(Path(path).read_text())
+                events = json.loads(Path(path).read_text())
             finally:
                 os.remove(path)
-        return self.events
-
-    def seconds(self) -> list[float]:
-        return kernel_seconds(self._profile(), self.runs)
-
-    def parts(self) -> list[list[float]]:
-        if not self.prefixes:
-            return [self.seconds()]
-        return [kernel_seconds(self._profile(), self.runs, prefix) for prefix in self.prefixes]
+            self.result = kernel_seconds(events, self.runs)
+        return self.result
 
 
-def kernel_seconds(events: list[dict], runs: int, prefix: str = "") -> list[float]:
-    """Per run, the summed kernel times of an onnxruntime profile (layout conversions left out); with ``prefix``,
-    of the nodes whose names start with it only."""
+def kernel_seconds(events: list[dict], runs: int) -> list[float]:
+    """Per run, the summed kernel times of an onnxruntime profile (layout conversions left out)."""
     per_node: dict[str, list[float]] = defaultdict(list)
     for event in events:
         if (event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time")
-                and event["name"].startswith(prefix) and event.get("args", {}).get("op_name") not in LAYOUT_OPS):
+                and event.get("args", {}).get("op_name") not in LAYOUT_OPS):
             per_node[event["name"]].append(event["dur"] * 1e-6)
-    if prefix and not per_node:
-        raise OnnxPruneError(f"onnxruntime's profile has no node named {prefix}...")
     if any(len(times) != runs for times in per_node.values()):
         raise OnnxPruneError(f"onnxruntime's profile does not hold {runs} runs of every node")
     return [sum(times[k] for times in per_node.values()) for k in range(runs)]

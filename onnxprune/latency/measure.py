@@ -71,11 +71,10 @@ def compare(models: Sequence[onnx.ModelProto], backend: Backend, batch: int, rou
 
 def time_in_rounds(whole: Callable[[], object], reference: Callable[[], object], clocks: Sequence[OwnClock],
                    rounds: int = 20, warmup: int = 3) -> tuple[float, list[float]]:
-    """(median seconds of ``whole``, each clock's own seconds: each of its parts' in order, OwnClock.parts),
-    every clock timed once per round beside ``whole`` and ``reference`` (the whole model under the clocks'
-    conditions, Backend.reference_runner): a clock's seconds are the median over rounds of its share of the
-    round's reference run, times the whole's median, so a slow spell of the machine, or a profiler's cost,
-    scales both alike."""
+    """(median seconds of ``whole``, each clock's own seconds), every clock timed once per round beside
+    ``whole`` and ``reference`` (the whole model under the clocks' conditions, Backend.reference_runner):
+    a clock's seconds are the median over rounds of its share of the round's reference run, times
+    the whole's median, so a slow spell of the machine, or a profiler's cost, scales both alike."""
     for run in [whole, reference, *clocks]:
         for _ in range(warmup):
             run()
@@ -88,6 +87,6 @@ def time_in_rounds(whole: Callable[[], object], reference: Callable[[], object],
     whole_s = statistics.median(whole_times)
     own = []
     for clock in clocks:
-        for part in clock.parts():
-            own.append(whole_s * statistics.median(t / w for t, w in zip(part[warmup:], reference_times)))
+        seconds = clock.seconds()[warmup:]
+        own.append(whole_s * statistics.median(t / w for t, w in zip(seconds, reference_times)))
     return whole_s, own

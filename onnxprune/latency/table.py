@@ -34,9 +34,8 @@ from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import Structure
 from onnxprune.graph.normalize import to_graph, to_model
 from onnxprune.graph.ops import ACTIVATION_ATTRS
-from onnxprune.latency.backends import Backend, ProfiledClock, median_time, overhead_model
+from onnxprune.latency.backends import Backend, median_time, overhead_model
 from onnxprune.latency.measure import random_feeds, time_in_rounds
-from onnxprune.latency.side_branches import attach, row_prefix
 from onnxprune.options import connected_to_ray
 from onnxprune.planning.candidates import FittedMap, Option
 
@@ -329,14 +328,11 @@ def map_model(fitted: FittedMap, batch: int, dtype=np.float32) -> onnx.ModelProt
 @dataclass(frozen=True)
 class TimedRow:
     """A model timed as its own work beside the whole model: a row (``key``: its signature) or a residual block's
-    branch (``key``: "block JOIN"), as a ModelProto or serialized; ``feeds`` None: ``random_feeds`` at the batch.
-    ``source``: the whole model's tensor the row reads, to time it inside the network where the backend can
-    (side_branches); None: alone."""
+    branch (``key``: "block JOIN"), as a ModelProto or serialized; ``feeds`` None: ``random_feeds`` at the batch."""
 
     key: str
     model: onnx.ModelProto | bytes
     feeds: dict[str, np.ndarray] | None = None
-    source: str | None = None
 
 
 class GroupTimer:
@@ -353,20 +349,14 @@ class GroupTimer:
 
     def time(self, rows: list[TimedRow]) -> tuple[float, list[float], str]:
         """(the whole model's median seconds, each row's own seconds, where they were timed), the rows timed in
-        rounds beside the whole model: those with a ``source`` inside it on ort-cpu (side_branches), the rest
-        alone."""
-        in_network = [row.source is not None and self.backend.name == "ort-cpu" for row in rows]
-        inside = [row for row, flag in zip(rows, in_network) if flag]
-        alone = [row for row, flag in zip(rows, in_network) if not flag]
-        clocks = [self.backend.own_clock(model, row.feeds if row.feeds is not None else random_feeds(model, self.batch))
-                  for row, model in zip(alone, map(_loaded, alone))]
-        if inside:
-            joined = attach(self.model, [(_loaded(row), row.source) for row in inside])
-            clocks.append(ProfiledClock(joined, self.feeds, self.backend.threads,
-                                        [row_prefix(k) for k in range(len(inside))]))
+        rounds beside the whole model."""
+        clocks = []
+        for row in rows:
+            model = onnx.load_from_string(row.model) if isinstance(row.model, bytes) else row.model
+            clocks.append(self.backend.own_clock(model, row.feeds if row.feeds is not None
+                                                 else random_feeds(model, self.batch)))
         whole_s, own = time_in_rounds(self.whole_run, self.reference, clocks, self.rounds, self.warmup)
-        seconds = dict(zip([row.key for row in alone + inside], own))
-        return whole_s, [seconds[row.key] for row in rows], self.where()
+        return whole_s, own, self.where()
 
     def whole_seconds(self) -> float:
         """The whole model's median seconds, alone."""
@@ -396,10 +386,6 @@ class GroupTimes:
     backend: dict
 
 
-def _loaded(row: TimedRow) -> onnx.ModelProto:
-    return onnx.load_from_string(row.model) if isinstance(row.model, bytes) else row.model
-
-
 def time_groups(model: onnx.ModelProto, backend: Backend, groups: list[list[str]], build: Callable[[str], TimedRow],
                 batch: int, rounds: int, warmup: int) -> GroupTimes:
     """Time each group of keys (``build(key)`` makes its row, a group at a time) beside the whole model, in this
@@ -421,12 +407,9 @@ def time_groups(model: onnx.ModelProto, backend: Backend, groups: list[list[str]
 
 
 def build_table(model: onnx.ModelProto, structure: Structure, options: list[Option], backend: Backend, batch: int,
-                fingerprint: str, warmup: int = 3, rounds: int = 20, group_bytes: int = 2 << 30,
-                in_network: bool = True) -> LatencyTable:
+                fingerprint: str, warmup: int = 3, rounds: int = 20, group_bytes: int = 2 << 30) -> LatencyTable:
     """Time every distinct row of ``options`` (its own work: Backend.own_clock) and the whole model on
-    ``backend`` at ``batch``, the rows in rounds beside the whole model (measure.time_in_rounds). ``model`` is
-    the normalized original (speedup.normalized). With ``in_network``, on ort-cpu, conv rows are timed
-    inside the whole model as side branches (side_branches); else, and on other backends, alone.
+    ``backend`` at ``batch``, the rows in rounds beside the whole model (measure.time_in_rounds).
 
     Rows are timed in groups whose input and output tensors stay under ``group_bytes`` together (the
     sessions of a group live at once), each group beside the whole model and scaled to one whole; the residual
@@ -442,14 +425,10 @@ def build_table(model: onnx.ModelProto, structure: Structure, options: list[Opti
     removable = {o.remove_block or o.keep_block for o in options} - {None}
     branches = block_models(model, [b for b in structure.residual_blocks if b.join in removable], feeds)
 
-    conv_inputs = {node.name: node.input[0] for node in model.graph.node if node.op_type == "Conv"}
-
     def build(key: str) -> TimedRow:
         if key.startswith("block "):
             return TimedRow(key, *branches[key.removeprefix("block ")])
-        option = distinct[key]
-        source = None if option.fitted_map is not None else conv_inputs.get(structure.convs[option.start].name)
-        return TimedRow(key, row_model(option, structure, batch, row_dtype), source=source if in_network else None)
+        return TimedRow(key, row_model(distinct[key], structure, batch, row_dtype))
 
     groups = _groups(distinct, structure, batch, np.dtype(row_dtype).itemsize, group_bytes)
     groups += [[f"block {join}" for join in branches]] if branches else []

@@ -106,7 +106,7 @@ def _time_on(actors: list, whole: list, groups: list[list[str]], build: Callable
     def submit(i: int) -> None:
         if queues[i]:
             keys = queues[i].pop(0)
-            rows = [TimedRow(row.key, _serialized(row.model), row.feeds, row.source) for row in map(build, keys)]
+            rows = [TimedRow(row.key, _serialized(row.model), row.feeds) for row in map(build, keys)]
             running[actors[i].time.remote(whole, rows)] = (i, keys)
 
     for i in range(len(actors)):
