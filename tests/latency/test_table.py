@@ -139,6 +139,38 @@ def fake_table(model, s, options, rows_share):
     return build_table(model, s, options, backend, 2, fingerprint(model), warmup=1, rounds=3)
 
 
+@dataclass
+class SlowSpellBackend(FakeBackend):
+    """A FakeBackend whose rows take ``first_row`` seconds in the first timing of a table, ``row`` after."""
+
+    first_row: float = 2e-4
+    timings: int = 0
+
+    def reference_runner(self, model, feeds):  # once per timing (latency.table.GroupTimer)
+        self.timings += 1
+        return super().reference_runner(model, feeds)
+
+    def own_clock(self, model, feeds):
+        return FixedClock(self.first_row if self.timings == 1 else self.row)
+
+
+def test_rows_timed_as_slower_than_the_network_are_timed_again_before_a_refusal(chain):
+    """A slow spell that tips the original rows past the whole model is timed again, with twice the rounds, and
+    the table says so; rows still past it on the second timing are refused."""
+    model, s, options = chain
+    originals = [o for o in options if o.original]
+    share = 1e-3 / len(originals)
+    backend = SlowSpellBackend("fake", 1, whole=1e-3, row=0.8 * share, first_row=1.2 * share)
+    table = build_table(model, s, options, backend, 2, fingerprint(model), warmup=1, rounds=3)
+    assert backend.timings == 2 and table.rounds == 6
+    assert table.fixed_s == pytest.approx(0.2e-3)
+    assert any("timed twice" in note and "summed to 120.0%" in note for note in table.notes)
+    always = SlowSpellBackend("fake", 1, whole=1e-3, row=1.2 * share, first_row=1.2 * share)
+    with pytest.raises(OnnxPruneError, match=r"summed to 120\.0% .*more --rounds"):
+        build_table(model, s, options, always, 2, fingerprint(model), warmup=1, rounds=3)
+    assert always.timings == 2
+
+
 def original(s, options, index):
     return next(o for o in options if o.original and o.start == index)
 
