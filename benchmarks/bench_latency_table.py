@@ -2,12 +2,16 @@
 
     python benchmarks/bench_latency_table.py [--cases resnet56,mobilenetv2,resnet34] [--batches 1,32]
                                              [--resnet34-batch 32] [--plans 12] [--measures 3] [--wall]
+                                             [--without-overhead]
 
 For each model and batch, the table is built as ``prune --speedup`` builds it (every option of
 ``planning.blocks.search_space`` the rewrite accepts; rows as their own work, removable blocks timed as a
-whole, a per-node overhead added to rows: ``LatencyTable.node_overhead_s``). From the same measurements a
-second table leaves the per-node overhead out: ``node_overhead_s`` = 0, the block extras and the fixed part
-recomputed (fixed = whole - the original rows without overhead), so the effect of the overhead model shows.
+whole, the original rows and the blocks then read in situ from profiled runs of the whole model, a per-node
+overhead added to rows: ``LatencyTable.node_overhead_s``), and a second time with nothing read in situ (as
+tables were built before 2026-11-28: every row and block as timed alone). ``--without-overhead`` adds the
+first table's measurements with the per-node overhead left out: ``node_overhead_s`` = 0, the block extras and
+the fixed part recomputed (fixed = whole - the original rows without overhead), so the effect of the overhead
+model shows.
 ``--wall`` adds the earlier variant (each row alone by wall clock minus an identity model's run, as the GPU
 backends still time rows; it has no per-node overhead).
 
@@ -129,6 +133,8 @@ def main() -> None:
     p.add_argument("--measures", type=int, default=3,
                    help="side-by-side measurements of each plan, fresh sessions each; the median is the measured one")
     p.add_argument("--wall", action="store_true", help="also the earlier wall-clock table")
+    p.add_argument("--without-overhead", action="store_true",
+                   help="also the first table with the per-node overhead left out")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-table-"))
     cpu = get_backend("ort-cpu")
@@ -157,17 +163,18 @@ def main() -> None:
         for batch in batches:
             case_start = time.perf_counter()
             tables = {}
-            variants = [("wall", wall_backend)] if args.wall else []
-            for name, backend in variants + [("own work + node overhead", cpu)]:
+            variants = [("in situ", cpu, True), ("alone", cpu, False)]
+            variants += [("wall", wall_backend, False)] if args.wall else []
+            for name, backend, in_situ in variants:
                 t0 = time.perf_counter()
-                table = build_table(model, structure, options, backend, batch, fingerprint(original))
+                table = build_table(model, structure, options, backend, batch, fingerprint(original), in_situ=in_situ)
                 tables[name] = table
                 print(f"{case} b{batch} {name}: {len(table.rows)} rows, {len(table.blocks)} blocks in "
                       f"{time.perf_counter() - t0:.1f} s; whole {1e3 * table.whole_s:.3f} ms, node overhead "
                       f"{1e6 * table.node_overhead_s:.2f} us x {len(to_graph(model).nodes)} nodes, "
                       f"fixed {1e3 * table.fixed_s:.3f} ms; notes {table.notes}", flush=True)
-            tables["own work, no node overhead"] = without_overhead(tables["own work + node overhead"], structure,
-                                                                   originals)
+            if args.without_overhead:
+                tables["in situ, no node overhead"] = without_overhead(tables["in situ"], structure, originals)
             for name, table in tables.items():
                 rows = table.whole_s - table.fixed_s
                 print(f"{case} b{batch} {name}: original rows {rows / table.whole_s:.3f} of the whole, "

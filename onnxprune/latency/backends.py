@@ -110,29 +110,45 @@ _PROFILES = itertools.count()
 
 
 class ProfiledClock(OwnClock):
-    """onnxruntime CPU session with its profiler on: a run's own time is the sum of its kernels' times."""
+    """onnxruntime CPU session with its profiler on: a run's own time is the sum of its kernels' times. It keeps
+    each run's wall time too, so that ``node_shares`` can read what each graph node takes of a run."""
 
     def __init__(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int | None):
         # onnxruntime adds the start time in milliseconds: clocks made within one need a name of their own
         prefix = os.path.join(tempfile.gettempdir(), f"onnxprune-profile-{os.getpid()}-{next(_PROFILES)}")
         self.session = create_session(model, "cpu", threads=threads, profile=prefix).session
+        self.model = model
         self.feeds = feeds
-        self.runs = 0
-        self.result: list[float] | None = None
+        self.walls: list[float] = []
+        self.events: list[dict] | None = None
+
+    @property
+    def runs(self) -> int:
+        return len(self.walls)
 
     def __call__(self) -> None:
+        if self.events is not None:
+            raise OnnxPruneError("a profiled clock runs no more once its profile was read")
+        start = time.perf_counter()
         self.session.run(None, self.feeds)
-        self.runs += 1
+        self.walls.append(time.perf_counter() - start)
 
-    def seconds(self) -> list[float]:
-        if self.result is None:
+    def _profile(self) -> list[dict]:
+        if self.events is None:
             path = self.session.end_profiling()
             try:
-                events = json.loads(Path(path).read_text())
+                self.events = json.loads(Path(path).read_text())
             finally:
                 os.remove(path)
-            self.result = kernel_seconds(events, self.runs)
-        return self.result
+        return self.events
+
+    def seconds(self) -> list[float]:
+        return kernel_seconds(self._profile(), self.runs)
+
+    def node_shares(self) -> dict[str, float]:
+        """Graph node name -> the median over runs of the share of the run's wall time its kernels take
+        (``kernel_node_shares``)."""
+        return kernel_node_shares(self._profile(), self.walls, self.model)
 
 
 def kernel_seconds(events: list[dict], runs: int) -> list[float]:
@@ -145,6 +161,31 @@ def kernel_seconds(events: list[dict], runs: int) -> list[float]:
     if any(len(times) != runs for times in per_node.values()):
         raise OnnxPruneError(f"onnxruntime's profile does not hold {runs} runs of every node")
     return [sum(times[k] for times in per_node.values()) for k in range(runs)]
+
+
+def kernel_node_shares(events: list[dict], walls: list[float], model: onnx.ModelProto) -> dict[str, float]:
+    """Graph node name -> the median over runs of (its kernels' seconds in the run / the run's wall seconds), from
+    an onnxruntime profile of ``len(walls)`` runs of ``model``. onnxruntime fuses nodes and renames what it
+    rewrites: a kernel belongs to the node of its name, else to the node whose output tensor it is named after
+    (the NCHWc kernels: ``<tensor>_nchwc``); kernels that match no node (layout conversions among them) are left
+    out, and so are nodes fused into another node's kernel (their time is that kernel's)."""
+    names = {node.name for node in model.graph.node}
+    producer = {tensor: node.name for node in model.graph.node for tensor in node.output}
+    per_run: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(walls))
+    seen: dict[str, int] = defaultdict(int)
+    for event in events:
+        if (event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time")
+                or event.get("args", {}).get("op_name") in LAYOUT_OPS):
+            continue
+        kernel = event["name"].removesuffix("_kernel_time")
+        node = kernel if kernel in names else producer.get(kernel.removesuffix("_nchwc"))
+        run = seen[kernel]
+        seen[kernel] += 1
+        if node is not None and run < len(walls):
+            per_run[node][run] += event["dur"] * 1e-6
+    if any(count != len(walls) for count in seen.values()):
+        raise OnnxPruneError(f"onnxruntime's profile does not hold {len(walls)} runs of every node")
+    return {node: float(np.median([t / w for t, w in zip(times, walls)])) for node, times in per_run.items()}
 
 
 class OverheadClock(OwnClock):

@@ -6,9 +6,12 @@ A row's latency is its own work, without what the whole network pays once rather
 slow spell of a shared machine scales both alike (measure.time_in_rounds). The fixed part is the
 whole model's latency minus the summed latency of its original rows, so the table predicts the
 original exactly and a pruned model as fixed + its rows; how well rows add up is checked by
-measuring (benchmarks/RESULTS.md). A fixed part below zero means the rows were timed as slower than
-the network they come from: within a small tolerance it is clamped to 0; beyond it the table is timed once
-more with twice the rounds (a slow spell of a shared machine passes), and refused if it is still below.
+measuring (benchmarks/RESULTS.md). On ort-cpu the original rows and the residual blocks' branches are then
+read in situ instead: what their nodes' kernels take of profiled runs of the whole model (the reference runs
+the rows are timed beside), since a row alone runs with the caches to itself. A fixed part below zero
+means the rows were timed as slower than the network they come from: within a small tolerance it is clamped
+to 0; beyond it the table is timed once more with twice the rounds (a slow spell of a shared machine passes),
+and refused if it is still below.
 A row is keyed by its signature: kernel, stride, groups, shapes and its activation with the
 attributes that change it (a Clip(0, 1) row is not a Clip(0, 6) row). A table is JSON: it can be built
 on the deployment device (``onnxprune latency``) and carried back; it is refused for another model,
@@ -35,7 +38,7 @@ from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.analysis import Structure
 from onnxprune.graph.normalize import to_graph, to_model
 from onnxprune.graph.ops import ACTIVATION_ATTRS
-from onnxprune.latency.backends import Backend, median_time, overhead_model
+from onnxprune.latency.backends import Backend, ProfiledClock, median_time, overhead_model
 from onnxprune.latency.measure import random_feeds, time_in_rounds
 from onnxprune.options import connected_to_ray
 from onnxprune.planning.candidates import FittedMap, Option
@@ -67,6 +70,9 @@ class LatencyTable:
     # seconds each graph node costs beyond its kernel (dispatch, allocation): the whole model's run beyond its
     # kernels and an empty model's run, shared out by node count; what a row's nodes add to its own work
     node_overhead_s: float = 0.0
+    # chain conv -> [seconds its original row takes in situ, in profiled runs of the whole model; seconds that row
+    # took timed alone]: read where the backend profiles the whole model (_read_in_situ)
+    in_situ: dict[str, list[float]] = field(default_factory=dict)
     schema: int = TABLE_SCHEMA
     # signature (or "block JOIN") -> where it was timed, when rows were timed on Ray actors (scaleout.latency): the
     # host, Ray node and actor, and the backend's device; every row's share is of the whole model timed by the same
@@ -87,7 +93,19 @@ class LatencyTable:
         extras = sum(self.block_extras.get(join, 0.0) for a, b, join in chain_spans(structure)
                      if a == option.start and option.end <= b)
         nodes = 1 + len(structure.convs[option.end - 1].activation_nodes)  # the conv and its activation
-        return self.rows[signature] + self.node_overhead_s * nodes + extras
+        return self.row_seconds(option, structure, signature) + self.node_overhead_s * nodes + extras
+
+    def row_seconds(self, option: Option, structure: Structure, signature: str) -> float:
+        """A conv row's own seconds: in situ where the original network has the row, else as timed alone times
+        what the network makes of the original rows it replaces (their seconds in situ / alone): a merge or a
+        pruned conv runs where they ran. As timed alone where nothing was read in situ."""
+        convs = [structure.convs[p].name for p in range(option.start, option.end)]
+        if not all(name in self.in_situ for name in convs):
+            return self.rows[signature]
+        if option.original:
+            return self.in_situ[convs[0]][0]
+        situ, alone = (sum(self.in_situ[name][k] for name in convs) for k in (0, 1))
+        return self.rows[signature] * situ / alone if alone > 0 else self.rows[signature]
 
     def block_latency(self, join: str, structure: Structure) -> float:
         """A block's branch as its own work, with the overhead of its nodes and of its join."""
@@ -375,6 +393,12 @@ class GroupTimer:
         """Per graph node, the share of the whole model's run that is no kernel's work (``_node_overhead``)."""
         return _node_overhead(self.model, self.backend, self.reference, self.feeds, self.rounds)
 
+    def node_shares(self) -> dict[str, float]:
+        """Graph node -> the share of the whole model's run its kernels take in situ, read from every profiled run
+        of the whole model so far (ProfiledClock.node_shares; it ends the profile); empty on backends without
+        a profiler."""
+        return self.reference.node_shares() if isinstance(self.reference, ProfiledClock) else {}
+
     def describe(self) -> dict:
         return self.backend.describe()
 
@@ -386,13 +410,15 @@ class GroupTimer:
 @dataclass
 class GroupTimes:
     """What timing every group gave: each row's share of its group's whole model, the whole model's median over the
-    groups, the per-node overhead as a share of the whole, where each row was timed, the backend that timed."""
+    groups, the per-node overhead as a share of the whole, where each row was timed, the backend that timed, and
+    each graph node's share of the whole model's run in situ (GroupTimer.node_shares; empty: not read)."""
 
     shares: dict[str, float]
     whole_s: float
     node_overhead: float
     timed_on: dict[str, str]
     backend: dict
+    node_shares: dict[str, float] = field(default_factory=dict)
 
 
 def time_groups(model: onnx.ModelProto, backend: Backend, groups: list[list[str]], build: Callable[[str], TimedRow],
@@ -412,30 +438,34 @@ def time_groups(model: onnx.ModelProto, backend: Backend, groups: list[list[str]
         shares.update((key, seconds / whole_s) for key, seconds in zip(keys, own))
         log.info(f"latency: timed {len(shares)}/{sum(map(len, groups))} rows and blocks on {backend.name}")
     whole = float(np.median(wholes)) if wholes else timer.whole_seconds()
-    return GroupTimes(shares, whole, timer.node_overhead(), {}, backend.describe())
+    overhead = timer.node_overhead()
+    return GroupTimes(shares, whole, overhead, {}, backend.describe(), timer.node_shares())
 
 
 def build_table(model: onnx.ModelProto, structure: Structure, options: list[Option], backend: Backend, batch: int,
-                fingerprint: str, warmup: int = 3, rounds: int = 20, group_bytes: int = 2 << 30) -> LatencyTable:
+                fingerprint: str, warmup: int = 3, rounds: int = 20, group_bytes: int = 2 << 30,
+                in_situ: bool = True) -> LatencyTable:
     """Time every distinct row of ``options`` (its own work: Backend.own_clock) and the whole model on
     ``backend`` at ``batch``, the rows in rounds beside the whole model (measure.time_in_rounds).
 
     Rows are timed in groups whose input and output tensors stay under ``group_bytes`` together (the
     sessions of a group live at once), each group beside the whole model and scaled to one whole; the residual
     blocks' branches in a group of their own. Inside ``scaleout.cluster.connect``, on Ray actors (time_groups).
-    Original rows that sum to more than the whole model (fixed_part) are timed once more, with twice the rounds,
-    before the table is refused."""
+    With ``in_situ``, where the backend profiles the whole model (ort-cpu, in this process), the original rows and
+    the blocks take what their nodes take of its runs (_read_in_situ). Original rows that sum to more than the
+    whole model (fixed_part) are timed once more, with twice the rounds, before the table is refused."""
+    timing = (model, structure, options, backend, batch, fingerprint, warmup)
     try:
-        return _timed_table(model, structure, options, backend, batch, fingerprint, warmup, rounds, group_bytes)
+        return _timed_table(*timing, rounds, group_bytes, in_situ)
     except FixedPartBelowZero as exc:
         log.warning(f"latency: {exc.summary}; timing the rows again with {2 * rounds} rounds")
-        table = _timed_table(model, structure, options, backend, batch, fingerprint, warmup, 2 * rounds, group_bytes)
+        table = _timed_table(*timing, 2 * rounds, group_bytes, in_situ)
         table.notes.append(f"timed twice: in the first timing ({rounds} rounds) {exc.summary}")
         return table
 
 
 def _timed_table(model: onnx.ModelProto, structure: Structure, options: list[Option], backend: Backend, batch: int,
-                 fingerprint: str, warmup: int, rounds: int, group_bytes: int) -> LatencyTable:
+                 fingerprint: str, warmup: int, rounds: int, group_bytes: int, in_situ: bool) -> LatencyTable:
     """One timing of the table ``build_table`` describes."""
     feeds = random_feeds(model, batch)
     dtype = next(iter(feeds.values())).dtype
@@ -464,6 +494,8 @@ def _timed_table(model: onnx.ModelProto, structure: Structure, options: list[Opt
                          _untimed_activations(distinct, structure),
                          blocks={join: shares[f"block {join}"] * whole for join in branches},
                          node_overhead_s=node_overhead, timed_on=timed.timed_on)
+    read = _read_in_situ(table, timed.node_shares, structure, originals) if in_situ else None
+    table.notes += [read] if read else []
     table.block_extras = _block_extras(table, structure, originals)
     for _ in range(8):  # the overhead estimate is noisy on small models: never let it push the rows past the whole
         if table.node_overhead_s == 0 or sum(table.option_latency(o, structure) for o in originals) <= whole:
@@ -511,6 +543,33 @@ def _node_overhead(model: onnx.ModelProto, backend: Backend, reference, feeds: d
     empty = median_time(backend.runner(overhead_model(feeds), {"x": empty_input}), 3, rounds)
     nodes = len(to_graph(model).nodes)
     return max(0.0, wall - kernels - empty) / wall / max(1, nodes)
+
+
+def _read_in_situ(table: LatencyTable, shares: dict[str, float], structure: Structure,
+                  originals: list[Option]) -> str | None:
+    """Put into ``table`` what the original rows and the timed blocks' branches take of the whole model in situ:
+    their nodes' ``shares`` of its run (GroupTimes.node_shares) times the whole (``LatencyTable.in_situ``, and
+    ``blocks`` replaced). Timed alone, a row or a branch runs with the caches to itself, and what the original
+    network spends on them was misjudged most where plans remove many blocks at batch 1 (docs/algorithms.md,
+    section 4.3, "Rows in situ"); new rows are scaled by what the network makes of the rows they replace
+    (LatencyTable.row_seconds). A note on what was read; None when nothing was (no shares: a backend without
+    a profiler)."""
+    if not shares:
+        return None
+    chain = [o for o in originals if o.keep_block is None]
+    for o in chain:
+        conv = structure.convs[o.start]
+        share = sum(shares.get(name, 0.0) for name in (conv.name, *conv.activation_nodes))
+        if share > 0:
+            table.in_situ[conv.name] = [share * table.whole_s, table.rows[row_signature(o, structure, table.batch)]]
+    read_blocks = 0
+    for block in structure.residual_blocks:
+        share = sum(shares.get(name, 0.0) for name in block.branch_nodes)
+        if block.join in table.blocks and share > 0:
+            table.blocks[block.join] = share * table.whole_s
+            read_blocks += 1
+    return (f"original rows and blocks read in situ, from profiled runs of the whole model: {len(table.in_situ)} of "
+            f"{len(chain)} original rows, {read_blocks} of {len(table.blocks)} blocks")
 
 
 def _block_extras(table: LatencyTable, structure: Structure, originals: list[Option]) -> dict[str, float]:

@@ -3,8 +3,8 @@ import pytest
 
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph.io import infer_shapes
-from onnxprune.latency.backends import (LAYOUT_OPS, OverheadClock, ProfiledClock, get_backend, kernel_seconds,
-                                        overhead_model)
+from onnxprune.latency.backends import (LAYOUT_OPS, OverheadClock, ProfiledClock, get_backend, kernel_node_shares,
+                                        kernel_seconds, overhead_model)
 from onnxprune.latency.measure import random_feeds
 from tests.builders import GraphBuilder
 from tests.conftest import run
@@ -36,6 +36,39 @@ def test_profiled_clock_gives_one_time_per_run_and_leaves_no_file(tmp_path, monk
     assert clock.seconds() == seconds  # read once, kept
     assert not list(tmp_path.iterdir())
     assert {"ReorderInput", "ReorderOutput"} == LAYOUT_OPS
+
+
+def test_kernel_node_shares_map_fused_and_renamed_kernels_to_graph_nodes():
+    """A kernel belongs to the node of its name, or to the node whose output it is named after (NCHWc kernels);
+    layout conversions and kernels of no node are left out; shares are medians over runs of kernel / wall."""
+    g = GraphBuilder((1, 16, 8, 8))
+    model = infer_shapes(g.build([g.conv(g.relu(g.conv(g.input, 16)), 16)]))
+    conv1, relu, conv2 = model.graph.node
+    events = []
+    for k in range(3):
+        events += [event("in", "ReorderInput", 50), event(f"{relu.output[0]}_nchwc", "FusedConv", 100 + 10 * k),
+                   event(conv2.name, "Conv", 30), event("inserted_by_the_runtime", "Add", 5)]
+    walls = [1e-3, 2e-3, 4e-3]
+    shares = kernel_node_shares(events, walls, model)
+    assert set(shares) == {relu.name, conv2.name}  # conv1 is fused into the kernel named after relu's output
+    assert shares[relu.name] == pytest.approx(np.median([100e-6 / 1e-3, 110e-6 / 2e-3, 120e-6 / 4e-3]))
+    assert shares[conv2.name] == pytest.approx(30e-6 / 2e-3)
+    with pytest.raises(OnnxPruneError, match="4 runs"):
+        kernel_node_shares(events, walls + [1e-3], model)
+
+
+def test_profiled_clock_reads_node_shares_of_its_runs_and_then_stops():
+    g = GraphBuilder((2, 16, 8, 8))
+    model = infer_shapes(g.build([g.conv(g.relu(g.conv(g.input, 16)), 16)]))
+    clock = ProfiledClock(model, random_feeds(model, 2), threads=1)
+    for _ in range(5):
+        clock()
+    shares = clock.node_shares()
+    assert set(shares) <= {n.name for n in model.graph.node} and shares and all(v > 0 for v in shares.values())
+    assert sum(shares.values()) < 1  # kernels take part of each run's wall time
+    assert len(clock.seconds()) == clock.runs == 5
+    with pytest.raises(OnnxPruneError, match="no more"):
+        clock()
 
 
 def test_overhead_model_returns_its_input():

@@ -14,7 +14,7 @@ from onnxprune.graph.io import infer_shapes
 from onnxprune.graph.normalize import to_graph
 from onnxprune.latency.backends import Backend, BackendUnavailable, OwnClock, get_backend
 from onnxprune.latency.measure import compare, random_feeds
-from onnxprune.latency.table import FIXED_TOLERANCE, build_table, load_table, row_model, row_signature
+from onnxprune.latency.table import FIXED_TOLERANCE, _read_in_situ, build_table, load_table, row_model, row_signature
 from onnxprune.plan import fingerprint
 from onnxprune.planning.candidates import conv_l1_norms, enumerate_options
 from tests.builders import GraphBuilder
@@ -169,6 +169,50 @@ def test_rows_timed_as_slower_than_the_network_are_timed_again_before_a_refusal(
     with pytest.raises(OnnxPruneError, match=r"summed to 120\.0% .*more --rounds"):
         build_table(model, s, options, always, 2, fingerprint(model), warmup=1, rounds=3)
     assert always.timings == 2
+
+
+def test_original_rows_and_blocks_take_their_share_of_the_whole_model_in_situ(chain):
+    """An original row costs its nodes' share of the whole model's run times the whole; a new row what it cost
+    alone, times in situ / alone of the original rows it replaces; a timed block its branch's share; nothing is
+    read without shares."""
+    model, s, options = chain
+    originals = [o for o in options if o.original]
+    table = fake_table(model, s, options, 0.5)
+    shares = {n.name: 0.001 * (k + 1) for k, n in enumerate(model.graph.node)}
+    alone = dict(table.rows)
+    assert _read_in_situ(table, {}, s, originals) is None and not table.in_situ
+    assert "read in situ" in _read_in_situ(table, shares, s, originals)
+    assert table.rows == alone  # what was timed alone stays in the table
+
+    def situ(p):
+        return sum(shares[n] for n in [s.convs[p].name, *s.convs[p].activation_nodes]) * table.whole_s
+
+    def alone_at(p):
+        return alone[row_signature(original(s, options, p), s, 2)]
+
+    for o in options:
+        signature = row_signature(o, s, 2)
+        if signature is None or o.keep_block is not None:
+            continue
+        positions = range(o.start, o.end)
+        expected = (situ(o.start) if o.original else
+                    alone[signature] * sum(map(situ, positions)) / sum(map(alone_at, positions)))
+        assert table.row_seconds(o, s, signature) == pytest.approx(expected), o
+    assert any(not o.original and o.remove_block is None for o in options)  # merges were checked too
+    assert table.blocks
+    for block in s.residual_blocks:
+        if block.join in table.blocks:
+            assert table.blocks[block.join] == pytest.approx(sum(shares[n] for n in block.branch_nodes) * table.whole_s)
+
+
+def test_tables_on_ort_cpu_read_original_rows_in_situ_unless_told(chain):
+    model, s, options = chain
+    cpu = get_backend("ort-cpu", threads=1)
+    table = build_table(model, s, options, cpu, 2, fingerprint(model), warmup=1, rounds=3)
+    assert any("read in situ" in note for note in table.notes)
+    assert table.predict([o for o in options if o.original], s) == pytest.approx(table.whole_s)
+    alone = build_table(model, s, options, cpu, 2, fingerprint(model), warmup=1, rounds=3, in_situ=False)
+    assert not any("in situ" in note for note in alone.notes)
 
 
 def original(s, options, index):
