@@ -97,7 +97,9 @@ def solve(rows: Sequence[Row], positions: int, budget: float, unit: float) -> So
 
 
 def pareto(rows: Sequence[Row], positions: int, max_budget: float, unit: float) -> list[Solution]:
-    """Every distinct optimum for budgets 0..max_budget, from one table (the trade-off curve)."""
+    """Every distinct optimum for budgets 0..max_budget, from one table (the trade-off curve), without the
+    optima that another of higher importance beats in float latency too: rounding up can make a solution
+    cost more units than one with less float latency, and such a point would make the curve go back."""
     t_max = int(math.floor(max_budget / unit + 1e-9))
     best, choice, g = _table(rows, positions, t_max, unit)
     curve, last = [], -np.inf
@@ -106,7 +108,12 @@ def pareto(rows: Sequence[Row], positions: int, max_budget: float, unit: float) 
             last = best[positions, t]
             chosen = _backtrack(rows, choice, g, positions, t)
             curve.append(Solution(chosen, sum(r.latency for r in chosen), sum(r.importance for r in chosen), t * unit))
-    return curve
+    kept, fastest_after = [], math.inf  # from the most important point down: keep what is faster than all after it
+    for point in reversed(curve):
+        if point.latency < fastest_after:
+            kept.append(point)
+            fastest_after = point.latency
+    return kept[::-1]
 
 
 def fastest(rows: Sequence[Row], positions: int) -> float:

@@ -86,6 +86,9 @@ def test_a_budget_at_the_original_latency_in_units_keeps_the_original(instance):
 @given(instances())
 # a unit coarser than a row: rounding up makes the original 2 units, more than 1.5x its float latency
 @example((1, [Row(0, 1, 1.0, 0.0, ("keep", 0))], 0.875))
+# the merge rounds up to 3 units and the original to 4, though the merge has more float latency (1.04 > 1.02)
+@example((2, [Row(0, 1, 0.51, 0.0, ("keep", 0)), Row(1, 2, 0.51, 0.0, ("keep", 1)), Row(0, 2, 1.04, -0.2, ("merge",))],
+          0.5))
 def test_pareto_curve_is_monotone_and_matches_single_solves(instance):
     positions, rows, unit = instance
     original = sum(r.latency for r in rows if r.key[0] == "keep")
@@ -94,7 +97,7 @@ def test_pareto_curve_is_monotone_and_matches_single_solves(instance):
     assert curve
     assert curve[-1].importance == 0.0  # the top of the curve keeps the original's importance
     for a, b in zip(curve, curve[1:]):
-        assert a.importance < b.importance and a.budget < b.budget
+        assert a.importance < b.importance and a.budget < b.budget and a.latency < b.latency
     for point in curve:
         assert solve(rows, positions, point.budget, unit).importance == pytest.approx(point.importance)
 
