@@ -30,6 +30,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,13 +152,19 @@ class ProfiledClock(OwnClock):
         return kernel_node_shares(self._profile(), self.walls, self.model)
 
 
-def kernel_seconds(events: list[dict], runs: int) -> list[float]:
-    """Per run, the summed kernel times of an onnxruntime profile (layout conversions left out)."""
-    per_node: dict[str, list[float]] = defaultdict(list)
+def _kernels(events: list[dict]) -> Iterator[tuple[str, float]]:
+    """(kernel name, seconds) of every kernel run in an onnxruntime profile, layout conversions left out."""
     for event in events:
         if (event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time")
                 and event.get("args", {}).get("op_name") not in LAYOUT_OPS):
-            per_node[event["name"]].append(event["dur"] * 1e-6)
+            yield event["name"].removesuffix("_kernel_time"), event["dur"] * 1e-6
+
+
+def kernel_seconds(events: list[dict], runs: int) -> list[float]:
+    """Per run, the summed kernel times of an onnxruntime profile (layout conversions left out)."""
+    per_node: dict[str, list[float]] = defaultdict(list)
+    for kernel, seconds in _kernels(events):
+        per_node[kernel].append(seconds)
     if any(len(times) != runs for times in per_node.values()):
         raise OnnxPruneError(f"onnxruntime's profile does not hold {runs} runs of every node")
     return [sum(times[k] for times in per_node.values()) for k in range(runs)]
@@ -173,16 +180,12 @@ def kernel_node_shares(events: list[dict], walls: list[float], model: onnx.Model
     producer = {tensor: node.name for node in model.graph.node for tensor in node.output}
     per_run: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(walls))
     seen: dict[str, int] = defaultdict(int)
-    for event in events:
-        if (event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time")
-                or event.get("args", {}).get("op_name") in LAYOUT_OPS):
-            continue
-        kernel = event["name"].removesuffix("_kernel_time")
+    for kernel, seconds in _kernels(events):
         node = kernel if kernel in names else producer.get(kernel.removesuffix("_nchwc"))
         run = seen[kernel]
         seen[kernel] += 1
         if node is not None and run < len(walls):
-            per_run[node][run] += event["dur"] * 1e-6
+            per_run[node][run] += seconds
     if any(count != len(walls) for count in seen.values()):
         raise OnnxPruneError(f"onnxruntime's profile does not hold {len(walls)} runs of every node")
     return {node: float(np.median([t / w for t, w in zip(times, walls)])) for node, times in per_run.items()}

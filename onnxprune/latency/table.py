@@ -438,7 +438,7 @@ def time_groups(model: onnx.ModelProto, backend: Backend, groups: list[list[str]
         shares.update((key, seconds / whole_s) for key, seconds in zip(keys, own))
         log.info(f"latency: timed {len(shares)}/{sum(map(len, groups))} rows and blocks on {backend.name}")
     whole = float(np.median(wholes)) if wholes else timer.whole_seconds()
-    overhead = timer.node_overhead()
+    overhead = timer.node_overhead()  # before node_shares, which ends the reference's profile
     return GroupTimes(shares, whole, overhead, {}, backend.describe(), timer.node_shares())
 
 
