@@ -44,7 +44,7 @@ from onnxprune.graph.io import load_model  # noqa: E402
 from onnxprune.graph.normalize import to_graph, to_model  # noqa: E402
 from onnxprune.latency.backends import Backend, OverheadClock, get_backend, median_time, overhead_model  # noqa: E402
 from onnxprune.latency.measure import compare, random_feeds  # noqa: E402
-from onnxprune.latency.table import LatencyTable, _block_extras, build_table  # noqa: E402
+from onnxprune.latency.table import FixedPartBelowZero, LatencyTable, _block_extras, build_table  # noqa: E402
 from onnxprune.plan import Plan, PlanError, apply_plan, fingerprint  # noqa: E402
 from onnxprune.planning import blocks  # noqa: E402
 from onnxprune.planning.candidates import conv_l1_norms, options_plan  # noqa: E402
@@ -167,7 +167,12 @@ def main() -> None:
             variants += [("wall", wall_backend, False)] if args.wall else []
             for name, backend, in_situ in variants:
                 t0 = time.perf_counter()
-                table = build_table(model, structure, options, backend, batch, fingerprint(original), in_situ=in_situ)
+                try:
+                    table = build_table(model, structure, options, backend, batch, fingerprint(original),
+                                        in_situ=in_situ)
+                except FixedPartBelowZero as refused:
+                    print(f"{case} b{batch} {name}: refused: {refused}", flush=True)
+                    continue
                 tables[name] = table
                 print(f"{case} b{batch} {name}: {len(table.rows)} rows, {len(table.blocks)} blocks in "
                       f"{time.perf_counter() - t0:.1f} s; whole {1e3 * table.whole_s:.3f} ms, node overhead "
