@@ -668,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             record["epochs"] += 1
             done_now += 1
             msg = (f"epoch {record['epochs']} (cycle {cycle['index']}: {cycle['done']}/{cycle['length']}) "
-                   f"loss {float(loss_sum) / steps_per_epoch:.4f} lr {lr_at(cycle, cycle['done']):.4g} "
+                   f"loss {float(loss_sum) / steps_per_epoch:.4f} lr {lr_at(cycle, position):.4g} "
                    f"{steps_per_epoch * batch / epoch_seconds[-1]:.0f} img/s "
                    f"time {(time.time() - started) / 60:.1f} min")
             if args.eval_every and done_now % args.eval_every == 0:
