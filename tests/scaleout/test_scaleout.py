@@ -216,7 +216,7 @@ def test_slp_and_layermerge_plans_are_the_same_with_ray(local_ray, monkeypatch):
     table = build_table(speedup.normalized(model), structure, options, FakeBackend("fake", 1, whole=1e-3, row=5e-5), 2,
                         fingerprint(model), warmup=1, rounds=3)
     # every candidate "measures" 2x: the search keeps the first plan the DP gives for the budget
-    monkeypatch.setattr(speedup, "_measure", lambda original, pruned, how: (1.0, 0.5, 2.0, [[1.0], [0.5]]))
+    monkeypatch.setattr(speedup, "_measure", lambda original, pruned, how, expected_s=None: (1.0, 0.5, 2.0, [[1.0], [0.5]]))
 
     def plans() -> tuple[dict, list[float]]:
         """(the SLP and LayerMerge plans, the scores behind them)."""
