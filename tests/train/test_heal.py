@@ -150,7 +150,7 @@ def test_kept_block_outputs_are_the_blocks_the_pruning_left(pruned_pair):
 def test_heal_with_block_outputs_matched_lowers_their_error(pruned_pair):
     original, pruned, _, _ = pruned_pair
     data = load_data(str(CALIB), original, samples=96)
-    options = HealingOptions(steps=30, batch=32, evaluations=3, use_labels=False, match_blocks=True, mixup=False)
+    options = HealingOptions(steps=60, batch=32, evaluations=3, use_labels=False, match_blocks=True, mixup=False)
     result = heal(pruned, original, data, options, "cpu")
     matched = result.record["matched_block_outputs"]
     assert matched == kept_block_outputs(pruned, original)
