@@ -101,11 +101,12 @@ def _measure(original: onnx.ModelProto, pruned: onnx.ModelProto, how: Measuremen
     MobileNetV2 read 1.33x in such spells and 0.94x outside them). The pair is measured once more, and the
     measurement whose original is closer to ``expected_s`` is kept."""
     timed = how.timed(pruned) if how.timed else pruned
-    measured = compare([original, timed], how.backend, how.batch, how.rounds or MEASURE_ROUNDS)
+    models = [original, timed]
+    measured = compare(models, how.backend, how.batch, how.rounds or MEASURE_ROUNDS)
     if expected_s and not 1 / SPEED_CHANGE <= measured.medians[0] / expected_s <= SPEED_CHANGE:
         log.warning(f"the original measured {1e3 * measured.medians[0]:.3f} ms against {1e3 * expected_s:.3f} ms "
                     f"earlier: the machine changed speed; measuring again")
-        again = compare([original, timed], how.backend, how.batch, how.rounds or MEASURE_ROUNDS)
+        again = compare(models, how.backend, how.batch, how.rounds or MEASURE_ROUNDS)
         measured = min(measured, again, key=lambda m: abs(m.medians[0] / expected_s - 1))
     return measured.medians[0], measured.medians[1], measured.speedups[1], measured.times
 
