@@ -9,8 +9,7 @@ it replaces (LatencyTable.row_seconds). MobileNetV2's merge-heavy plan 8 of ``be
 worst prediction at batch 32, and a profile of the pruned model put most of the error in its new dense merges.
 
 Here the new rows are read where they run: they are packed into probes, rewritten models that each hold options
-that do not overlap on the chain (the rest stays original), greedy by start (MobileNetV2: 104 new rows in 13
-probes). Each probe is profiled in turns with the original's profiled run, and a row costs its nodes' share of the
+that do not overlap on the chain (the rest stays original), greedy by start. Each probe is profiled in turns with the original's profiled run, and a row costs its nodes' share of the
 probe's run x (probe run / original run) x the table's whole model. The same random plans as
 ``bench_latency_table.py`` (seed 0) are then predicted by the table with and without the probed rows and measured
 side by side (``measure.compare``, ``--measures`` times, the median kept).
