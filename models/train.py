@@ -15,7 +15,7 @@ run, a transient of about 1 / (1 - 0.9) = 10 steps.
 
 The CIFAR-10 JPEG tarballs are decoded once into a uint8 cache (``--cache``) and kept decoded in memory (on the
 GPU with ``--device cuda``); augmentation (random crop of the 4-pixel zero-padded image, horizontal flip) runs
-vectorised on the training device.
+vectorised on the training device; ``--cutout`` adds Cutout.
 """
 
 from __future__ import annotations
@@ -135,6 +135,19 @@ def augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     rows = offsets[:, :1] + ar
     cols = offsets[:, 1:] + torch.where(flip[:, None], 31 - ar, ar)
     return padded[torch.arange(n, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Cutout (DeVries and Taylor, 2017, "Improved regularization of convolutional neural networks with cutout"):
+    a size x size square of each normalised NCHW image, centred on a uniformly random pixel and clipped at the
+    borders, is set to 0, the data set's mean colour."""
+    n, _, h, w = x.shape
+    dev = x.device
+    top = torch.randint(0, h, (n, 1), generator=gen, device=dev) - size // 2
+    left = torch.randint(0, w, (n, 1), generator=gen, device=dev) - size // 2
+    rows = (torch.arange(h, device=dev) >= top) & (torch.arange(h, device=dev) < top + size)
+    cols = (torch.arange(w, device=dev) >= left) & (torch.arange(w, device=dev) < left + size)
+    return x * ~(rows[:, :, None] & cols[:, None, :])[:, None]  # keeps x's memory format, unlike masked_fill
 
 
 # ------------------------------------------------------------------------------ ONNX -> torch weights
@@ -511,6 +524,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "1e-3 x sqrt(batch / 128) with adamw)")
     p.add_argument("--warmup", type=float, help="warm-up epochs of a new cycle (default 1 at batch 128, else 2)")
     p.add_argument("--wd", type=float, help="weight decay (default 5e-4 with sgd, 0.05 with adamw)")
+    p.add_argument("--cutout", type=int, default=0,
+                   help="side in pixels of the Cutout square blanked in each training image (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
@@ -612,12 +627,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     entry = {"cycle": cycle["index"], "from": first_epoch, "to": first_epoch, "lr": cycle["lr"], "batch": batch,
              "device": device_name(device, args.threads), "minutes": 0.0, "test_acc": None,
              "test_images": len(x_test), "train_images": len(x_train), "bf16": bf16, "compile": compile_mode,
-             "date": datetime.date.today().isoformat()}
+             "cutout": args.cutout, "date": datetime.date.today().isoformat()}
     say(f"{args.model} from {'scratch' if args.from_scratch else init}: {record['epochs']} epochs so far; "
         f"cycle {cycle['index']} ({'new' if new_cycle else 'continued'}) at {cycle['done']}/{cycle['length']} "
         f"epochs, lr {cycle['lr']:.4g}, warm-up {cycle['warmup']}; running {epochs_now} epochs; batch {batch}, "
         f"device {entry['device']}, bf16 {bf16}, compile {compile_mode}, channels_last {args.channels_last}, "
-        f"{len(x_train)} training images")
+        f"cutout {args.cutout}, {len(x_train)} training images")
 
     def write(acc: float | None) -> dict:
         minutes = round((time.time() - started) / 60, 2)
@@ -648,6 +663,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for b in range(steps_per_epoch):
                 idx = perm[b * batch : (b + 1) * batch]
                 inputs = to_input(augment(x_train_t[idx], gen), args.channels_last)
+                if args.cutout:
+                    inputs = cutout(inputs, args.cutout, gen)
                 position = cycle["done"] + (b + 1) / steps_per_epoch
                 if fitted:  # anneal by time too, so that the cycle ends by the deadline even if epochs slow down
                     by_clock = time_position(fitted, cycle["length"], time.time(), deadline - args.reserve)
