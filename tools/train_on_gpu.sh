@@ -9,6 +9,7 @@
 # length models/train.py fits to the model's share of the time left (measured after the warm-up epochs); the
 # lr is annealed by the clock as well, so every model ends its cycle, evaluates and exports by its deadline.
 # Writes $OUT/<name>.onnx, $OUT/<name>.log and $OUT/train_on_gpu.log (7 files: the device tool returns 8).
+# Every model trains with Cutout (--cutout 16; what it gained is in models/README.md).
 # Options: --device cuda|cpu, --seconds N (whole script), --models "a b c", and after "--" extra train.py flags.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,6 +80,7 @@ for i in "${!queue[@]}"; do
   # A hard stop 45 s past the budget: SIGINT makes train.py export what it has.
   timeout -s INT -k 15 $((budget + 45)) "$PY" models/train.py "$model" --device "$DEVICE" --time-budget "$budget" \
     --reserve 15 --data "${DATA:-.}" --cache "$CACHE" --out "$OUT" --log-dir "$OUT" --eval-every 10 --workers 16 \
+    --cutout 16 \
     ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | grep --line-buffered -v -e Warning -e warnings.warn -e "torch.onnx.export(" | tee -a "$log" || say "$model: failed"
 done
 
