@@ -69,7 +69,7 @@ def test_a_resumed_run_records_its_epochs_and_keeps_the_other_metadata(tmp_path)
     shipped = onnx.load(str(SHIPPED))
     before = train.read_record(shipped, "resnet20")  # the shipped record, or the legacy one of a file without it
     assert before["cycle"]["done"] == before["cycle"]["length"]  # the shipped model ends a cycle
-    first = _resume(SHIPPED, tmp_path, "--epochs", "1", "--cycle", "2")
+    first = _resume(SHIPPED, tmp_path, "--epochs", "1", "--cycle", "2", "--cutout", "8")
     written = onnx.load(str(tmp_path / "resnet20.onnx"))
     meta = {e.key: e.value for e in written.metadata_props}
     assert json.loads(meta[train.TRAINING_KEY]) == first
@@ -89,6 +89,7 @@ def test_a_resumed_run_records_its_epochs_and_keeps_the_other_metadata(tmp_path)
     second = _resume(tmp_path / "resnet20.onnx", tmp_path)  # continues the unfinished cycle to its end
     assert second["epochs"] == before["epochs"] + 2 and second["cycle"]["done"] == second["cycle"]["length"] == 2
     assert len(second["history"]) == len(first["history"]) + 1
+    assert (first["history"][-1]["cutout"], second["history"][-1]["cutout"]) == (8, 0)  # each run records its own
 
 
 def test_a_vit_export_loads_back_into_its_definition(tmp_path):
