@@ -349,11 +349,53 @@ def plan_cycle(record: dict, cycle: int | None, lr: float, warmup: float, batch:
 
 
 def lr_at(cycle: dict, position: float) -> float:
-    """Learning rate at ``position`` epochs into ``cycle``: linear warm-up, then cosine down to 0."""
-    warm, length, peak = cycle["warmup"], cycle["length"], cycle["lr"]
+    """Learning rate at ``position`` epochs into ``cycle``: linear warm-up, then cosine down to 0. A cycle with
+    ``swa_lr`` (stochastic weight averaging) goes down to ``swa_lr`` by its averaging start and stays there."""
+    warm, peak = cycle["warmup"], cycle["lr"]
     if position < warm:
         return peak * position / warm
-    return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, (position - warm) / max(1e-9, length - warm))))
+    floor, end = cycle.get("swa_lr", 0.0), averaging_start(cycle)
+    if position >= end:
+        return floor
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, (position - warm) / max(1e-9, end - warm))))
+
+
+def averaging_start(cycle: dict) -> float:
+    """Cycle position (epochs) from which the weights are averaged: ``swa_start`` of the length; the end without
+    SWA."""
+    return cycle["length"] * cycle.get("swa_start", 1.0) if "swa_lr" in cycle else float(cycle["length"])
+
+
+def add_to_average(average: dict[str, torch.Tensor] | None, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Running sum of the parameters (float32); its count is kept by the caller."""
+    params = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+    if average is None:
+        return params
+    for name, value in params.items():
+        average[name] += value
+    return average
+
+
+@torch.no_grad()
+def averaged_model(model: nn.Module, average: dict[str, torch.Tensor], count: int,
+                   batches: Iterable[torch.Tensor]) -> nn.Module:
+    """An eager copy of ``model`` holding the averaged weights, its BatchNorm statistics re-estimated by training-
+    mode forward passes over ``batches`` (Izmailov et al. 2018, SWA: the averaged weights' activations differ from
+    any single model's, so the running statistics are measured again; models/README.md)."""
+    net = eager(copy.deepcopy(model))
+    for name, p in net.named_parameters():
+        p.copy_((average[name] / count).to(p.dtype))
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over all batches
+    net.train()
+    for batch in batches:
+        net(batch)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return net.eval()
 
 
 def fit_cycle(cycle: dict, epoch_seconds: float, seconds_left: float, cap: int) -> int:
@@ -535,6 +577,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                         "max-autotune-no-cudagraphs"], default="auto",
                    help="graphs: CUDA graphs of forward + backward; others: torch.compile modes; "
                         "auto: graphs on cuda, off on cpu")
+    p.add_argument("--swa-lr", type=float, help="stochastic weight averaging in a new cycle: the lr goes down to "
+                   "this value by --swa-start, stays there, and the weights are averaged once an epoch from then on; "
+                   "the averaged model (BN statistics re-estimated) is the one written at the end")
+    p.add_argument("--swa-start", type=float, default=0.5, help="fraction of the cycle at which averaging starts")
+    p.add_argument("--bn-images", type=int, default=10000,
+                   help="training images (not augmented) that re-estimate BN statistics after averaging")
     p.add_argument("--time-budget", type=float, help="seconds for this whole run; a new cycle is fitted to it")
     p.add_argument("--reserve", type=float, default=30.0, help="seconds kept for the final evaluation and export")
     p.add_argument("--calib-images", type=int, default=2048, help="training images that recalibrate BN at load")
@@ -590,6 +638,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         else:
             load_plain_weights(model, proto)
     cycle, new_cycle = plan_cycle(record, args.cycle, lr, warmup, batch)
+    if new_cycle and args.swa_lr is not None:
+        if not 0.0 < args.swa_start < 1.0:
+            sys.exit(f"--swa-start must lie between 0 and 1, not {args.swa_start}")
+        cycle.update(swa_lr=args.swa_lr, swa_start=args.swa_start)
     fit_to_time = new_cycle and args.time_budget is not None and args.epochs is None
     if fit_to_time:
         cycle["length"] = args.cycle or 200
@@ -628,18 +680,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
              "device": device_name(device, args.threads), "minutes": 0.0, "test_acc": None,
              "test_images": len(x_test), "train_images": len(x_train), "bf16": bf16, "compile": compile_mode,
              "cutout": args.cutout, "date": datetime.date.today().isoformat()}
+    average: dict[str, torch.Tensor] | None = None  # running sum of the weights while the cycle averages (SWA)
+    averaged = 0
     say(f"{args.model} from {'scratch' if args.from_scratch else init}: {record['epochs']} epochs so far; "
         f"cycle {cycle['index']} ({'new' if new_cycle else 'continued'}) at {cycle['done']}/{cycle['length']} "
         f"epochs, lr {cycle['lr']:.4g}, warm-up {cycle['warmup']}; running {epochs_now} epochs; batch {batch}, "
         f"device {entry['device']}, bf16 {bf16}, compile {compile_mode}, channels_last {args.channels_last}, "
-        f"cutout {args.cutout}, {len(x_train)} training images")
+        f"cutout {args.cutout}, {len(x_train)} training images"
+        + (f"; SWA at lr {cycle['swa_lr']:.4g} from {cycle['swa_start']:.0%} of the cycle" if "swa_lr" in cycle else ""))
 
-    def write(acc: float | None) -> dict:
+    def write(acc: float | None, net: nn.Module) -> dict:
         minutes = round((time.time() - started) / 60, 2)
         entry.update(to=record["epochs"], minutes=minutes, test_acc=acc, compile=compile_mode)
         out = dict(record, cycle=dict(cycle), history=record["history"] + [dict(entry)],
                    optimizer=optimizer_note(wd, optimizer), seed=args.seed)
-        export(model, args.out / f"{args.model}.onnx", {**metadata, TRAINING_KEY: json.dumps(out)})
+        export(net, args.out / f"{args.model}.onnx", {**metadata, TRAINING_KEY: json.dumps(out)})
         return out
 
     steps_per_epoch = max(1, len(x_train) // batch)
@@ -688,6 +743,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    f"loss {float(loss_sum) / steps_per_epoch:.4f} lr {lr_at(cycle, position):.4g} "
                    f"{steps_per_epoch * batch / epoch_seconds[-1]:.0f} img/s "
                    f"time {(time.time() - started) / 60:.1f} min")
+            if "swa_lr" in cycle and position >= averaging_start(cycle) - 1e-9:
+                average, averaged = add_to_average(average, model), averaged + 1
+                msg += f" averaged {averaged}"
             if args.eval_every and done_now % args.eval_every == 0:
                 acc = accuracy(model, x_test_t, y_test_t, args.channels_last)
                 msg += f" test acc {acc:.4f}"
@@ -699,7 +757,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 epochs_now = cycle["length"] - cycle["done"] + done_now
                 say(f"cycle fitted to the time budget: {cycle['length']} epochs at {epoch_seconds[-1]:.1f} s each")
             if export_every and done_now % export_every == 0 and done_now < epochs_now:
-                write(acc)
+                write(acc, model)
     except KeyboardInterrupt:
         say("interrupted: exporting what there is")
     if fit_to_time:  # annealed by the clock, the lr reached 0 by the deadline: the cycle is complete
@@ -707,7 +765,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
             say("time budget: stopped before the cycle could be fitted; recorded as complete, lr not annealed")
         cycle["length"] = cycle["done"]
     acc = accuracy(model, x_test_t, y_test_t, args.channels_last)
-    out = write(acc)
+    if average is not None:
+        say(f"torch test accuracy {acc:.4f} before averaging; averaging {averaged} epochs' weights")
+        images = x_train_t[: args.bn_images]
+        batches = (to_input(images[i : i + 500], args.channels_last) for i in range(0, len(images), 500))
+        model = averaged_model(model, average, averaged, batches)
+        entry.update(averaged_epochs=averaged, test_acc_before_averaging=acc)
+        acc = accuracy(model, x_test_t, y_test_t, args.channels_last)
+    out = write(acc, model)
     path = args.out / f"{args.model}.onnx"
     diff = onnx_max_diff(path, model, x_test_t[:64])
     say(f"done: epochs {record['epochs']}, cycle {cycle['index']} at {cycle['done']}/{cycle['length']}, "
