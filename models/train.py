@@ -110,6 +110,12 @@ def head(x: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[np.ndarray, n
     return (x, y) if not limit else (x[:limit], y[:limit])
 
 
+def spread(x: np.ndarray | torch.Tensor, n: int) -> np.ndarray | torch.Tensor:
+    """``n`` rows evenly spaced through ``x`` (all when fewer): the splits are sorted by class, so their first rows
+    are all airplanes."""
+    return x[np.linspace(0, len(x) - 1, n).round().astype(np.int64)] if n < len(x) else x
+
+
 @functools.lru_cache(maxsize=None)
 def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) that map uint8 pixels to normalised inputs, made once per device (no copy per step)."""
@@ -582,10 +588,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "the averaged model (BN statistics re-estimated) is the one written at the end")
     p.add_argument("--swa-start", type=float, default=0.5, help="fraction of the cycle at which averaging starts")
     p.add_argument("--bn-images", type=int, default=10000,
-                   help="training images (not augmented) that re-estimate BN statistics after averaging")
+                   help="training images (evenly spread, not augmented) that re-estimate BN statistics after "
+                   "averaging")
     p.add_argument("--time-budget", type=float, help="seconds for this whole run; a new cycle is fitted to it")
     p.add_argument("--reserve", type=float, default=30.0, help="seconds kept for the final evaluation and export")
-    p.add_argument("--calib-images", type=int, default=2048, help="training images that recalibrate BN at load")
+    p.add_argument("--calib-images", type=int, default=2048,
+                   help="training images (evenly spread) that recalibrate BN at load")
     p.add_argument("--eval-every", type=int, default=4, help="test accuracy every N epochs (0: at the end only)")
     p.add_argument("--export-every", type=int, help="write the ONNX every N epochs (default: 1 on cpu, 0 = end only)")
     p.add_argument("--workers", type=int, default=1, help="processes decoding the JPEG tarballs")
@@ -633,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         metadata.update({e.key: e.value for e in proto.metadata_props if e.key != TRAINING_KEY})
         if has_batchnorm(model):
             load_onnx_weights(model, proto)
-            calib = torch.from_numpy(x_train[: args.calib_images])
+            calib = torch.from_numpy(spread(x_train, args.calib_images))
             recalibrate(model, (to_input(calib[i : i + 256], False) for i in range(0, len(calib), 256)))
         else:
             load_plain_weights(model, proto)
@@ -767,7 +775,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     acc = accuracy(model, x_test_t, y_test_t, args.channels_last)
     if average is not None:
         say(f"torch test accuracy {acc:.4f} before averaging; averaging {averaged} epochs' weights")
-        images = x_train_t[: args.bn_images]
+        images = spread(x_train_t, args.bn_images)
         batches = (to_input(images[i : i + 500], args.channels_last) for i in range(0, len(images), 500))
         model = averaged_model(model, average, averaged, batches)
         entry.update(averaged_epochs=averaged, test_acc_before_averaging=acc)

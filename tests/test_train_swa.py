@@ -95,3 +95,10 @@ def test_swa_start_outside_the_cycle_is_refused(tmp_path):
         train.main(["resnet20", "--init", str(SHIPPED), "--out", str(tmp_path), "--train-npz", str(CALIB),
                     "--test-npz", str(TEST), "--limit-train", "32", "--limit-test", "32", "--cycle", "2",
                     "--swa-lr", "0.01", "--swa-start", "1.5"])
+
+
+def test_the_images_that_measure_bn_are_spread_over_the_class_sorted_split():
+    labels = np.repeat(np.arange(10), 50)  # decode_split sorts by member name, so by class
+    assert np.bincount(train.spread(labels, 100)).tolist() == [10] * 10
+    assert np.bincount(train.spread(torch.from_numpy(labels), 20).numpy()).tolist() == [2] * 10
+    assert train.spread(labels, 1000) is labels
