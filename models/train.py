@@ -363,13 +363,13 @@ def lr_at(cycle: dict, position: float) -> float:
     floor, end = cycle.get("swa_lr", 0.0), averaging_start(cycle)
     if position >= end:
         return floor
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, (position - warm) / max(1e-9, end - warm))))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * (position - warm) / (end - warm)))
 
 
 def averaging_start(cycle: dict) -> float:
     """Cycle position (epochs) from which the weights are averaged: ``swa_start`` of the length; the end without
     SWA."""
-    return cycle["length"] * cycle.get("swa_start", 1.0) if "swa_lr" in cycle else float(cycle["length"])
+    return cycle["length"] * cycle["swa_start"] if "swa_lr" in cycle else float(cycle["length"])
 
 
 def add_to_average(average: dict[str, torch.Tensor] | None, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -391,16 +391,7 @@ def averaged_model(model: nn.Module, average: dict[str, torch.Tensor], count: in
     net = eager(copy.deepcopy(model))
     for name, p in net.named_parameters():
         p.copy_((average[name] / count).to(p.dtype))
-    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over all batches
-    net.train()
-    for batch in batches:
-        net(batch)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
+    torch.optim.swa_utils.update_bn(batches, net)  # cumulative statistics over all batches, momenta restored
     return net.eval()
 
 
