@@ -32,7 +32,7 @@ import platform
 import sys
 import tarfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +156,21 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     return x * ~(rows[:, :, None] & cols[:, None, :])[:, None]  # keeps x's memory format, unlike masked_fill
 
 
+def training_batches(x: torch.Tensor, n: int, batch: int, cutout_size: int, seed: int,
+                     channels_last: bool = True) -> Iterator[torch.Tensor]:
+    """``n`` training images (uint8 NHWC) spread over the split, shuffled, and augmented as training augments them
+    (crop, flip, Cutout when ``cutout_size``), in normalised batches: BatchNorm statistics measured on these match
+    the batch statistics that training sees. Plain images do not (Cutout alone shifts them), and the decoded splits
+    are sorted by class, so unshuffled batches would each hold one class and a training-mode pass over them would
+    measure within-class statistics."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    images = spread(x, n)
+    images = images[torch.randperm(len(images), generator=gen, device=x.device)]
+    for i in range(0, len(images), batch):
+        inputs = to_input(augment(images[i : i + batch], gen), channels_last)
+        yield cutout(inputs, cutout_size, gen) if cutout_size else inputs
+
+
 # ------------------------------------------------------------------------------ ONNX -> torch weights
 
 
@@ -263,7 +278,9 @@ def recalibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     """Re-split every conv + BN pair without changing the eval-mode function: the folded convolution W'x + b' is
     measured on ``batches`` (mean mu, std sigma per channel), then the convolution becomes W'/sigma (unit-variance
     output, as at Kaiming init), the BatchNorm's running statistics mu/sigma and 1, its scale sigma and its shift
-    b' + mu, the original network's gamma and beta. Training-mode batch statistics then match the running ones."""
+    b' + mu, the original network's gamma and beta. Training-mode batch statistics then match the running ones if
+    ``batches`` are drawn as training draws them (``training_batches``); measured on plain images they would not, and
+    training would start from another function (with Cutout, a training loss three times the converged one)."""
     pairs = conv_bn_pairs(model)
     sums: dict[str, list] = {name: [0.0, 0.0, 0] for name, _, _ in pairs}
 
@@ -579,12 +596,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "the averaged model (BN statistics re-estimated) is the one written at the end")
     p.add_argument("--swa-start", type=float, default=0.5, help="fraction of the cycle at which averaging starts")
     p.add_argument("--bn-images", type=int, default=10000,
-                   help="training images (evenly spread, not augmented) that re-estimate BN statistics after "
-                   "averaging")
+                   help="training images (spread over the split, shuffled, augmented as in training) that "
+                   "re-estimate BN statistics after averaging")
     p.add_argument("--time-budget", type=float, help="seconds for this whole run; a new cycle is fitted to it")
     p.add_argument("--reserve", type=float, default=30.0, help="seconds kept for the final evaluation and export")
     p.add_argument("--calib-images", type=int, default=2048,
-                   help="training images (evenly spread) that recalibrate BN at load")
+                   help="training images (spread over the split, augmented as in training) that recalibrate BN "
+                   "at load")
     p.add_argument("--eval-every", type=int, default=4, help="test accuracy every N epochs (0: at the end only)")
     p.add_argument("--export-every", type=int, help="write the ONNX every N epochs (default: 1 on cpu, 0 = end only)")
     p.add_argument("--workers", type=int, default=1, help="processes decoding the JPEG tarballs")
@@ -632,8 +650,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         metadata.update({e.key: e.value for e in proto.metadata_props if e.key != TRAINING_KEY})
         if has_batchnorm(model):
             load_onnx_weights(model, proto)
-            calib = torch.from_numpy(spread(x_train, args.calib_images))
-            recalibrate(model, (to_input(calib[i : i + 256], False) for i in range(0, len(calib), 256)))
+            recalibrate(model, training_batches(torch.from_numpy(x_train), args.calib_images, 256, args.cutout,
+                                                args.seed, channels_last=False))
         else:
             load_plain_weights(model, proto)
     cycle, new_cycle = plan_cycle(record, args.cycle, lr, warmup, batch)
@@ -766,8 +784,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     acc = accuracy(model, x_test_t, y_test_t, args.channels_last)
     if average is not None:
         say(f"torch test accuracy {acc:.4f} before averaging; averaging {averaged} epochs' weights")
-        images = spread(x_train_t, args.bn_images)
-        batches = (to_input(images[i : i + 500], args.channels_last) for i in range(0, len(images), 500))
+        batches = training_batches(x_train_t, args.bn_images, batch, args.cutout, args.seed, args.channels_last)
         model = averaged_model(model, average, averaged, batches)
         entry.update(averaged_epochs=averaged, test_acc_before_averaging=acc)
         acc = accuracy(model, x_test_t, y_test_t, args.channels_last)

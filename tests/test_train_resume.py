@@ -48,6 +48,54 @@ def test_shipped_resnet20_loads_into_its_definition_and_recalibration_keeps_the_
         np.testing.assert_allclose(model.train()(inputs).numpy(), model.eval()(inputs).numpy(), rtol=1e-4, atol=1e-3)
 
 
+def test_training_batches_are_spread_shuffled_augmented_and_seeded():
+    """The split is sorted by class: each image here is one flat colour, its class's, so the centre pixel (never
+    cropped away) names the class; the 4-pixel crop shifts zero padding in, Cutout zeroes normalised pixels."""
+    colours = torch.arange(10, dtype=torch.uint8).mul(20).add(30).repeat_interleave(20)
+    x = colours.view(200, 1, 1, 1).expand(200, 32, 32, 3).contiguous()
+    batches = list(train.training_batches(x, 100, 25, 0, seed=3, channels_last=False))
+    assert [tuple(b.shape) for b in batches] == [(25, 3, 32, 32)] * 4
+    centre = torch.cat([b[:, 0, 16, 16] for b in batches])
+    plain = train.to_input(train.spread(x, 100), channels_last=False)[:, 0, 16, 16]
+    assert sorted(centre.tolist()) == pytest.approx(sorted(plain.tolist()))  # the 100 spread images, each once
+    assert len(set(batches[0][:, 0, 16, 16].tolist())) > 1  # batches mix the classes
+    flat = torch.stack([(b == b[:, :, 16:17, 16:17]).all(dim=(1, 2, 3)) for b in batches]).flatten()
+    assert int(flat.sum()) < 10  # the crop shifts zero padding into almost every image (1 in 81 stays whole)
+    cut = torch.cat(list(train.training_batches(x, 100, 25, 8, seed=3, channels_last=False)))
+    assert ((cut == 0).flatten(1).any(1)).all()  # a Cutout square in every image
+    again = torch.cat(list(train.training_batches(x, 100, 25, 8, seed=3, channels_last=False)))
+    other = torch.cat(list(train.training_batches(x, 100, 25, 8, seed=4, channels_last=False)))
+    assert torch.equal(cut, again) and not torch.equal(cut, other)
+
+
+def test_recalibrating_on_training_batches_keeps_the_training_mode_loss():
+    """Training-mode BN normalises with the statistics of training batches (augmented, with Cutout for the shipped
+    ResNet-20); recalibrated on such batches, the resumed network's training loss is its eval-mode loss, so
+    training resumes from the network it loaded rather than first relearning its BN scales."""
+    proto = onnx.load(str(SHIPPED))
+    images, labels = train.load_npz(CALIB)
+    x, y = torch.from_numpy(images), torch.from_numpy(labels)
+    fresh = list(train.training_batches(x, len(x), 128, 16, seed=1, channels_last=False))
+    targets = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]  # training_batches' order
+
+    def losses(calibration) -> tuple[float, float]:
+        model = definitions.resnet20()
+        train.load_onnx_weights(model, proto)
+        train.recalibrate(model, calibration)
+        out = {}
+        with torch.no_grad():
+            for mode in ("eval", "train"):
+                model.train(mode == "train")
+                logits = torch.cat([model(b) for b in fresh])
+                out[mode] = float(torch.nn.functional.cross_entropy(logits, targets))
+        return out["eval"], out["train"]
+
+    evaluated, trained = losses(train.training_batches(x, len(x), 256, 16, seed=2, channels_last=False))
+    assert trained == pytest.approx(evaluated, rel=0.25)
+    _, trained_on_plain = losses([train.to_input(x[i : i + 256], channels_last=False) for i in range(0, len(x), 256)])
+    assert trained_on_plain > 1.5 * trained
+
+
 def test_schedule_continues_an_unfinished_cycle_and_doubles_a_finished_one():
     record = train.legacy_record("resnet20")
     cycle, new = train.plan_cycle(record, None, lr=0.1, warmup=1.0, batch=128)
