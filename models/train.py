@@ -48,6 +48,7 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 MEAN = [0.4914, 0.4822, 0.4465]
 STD = [0.2470, 0.2435, 0.2616]
 TRAINING_KEY = "onnxprune.training"
+NORMS_KEY = "onnxprune.weight_norms"  # per output channel, the norm of each BN-followed convolution's weight
 SCHEDULE = "cosine_restarts"  # each cycle: linear warm-up, then cosine from lr to 0 (Loshchilov & Hutter's SGDR)
 T_MULT = 2  # a new cycle is twice as long as the last one unless --cycle says otherwise
 # The shipped models trained before onnxprune.training existed: one cosine cycle each (models/logs, README).
@@ -273,12 +274,36 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
+def weight_norms(model: nn.Module) -> dict[str, list[float]]:
+    """Per output channel, the L2 norm of each BN-followed convolution's weight (5 significant digits): what the
+    export's folding loses, and what sets that weight's effective learning rate (lr / |w|^2, BatchNorm making the
+    function blind to its scale)."""
+    return {name: [float(f"{v:.5g}") for v in conv.weight.detach().double().flatten(1).norm(dim=1).tolist()]
+            for name, conv, _ in conv_bn_pairs(model)}
+
+
+def read_weight_norms(proto, model: nn.Module) -> dict[str, list[float]] | None:
+    """The norms an export recorded (``NORMS_KEY``), checked against ``model``'s convolutions; None if it has none."""
+    text = next((e.value for e in proto.metadata_props if e.key == NORMS_KEY), None)
+    if text is None:
+        return None
+    norms = json.loads(text)
+    expected = {name: conv.out_channels for name, conv, _ in conv_bn_pairs(model)}
+    if {name: len(values) for name, values in norms.items()} != expected:
+        raise ValueError(f"{NORMS_KEY} does not match the definition's convolutions")
+    return norms
+
+
 @torch.no_grad()
-def recalibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+def recalibrate(model: nn.Module, batches: Iterable[torch.Tensor],
+                norms: dict[str, list[float]] | None = None) -> None:
     """Re-split every conv + BN pair without changing the eval-mode function: the folded convolution W'x + b' is
-    measured on ``batches`` (mean mu, std sigma per channel), then the convolution becomes W'/sigma (unit-variance
-    output, as at Kaiming init), the BatchNorm's running statistics mu/sigma and 1, its scale sigma and its shift
-    b' + mu, the original network's gamma and beta. Training-mode batch statistics then match the running ones if
+    measured on ``batches`` (mean mu, variance var per channel), then the convolution becomes W'/d, the BatchNorm's
+    running statistics mu/d and var/d^2, its scale sqrt(var) (to eps) and its shift b' + mu, the original network's
+    gamma and beta. d scales each output channel of W' back to the norm ``norms`` recorded at export, which keeps
+    each weight's effective learning rate; without them d = sqrt(var), a unit-variance output (as at Kaiming init),
+    whose norm is arbitrary: far below the trained one behind a wide residual stream, so the first steps move those
+    weights far more than the last steps before the export did. Training-mode batch statistics then match the running ones if
     ``batches`` are drawn as training draws them (``training_batches``); measured on plain images they would not, and
     training would start from another function (with Cutout, a training loss three times the converged one)."""
     pairs = conv_bn_pairs(model)
@@ -310,11 +335,16 @@ def recalibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
         mean_z = total / count
         var_z = (total_sq / count - mean_z**2).clamp_min(0.0)
         mu, var = a * mean_z, a * a * var_z  # statistics of W'x
-        c = torch.where(var > 0, var.sqrt(), torch.ones_like(var))
-        conv.weight.copy_((conv.weight.double() * (a / c).view(-1, 1, 1, 1)).to(conv.weight.dtype))
-        bn.running_mean.copy_(mu / c)
-        bn.running_var.copy_(var / (c * c))
-        bn.weight.copy_(c * (var / (c * c) + bn.eps).sqrt())
+        folded = conv.weight.double() * a.view(-1, 1, 1, 1)  # W'
+        d = torch.where(var > 0, var.sqrt(), torch.ones_like(var))
+        if norms is not None:
+            target = torch.tensor(norms[name], dtype=torch.float64, device=d.device)
+            norm = folded.flatten(1).norm(dim=1)
+            d = torch.where((target > 0) & (norm > 0), norm / target, d)
+        conv.weight.copy_((folded / d.view(-1, 1, 1, 1)).to(conv.weight.dtype))
+        bn.running_mean.copy_(mu / d)
+        bn.running_var.copy_(var / (d * d))
+        bn.weight.copy_(d * (var / (d * d) + bn.eps).sqrt())
         bn.bias.copy_(b_fold + mu)
 
 
@@ -640,6 +670,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model = MODELS[args.model]()
     metadata = default_metadata()
     init = args.init or ROOT / "models" / f"{args.model}.onnx"
+    bn_split = None  # how each loaded conv + BN pair was split: by the norms the file recorded, or unit variance
     if not args.from_scratch and not init.exists():
         sys.exit(f"{init} does not exist: train it --from-scratch first, or name the model to start from with --init")
     if args.from_scratch:
@@ -647,11 +678,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         proto = onnx.load(str(init))
         record = read_record(proto, args.model)
-        metadata.update({e.key: e.value for e in proto.metadata_props if e.key != TRAINING_KEY})
+        metadata.update({e.key: e.value for e in proto.metadata_props if e.key not in (TRAINING_KEY, NORMS_KEY)})
         if has_batchnorm(model):
             load_onnx_weights(model, proto)
+            norms = read_weight_norms(proto, model)
+            bn_split = "recorded norms" if norms else "unit variance"
             recalibrate(model, training_batches(torch.from_numpy(x_train), args.calib_images, 256, args.cutout,
-                                                args.seed, channels_last=False))
+                                                args.seed, channels_last=False), norms)
         else:
             load_plain_weights(model, proto)
     cycle, new_cycle = plan_cycle(record, args.cycle, lr, warmup, batch)
@@ -696,14 +729,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     entry = {"cycle": cycle["index"], "from": first_epoch, "to": first_epoch, "lr": cycle["lr"], "batch": batch,
              "device": device_name(device, args.threads), "minutes": 0.0, "test_acc": None,
              "test_images": len(x_test), "train_images": len(x_train), "bf16": bf16, "compile": compile_mode,
-             "cutout": args.cutout, "date": datetime.date.today().isoformat()}
+             "cutout": args.cutout, "bn_split": bn_split, "date": datetime.date.today().isoformat()}
     average: dict[str, torch.Tensor] | None = None  # running sum of the weights while the cycle averages (SWA)
     averaged = 0
     say(f"{args.model} from {'scratch' if args.from_scratch else init}: {record['epochs']} epochs so far; "
         f"cycle {cycle['index']} ({'new' if new_cycle else 'continued'}) at {cycle['done']}/{cycle['length']} "
         f"epochs, lr {cycle['lr']:.4g}, warm-up {cycle['warmup']}; running {epochs_now} epochs; batch {batch}, "
         f"device {entry['device']}, bf16 {bf16}, compile {compile_mode}, channels_last {args.channels_last}, "
-        f"cutout {args.cutout}, {len(x_train)} training images"
+        f"cutout {args.cutout}, {len(x_train)} training images" + (f", BN split by {bn_split}" if bn_split else "")
         + (f"; SWA at lr {cycle['swa_lr']:.4g} from {cycle['swa_start']:.0%} of the cycle" if "swa_lr" in cycle else ""))
 
     def write(acc: float | None, net: nn.Module) -> dict:
@@ -711,7 +744,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         entry.update(to=record["epochs"], minutes=minutes, test_acc=acc, compile=compile_mode)
         out = dict(record, cycle=dict(cycle), history=record["history"] + [dict(entry)],
                    optimizer=optimizer_note(wd, optimizer), seed=args.seed)
-        export(net, args.out / f"{args.model}.onnx", {**metadata, TRAINING_KEY: json.dumps(out)})
+        norms = {NORMS_KEY: json.dumps(weight_norms(net), separators=(",", ":"))} if has_batchnorm(net) else {}
+        export(net, args.out / f"{args.model}.onnx", {**metadata, TRAINING_KEY: json.dumps(out), **norms})
         return out
 
     steps_per_epoch = max(1, len(x_train) // batch)

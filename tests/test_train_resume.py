@@ -96,6 +96,41 @@ def test_recalibrating_on_training_batches_keeps_the_training_mode_loss():
     assert trained_on_plain > 1.5 * trained
 
 
+def test_recorded_weight_norms_give_back_each_convolution_up_to_its_bn_scales_sign(tmp_path):
+    """Folding loses each convolution's scale; the export records its per-channel norms, and recalibration scales each
+    channel back to them: the weight comes back as it was (negated where the BN scale was negative, which changes
+    neither the function nor the training dynamics), so its effective learning rate is kept."""
+    torch.manual_seed(0)
+    trained = definitions.resnet20()
+    with torch.no_grad():
+        for _, conv, bn in train.conv_bn_pairs(trained):  # scales and statistics far from a fresh network's
+            conv.weight.mul_(torch.rand(conv.out_channels, 1, 1, 1) * 3 + 0.1)
+            bn.weight.copy_(torch.randn(bn.num_features))
+            bn.bias.copy_(torch.randn(bn.num_features) * 0.1)
+            bn.running_mean.copy_(torch.randn(bn.num_features) * 0.1)
+            bn.running_var.copy_(torch.rand(bn.num_features) + 0.5)
+    norms = train.weight_norms(trained)
+    path = tmp_path / "resnet20.onnx"
+    train.export(trained, path, {**train.default_metadata(), train.NORMS_KEY: json.dumps(norms)})
+    proto = onnx.load(str(path))
+    images = torch.from_numpy(train.load_npz(CALIB)[0][:128])
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    for recorded in (train.read_weight_norms(proto, definitions.resnet20()), None):
+        model = definitions.resnet20()
+        train.load_onnx_weights(model, proto)
+        train.recalibrate(model, train.training_batches(images, 128, 64, 8, seed=0, channels_last=False), recorded)
+        np.testing.assert_allclose(_logits(model, x), run(str(path), {"input": x})[0], rtol=1e-3, atol=1e-3)
+        for (name, conv, bn), (_, original, original_bn) in zip(train.conv_bn_pairs(model),
+                                                                 train.conv_bn_pairs(trained)):
+            sign = torch.sign(original_bn.weight).view(-1, 1, 1, 1)
+            if recorded:
+                torch.testing.assert_close(conv.weight, sign * original.weight, rtol=1e-4, atol=1e-6, msg=name)
+            else:  # unit-variance outputs: the recorded norms are not what comes back
+                assert not torch.allclose(conv.weight, sign * original.weight, rtol=0.05), name
+    with pytest.raises(ValueError, match="does not match"):
+        train.read_weight_norms(proto, definitions.resnet56())
+
+
 def test_schedule_continues_an_unfinished_cycle_and_doubles_a_finished_one():
     record = train.legacy_record("resnet20")
     cycle, new = train.plan_cycle(record, None, lr=0.1, warmup=1.0, batch=128)
@@ -122,7 +157,7 @@ def test_a_resumed_run_records_its_epochs_and_keeps_the_other_metadata(tmp_path)
     meta = {e.key: e.value for e in written.metadata_props}
     assert json.loads(meta[train.TRAINING_KEY]) == first
     for entry in shipped.metadata_props:
-        if entry.key != train.TRAINING_KEY:
+        if entry.key not in (train.TRAINING_KEY, train.NORMS_KEY):
             assert meta[entry.key] == entry.value  # preprocess and labels unchanged
     assert first["epochs"] == before["epochs"] + 1
     # a new cycle at batch 32: lr 0.1 x sqrt(32 / 128)
@@ -138,6 +173,11 @@ def test_a_resumed_run_records_its_epochs_and_keeps_the_other_metadata(tmp_path)
     assert second["epochs"] == before["epochs"] + 2 and second["cycle"]["done"] == second["cycle"]["length"] == 2
     assert len(second["history"]) == len(first["history"]) + 1
     assert (first["history"][-1]["cutout"], second["history"][-1]["cutout"]) == (8, 0)  # each run records its own
+    shipped_norms = train.read_weight_norms(shipped, definitions.resnet20())  # None in a file exported before them
+    assert first["history"][-1]["bn_split"] == ("recorded norms" if shipped_norms else "unit variance")
+    assert second["history"][-1]["bn_split"] == "recorded norms"  # the first run's export recorded them
+    written_norms = train.read_weight_norms(onnx.load(str(tmp_path / "resnet20.onnx")), definitions.resnet20())
+    assert all(v > 0 for values in written_norms.values() for v in values)
 
 
 def test_a_vit_export_loads_back_into_its_definition(tmp_path):
