@@ -300,12 +300,11 @@ def recalibrate(model: nn.Module, batches: Iterable[torch.Tensor],
     """Re-split every conv + BN pair without changing the eval-mode function: the folded convolution W'x + b' is
     measured on ``batches`` (mean mu, variance var per channel), then the convolution becomes W'/d, the BatchNorm's
     running statistics mu/d and var/d^2, its scale sqrt(var) (to eps) and its shift b' + mu, the original network's
-    gamma and beta. d scales each output channel of W' back to the norm ``norms`` recorded at export, which keeps
-    each weight's effective learning rate; without them d = sqrt(var), a unit-variance output (as at Kaiming init),
-    whose norm is arbitrary: far below the trained one behind a wide residual stream, so the first steps move those
-    weights far more than the last steps before the export did. Training-mode batch statistics then match the running ones if
-    ``batches`` are drawn as training draws them (``training_batches``); measured on plain images they would not, and
-    training would start from another function (with Cutout, a training loss three times the converged one)."""
+    gamma and beta. Training-mode batch statistics then match the running ones if ``batches`` are drawn as training
+    draws them (``training_batches``); on plain images they would not, and training would start from another
+    function. d gives each output channel of W' back the norm ``norms`` recorded at export, and with it the weight's
+    effective learning rate; without them d = sqrt(var), a unit-variance output (Kaiming init's scale), whose norm
+    is arbitrary (models/README.md, "Resuming")."""
     pairs = conv_bn_pairs(model)
     sums: dict[str, list] = {name: [0.0, 0.0, 0] for name, _, _ in pairs}
 
