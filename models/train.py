@@ -446,6 +446,22 @@ def fit_cycle(cycle: dict, epoch_seconds: float, seconds_left: float, cap: int) 
     return max(cycle["done"] + 1, min(cap, cycle["done"] + int(seconds_left // max(epoch_seconds, 1e-9))))
 
 
+REFITS = 3  # the first epochs timed after the warm-up; the fastest of them fits a new cycle to the time budget
+
+
+def refit(cycle: dict, epoch_seconds: list[float], fit_after: int, seconds_left: float, cap: int, fitted: bool,
+          averaging: bool) -> int | None:
+    """The cycle length to fit to the time budget after this epoch, or None to keep the current one. It is fitted
+    first after ``fit_after`` epochs, then refitted, longer only, from the fastest of the first ``REFITS`` epochs
+    since, so that an epoch slowed by other work on the machine does not shorten the cycle for good (a cycle that
+    slows down later is annealed by the clock instead); never once averaging has begun."""
+    timed = epoch_seconds[fit_after - 1:]
+    if not 1 <= len(timed) <= REFITS or (fitted and averaging):
+        return None
+    length = fit_cycle(cycle, min(timed) * 1.03, seconds_left, cap)
+    return length if not fitted or length > cycle["length"] else None
+
+
 def time_position(fitted: tuple[float, int], length: int, now: float, end: float) -> float:
     """Cycle position (epochs) that the clock alone gives: from the epoch at which the cycle was fitted, at its
     time, linearly to ``length`` at ``end``."""
@@ -751,7 +767,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     gen = torch.Generator(device=device)
     deadline = started + args.time_budget if args.time_budget else math.inf
     epoch_seconds: list[float] = []
-    # fitted after the warm-up, from the last epoch's time; torch.compile's first epoch includes the compilation
+    # fitted after the warm-up (torch.compile's first epoch includes the compilation), then refitted: see refit
     fit_after = max(1 if compile_mode in ("off", "graphs") else 2, math.ceil(cycle["warmup"]))
     fitted: tuple[float, int] | None = None  # (when, at which epoch of the cycle) it was fitted to the time budget
     acc = None
@@ -800,12 +816,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 acc = accuracy(model, x_test_t, y_test_t, args.channels_last)
                 msg += f" test acc {acc:.4f}"
             say(msg)
-            if fit_to_time and not fitted and len(epoch_seconds) >= fit_after:
-                left = deadline - args.reserve - time.time()
-                cycle["length"] = fit_cycle(cycle, epoch_seconds[-1] * 1.03, left, args.cycle or 200)
-                fitted = (time.time(), cycle["done"])
+            left = deadline - args.reserve - time.time()
+            length = refit(cycle, epoch_seconds, fit_after, left, args.cycle or 200, fitted is not None,
+                           averaged > 0) if fit_to_time else None
+            if length:
+                cycle["length"], fitted = length, (time.time(), cycle["done"])
                 epochs_now = cycle["length"] - cycle["done"] + done_now
-                say(f"cycle fitted to the time budget: {cycle['length']} epochs at {epoch_seconds[-1]:.1f} s each")
+                say(f"cycle fitted to the time budget: {length} epochs at {min(epoch_seconds[fit_after - 1:]):.1f} "
+                    "s each")
             if export_every and done_now % export_every == 0 and done_now < epochs_now:
                 write(acc, model)
     except KeyboardInterrupt:

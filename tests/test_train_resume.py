@@ -142,6 +142,24 @@ def test_schedule_continues_an_unfinished_cycle_and_doubles_a_finished_one():
     assert train.fit_cycle({"done": 2}, epoch_seconds=2.0, seconds_left=100.0, cap=200) == 52
 
 
+def test_a_cycle_fitted_after_a_slow_first_epoch_is_refitted_longer_from_the_fastest_epoch():
+    cycle = {"done": 1, "length": 200}
+    first = train.refit(cycle, [100.0], fit_after=1, seconds_left=3000.0, cap=200, fitted=False, averaging=False)
+    assert first == 1 + int(3000.0 // 103.0)  # from the first epoch, slowed by other work: 30 epochs
+    cycle = {"done": 2, "length": first}
+    second = train.refit(cycle, [100.0, 50.0], fit_after=1, seconds_left=2950.0, cap=200, fitted=True,
+                         averaging=False)
+    assert second == 2 + int(2950.0 // 51.5)  # from the fastest epoch so far: 59
+    cycle["length"], cycle["done"] = second, 3
+    # a slower third epoch never shortens it; after REFITS timed epochs, or once averaging has begun, no refit
+    assert train.refit(cycle, [100.0, 50.0, 90.0], 1, 2860.0, 200, True, False) is None
+    assert train.refit({"done": 4, "length": 30}, [100.0, 100.0, 100.0, 10.0], 1, 2000.0, 200, True, False) is None
+    assert train.refit({"done": 2, "length": 30}, [100.0, 10.0], 1, 2900.0, 200, True, True) is None
+    # the epochs before fit_after (the warm-up, torch.compile's compilation) are not timed
+    assert train.refit({"done": 1, "length": 200}, [5.0], 2, 3000.0, 200, False, False) is None
+    assert train.refit({"done": 2, "length": 200}, [5.0, 100.0], 2, 3000.0, 200, False, False) == 2 + 29
+
+
 def _resume(init: Path, out: Path, *extra: str) -> dict:
     return train.main(["resnet20", "--init", str(init), "--out", str(out), "--log-dir", str(out),
                        "--train-npz", str(CALIB), "--test-npz", str(TEST), "--limit-train", "64", "--limit-test", "64",
